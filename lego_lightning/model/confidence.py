@@ -1,0 +1,85 @@
+"""Named confidence measures for early exit.
+
+Each measure maps an exit's logits ``(..., vocab)`` to a confidence in ``[0, 1]`` (higher means
+more sure), so one ``routing_threshold`` in ``[0, 1]`` works with all of them. Each also states
+what it costs per token beyond the head's logits, so compute accounting counts it.
+
+New measures are added with :func:`register_confidence` without touching routing or training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# FLOPs per vocabulary element of a numerically stable softmax: max, subtract, exp, sum, divide.
+SOFTMAX_FLOPS_PER_ELEMENT = 5
+
+
+@dataclass(frozen=True)
+class ConfidenceMeasure:
+    """A confidence function and its cost.
+
+    Args:
+        name: the name used in configs (``confidence: max_prob``).
+        fn: ``logits (..., V) -> confidence (...)`` in ``[0, 1]``.
+        flops_per_element: FLOPs per vocabulary element per token, softmax included.
+    """
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    flops_per_element: float
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.fn(logits)
+
+    def flops_per_token(self, vocab_size: int) -> float:
+        return self.flops_per_element * vocab_size
+
+
+def _max_prob(logits: Tensor) -> Tensor:
+    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
+def _margin(logits: Tensor) -> Tensor:
+    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    # 1 - H / log(V): 1 for a one-hot distribution, 0 for the uniform one.
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return (1.0 - entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+_REGISTRY: dict[str, ConfidenceMeasure] = {}
+
+
+def register_confidence(measure: ConfidenceMeasure) -> ConfidenceMeasure:
+    """Make ``measure`` available by name to routing, configs and FLOPs accounting."""
+    if measure.name in _REGISTRY:
+        raise ValueError(f"a confidence measure named {measure.name!r} is already registered")
+    _REGISTRY[measure.name] = measure
+    return measure
+
+
+def available_confidences() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_confidence(name: str) -> ConfidenceMeasure:
+    """The measure registered under ``name``; a clear error lists the allowed names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"confidence={name!r} is not a known measure; allowed: {available_confidences()}") from None
+
+
+register_confidence(ConfidenceMeasure("max_prob", _max_prob, SOFTMAX_FLOPS_PER_ELEMENT + 1))
+register_confidence(ConfidenceMeasure("margin", _margin, SOFTMAX_FLOPS_PER_ELEMENT + 2))
+register_confidence(ConfidenceMeasure("entropy", _entropy, SOFTMAX_FLOPS_PER_ELEMENT + 3))

@@ -1,0 +1,153 @@
+"""Validated configuration of an exit transformer: its sizes and its stages (the "LEGO blocks").
+
+Layers are numbered from 1, as in the research notes. Every error names the field, the value
+given and what is allowed, and is raised when the config is built, before any training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+POSITIONS = ("learned", "rotary")
+HEAD_SHARING = ("shared", "separate")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A contiguous range of layers that ends in an exit.
+
+    Args:
+        layers: ``(first, last)``, 1-based and inclusive.
+        loss_weight: weight of this exit's loss in training; 0 means no head runs for it in training.
+        lr_scale: multiplies the base learning rate for this stage's parameters (discriminative rates).
+        trainable: ``False`` freezes the stage's layers and its own exit head.
+    """
+
+    layers: tuple[int, int]
+    loss_weight: float = 1.0
+    lr_scale: float = 1.0
+    trainable: bool = True
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        if len(layers) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+            raise ValueError(f"Stage.layers must be two integers (first, last), got {self.layers!r}")
+        first, last = layers
+        if first < 1 or last < first:
+            raise ValueError(f"Stage.layers must satisfy 1 <= first <= last, got {layers}")
+        object.__setattr__(self, "layers", layers)
+        if not math.isfinite(self.loss_weight) or self.loss_weight < 0:
+            raise ValueError(
+                f"Stage.loss_weight must be a finite number >= 0, got {self.loss_weight} for layers {layers}"
+            )
+        if not math.isfinite(self.lr_scale) or self.lr_scale <= 0:
+            raise ValueError(f"Stage.lr_scale must be a finite number > 0, got {self.lr_scale} for layers {layers}")
+
+    @property
+    def exit_layer(self) -> int:
+        """The 1-based layer after which this stage's exit reads the hidden state."""
+        return self.layers[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form, safe for ``torch.load(weights_only=True)`` and YAML."""
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+def as_stage(value: Stage | Mapping[str, Any]) -> Stage:
+    """Accept a :class:`Stage` or its dict form (as stored in checkpoints and YAML)."""
+    if isinstance(value, Stage):
+        return value
+    if isinstance(value, Mapping):
+        return Stage(**{k: (tuple(v) if k == "layers" else v) for k, v in value.items()})
+    raise TypeError(f"a stage must be a Stage or a mapping, got {type(value).__name__}: {value!r}")
+
+
+def validate_stages(stages: Iterable[Stage], n_layers: int) -> tuple[Stage, ...]:
+    """Check that ``stages`` tile layers ``1..n_layers`` in order, without gaps or overlaps."""
+    stages = tuple(stages)
+    if not stages:
+        raise ValueError("stages must hold at least one Stage, got an empty list")
+    expected_first = 1
+    for i, stage in enumerate(stages):
+        first, last = stage.layers
+        if first != expected_first:
+            kind = "a gap" if first > expected_first else "an overlap"
+            raise ValueError(
+                f"stages[{i}].layers={stage.layers} leaves {kind}: it must start at layer {expected_first} "
+                f"so that the stages tile layers 1..{n_layers} in order"
+            )
+        if last > n_layers:
+            raise ValueError(
+                f"stages[{i}].layers={stage.layers} goes past the model's last layer: allowed 1..{n_layers}"
+            )
+        expected_first = last + 1
+    if expected_first != n_layers + 1:
+        raise ValueError(
+            f"stages end at layer {expected_first - 1} but the model has n_layers={n_layers}: "
+            f"the last stage must end at layer {n_layers}"
+        )
+    if all(s.loss_weight == 0 for s in stages):
+        raise ValueError(
+            f"all stage loss weights are 0 ({[s.loss_weight for s in stages]}): at least one exit must be trained"
+        )
+    return stages
+
+
+@dataclass
+class TransformerConfig:
+    """Sizes and exits of an :class:`~lego_lightning.model.ExitTransformer`.
+
+    ``stages`` defaults to one stage over all layers (a standard model with one exit).
+    ``d_ff`` defaults to ``4 * d_model``.
+    """
+
+    vocab_size: int
+    n_layers: int = 3
+    d_model: int = 64
+    n_heads: int = 4
+    d_ff: int | None = None
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    positions: Literal["learned", "rotary"] = "learned"
+    causal: bool = True
+    head_sharing: Literal["shared", "separate"] = "shared"
+    tie_embeddings: bool = False
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"TransformerConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"rotary positions need an even head size, got d_model/n_heads = {self.d_model // self.n_heads}"
+            )
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        elif not isinstance(self.d_ff, int) or self.d_ff < 1:
+            raise ValueError(f"TransformerConfig.d_ff must be a positive integer or None, got {self.d_ff!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"TransformerConfig.positions={self.positions!r} is not one of {POSITIONS}")
+        if self.head_sharing not in HEAD_SHARING:
+            raise ValueError(f"TransformerConfig.head_sharing={self.head_sharing!r} is not one of {HEAD_SHARING}")
+        stages = tuple(as_stage(s) for s in self.stages) or (Stage(layers=(1, self.n_layers)),)
+        self.stages = validate_stages(stages, self.n_layers)
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        """1-based layer index of every exit, shallowest first."""
+        return tuple(s.exit_layer for s in self.stages)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads

@@ -1,0 +1,172 @@
+"""FLOPs per token of everything that runs: layers, attention over the context, every head, confidence.
+
+The research notes counted layers only (SEEDS.md, "what the notes got wrong" 1); at d_model 64
+and a 33K vocabulary one head costs more than all layers together. Here every exit's cost
+includes the heads and confidence measures a token passes through, and a token that leaves
+early still pays for the keys and values deeper layers need at its position (state
+propagation), unless ``kv_propagation=False``.
+
+Conventions: a multiply-add is 2 FLOPs; biases, norms, activations, softmax and residual adds
+are counted per element with the constants below. ``FlopCount.matmul`` holds the matrix
+products alone, which ``torch.utils.flop_counter.FlopCounterMode`` can check independently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lego_lightning.model.confidence import SOFTMAX_FLOPS_PER_ELEMENT, get_confidence
+from lego_lightning.model.config import TransformerConfig
+
+NORM_FLOPS_PER_ELEMENT = 7  # mean, centre, square, sum, normalise, scale, shift
+GELU_FLOPS_PER_ELEMENT = 8  # erf-based GELU, an estimate
+ROTARY_FLOPS_PER_ELEMENT = 3  # two multiplies and an add per rotated element
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs split into matrix products and element-wise work."""
+
+    matmul: float = 0.0
+    elementwise: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.elementwise
+
+    def __add__(self, other: FlopCount) -> FlopCount:
+        return FlopCount(self.matmul + other.matmul, self.elementwise + other.elementwise)
+
+    def __mul__(self, k: float) -> FlopCount:
+        return FlopCount(self.matmul * k, self.elementwise * k)
+
+    __rmul__ = __mul__
+
+
+def mean_context(seq_len: int, causal: bool = True) -> float:
+    """Mean number of keys a token attends to in a block of ``seq_len`` tokens."""
+    return (seq_len + 1) / 2 if causal else float(seq_len)
+
+
+def embedding_flops(cfg: TransformerConfig) -> FlopCount:
+    """The lookup is free; a learned position embedding is one add per element."""
+    return FlopCount(elementwise=cfg.d_model if cfg.positions == "learned" else 0.0)
+
+
+def layer_flops(cfg: TransformerConfig, context: float) -> FlopCount:
+    """One layer for one token attending to ``context`` keys."""
+    D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
+    assert F is not None
+    matmul = (
+        2 * D * 3 * D  # q, k, v projections
+        + 2 * D * context  # q . k over the context, all heads together
+        + 2 * D * context  # attention-weighted sum of values
+        + 2 * D * D  # output projection
+        + 2 * D * F * 2  # MLP in and out
+    )
+    elementwise = (
+        2 * NORM_FLOPS_PER_ELEMENT * D  # two layer norms
+        + 3 * D
+        + D
+        + F
+        + D  # biases: qkv, out projection, MLP in, MLP out
+        + SOFTMAX_FLOPS_PER_ELEMENT * H * context  # attention softmax
+        + GELU_FLOPS_PER_ELEMENT * F
+        + 2 * D  # two residual adds
+        + (ROTARY_FLOPS_PER_ELEMENT * 2 * D if cfg.positions == "rotary" else 0)
+    )
+    return FlopCount(matmul, elementwise)
+
+
+def kv_flops(cfg: TransformerConfig) -> FlopCount:
+    """What a deeper layer spends on a token that already left: its norm, key and value."""
+    D = cfg.d_model
+    return FlopCount(
+        matmul=2 * D * 2 * D,
+        elementwise=NORM_FLOPS_PER_ELEMENT * D
+        + 2 * D
+        + (ROTARY_FLOPS_PER_ELEMENT * D if cfg.positions == "rotary" else 0),
+    )
+
+
+def head_flops(cfg: TransformerConfig) -> FlopCount:
+    """One exit head: norm and projection to the vocabulary."""
+    return FlopCount(matmul=2 * cfg.d_model * cfg.vocab_size, elementwise=NORM_FLOPS_PER_ELEMENT * cfg.d_model)
+
+
+def confidence_flops(cfg: TransformerConfig, confidence: str) -> FlopCount:
+    """The named confidence measure over one exit's logits."""
+    return FlopCount(elementwise=get_confidence(confidence).flops_per_token(cfg.vocab_size))
+
+
+def single_exit_flops(cfg: TransformerConfig, exit_layer: int, context: float) -> FlopCount:
+    """Run layers ``1..exit_layer`` and that exit's head, nothing else (a model truncated there)."""
+    return embedding_flops(cfg) + exit_layer * layer_flops(cfg, context) + head_flops(cfg)
+
+
+def full_flops(cfg: TransformerConfig, context: float) -> FlopCount:
+    """The reference for every ratio: all layers and the deepest head, no confidence."""
+    return single_exit_flops(cfg, cfg.n_layers, context)
+
+
+def routed_exit_flops(
+    cfg: TransformerConfig, exit_layer: int, context: float, confidence: str, kv_propagation: bool = True
+) -> FlopCount:
+    """A token that leaves at ``exit_layer`` of a routed model.
+
+    It ran every layer up to its exit, and at every exit it reached the head and, except at
+    the deepest exit where no decision is left to make, the confidence measure. Deeper layers
+    still compute its key and value when ``kv_propagation`` is on.
+    """
+    exits = [e for e in cfg.exit_layers if e <= exit_layer]
+    if not exits or exits[-1] != exit_layer:
+        raise ValueError(f"exit_layer={exit_layer} is not an exit; exits are after layers {cfg.exit_layers}")
+    n_confidences = len(exits) - (1 if exit_layer == cfg.n_layers else 0)
+    cost = embedding_flops(cfg) + exit_layer * layer_flops(cfg, context) + len(exits) * head_flops(cfg)
+    cost = cost + n_confidences * confidence_flops(cfg, confidence)
+    if kv_propagation:
+        cost = cost + (cfg.n_layers - exit_layer) * kv_flops(cfg)
+    return cost
+
+
+def _check_fractions(cfg: TransformerConfig, fractions: Mapping[int, float]) -> None:
+    unknown = set(fractions) - set(cfg.exit_layers)
+    if unknown:
+        raise ValueError(f"exit fractions name layers {sorted(unknown)} that are not exits {cfg.exit_layers}")
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-4:
+        raise ValueError(f"exit fractions must sum to 1, got {total} from {dict(fractions)}")
+
+
+def routed_flops(
+    cfg: TransformerConfig,
+    fractions: Mapping[int, float],
+    context: float,
+    confidence: str,
+    kv_propagation: bool = True,
+) -> FlopCount:
+    """Mean FLOPs per token of a routed model where ``fractions[e]`` of tokens leave at exit ``e``."""
+    _check_fractions(cfg, fractions)
+    total = FlopCount()
+    for exit_layer, frac in fractions.items():
+        total = total + frac * routed_exit_flops(cfg, exit_layer, context, confidence, kv_propagation)
+    return total
+
+
+def routed_flops_ratio(
+    cfg: TransformerConfig,
+    fractions: Mapping[int, float],
+    context: float,
+    confidence: str,
+    kv_propagation: bool = True,
+) -> float:
+    """Routed FLOPs over the full model's FLOPs, everything that runs counted."""
+    routed = routed_flops(cfg, fractions, context, confidence, kv_propagation)
+    return routed.total / full_flops(cfg, context).total
+
+
+def layers_only_ratio(cfg: TransformerConfig, fractions: Mapping[int, float]) -> float:
+    """The research notes' measure: mean number of layers run over the total, heads ignored."""
+    _check_fractions(cfg, fractions)
+    return sum(frac * exit_layer for exit_layer, frac in fractions.items()) / cfg.n_layers

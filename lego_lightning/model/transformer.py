@@ -1,0 +1,266 @@
+"""The exit transformer: a pre-norm decoder whose layers are grouped into stages, each ending in an exit.
+
+Shapes: B batch, T sequence, D d_model, H heads, V vocabulary. Layers and exits are numbered
+from 1; an exit is named by the layer after which it reads the hidden state.
+
+Plain PyTorch, no Lightning import, so the model can be used and tested on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lego_lightning.model.config import Stage, TransformerConfig
+
+GrowInit = Literal["identity", "copy", "random"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021), applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, hd)
+        T = x.shape[-2]
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.causal = config.causal
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,H,T,hd)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        assert config.d_ff is not None
+        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.proj = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rotary))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def residual_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The layers that write into the residual stream; zero them and the block is the identity."""
+        return self.attn.proj, self.mlp.proj
+
+
+class ExitHead(nn.Module):
+    """Final norm and linear map to the vocabulary."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(config.d_model)
+        self.proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, h: Tensor) -> Tensor:  # (..., D) -> (..., V)
+        return self.proj(self.norm(h))
+
+
+class ExitTransformer(nn.Module):
+    """A transformer language model with an exit after every stage.
+
+    ``head_sharing="shared"`` uses one head for every exit; ``"separate"`` gives each stage its
+    own. ``tie_embeddings`` ties every head's projection to the token embedding.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len) if config.positions == "rotary" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        n_heads = 1 if config.head_sharing == "shared" else len(config.stages)
+        self.heads = nn.ModuleList(ExitHead(config) for _ in range(n_heads))
+        self.apply(self._init_weights)
+        self._scale_residual_init(self.blocks)
+        self._tie_heads()
+
+    # ----------------------------------------------------------------------------------- init
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _scale_residual_init(self, blocks: Sequence[Block]) -> None:
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) to keep the stream's variance flat.
+        std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for block in blocks:
+            for lin in block.residual_projections():
+                nn.init.normal_(lin.weight, mean=0.0, std=std)
+
+    def _tie_heads(self) -> None:
+        if self.config.tie_embeddings:
+            for head in self.heads:
+                head.proj.weight = self.tok_emb.weight
+
+    # -------------------------------------------------------------------------------- queries
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        """1-based layer of every exit, shallowest first."""
+        return self.config.exit_layers
+
+    def stage_index(self, exit_layer: int) -> int:
+        """Position of the stage whose exit is after ``exit_layer``."""
+        try:
+            return self.exit_layers.index(exit_layer)
+        except ValueError:
+            raise ValueError(
+                f"exit_layer={exit_layer} is not an exit; exits are after layers {self.exit_layers}"
+            ) from None
+
+    def head(self, exit_layer: int) -> ExitHead:
+        """The head used by the exit after ``exit_layer``."""
+        index = self.stage_index(exit_layer)
+        return self.heads[0 if self.config.head_sharing == "shared" else index]
+
+    def named_stage_parameters(self) -> Iterator[tuple[int, str, nn.Parameter]]:
+        """Yield ``(stage_index, name, parameter)`` once per parameter.
+
+        Embeddings belong to the first stage; a shared head to the last stage (it is the output
+        layer of the deepest exit); a separate head to its own stage. Tied weights appear once.
+        """
+        layer_to_stage = {
+            layer: i for i, s in enumerate(self.config.stages) for layer in range(s.layers[0], s.layers[1] + 1)
+        }
+        last = len(self.config.stages) - 1
+        for name, param in self.named_parameters():  # named_parameters already skips tied duplicates
+            top, _, rest = name.partition(".")
+            if top == "blocks":
+                stage = layer_to_stage[int(rest.split(".")[0]) + 1]
+            elif top == "heads":
+                stage = last if self.config.head_sharing == "shared" else int(rest.split(".")[0])
+            else:
+                stage = 0
+            yield stage, name, param
+
+    # -------------------------------------------------------------------------------- forward
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token (and learned position) embeddings: ``(B, T) -> (B, T, D)``."""
+        T = idx.shape[1]
+        if self.config.max_seq_len < T:
+            raise ValueError(
+                f"sequence length {T} is larger than the model's context max_seq_len={self.config.max_seq_len}"
+            )
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        return self.drop(x)
+
+    def hidden_states(self, idx: Tensor, exit_layers: Sequence[int] | None = None) -> dict[int, Tensor]:
+        """Hidden states ``(B, T, D)`` after each requested exit layer.
+
+        Only the layers up to the deepest requested exit run: asking for a shallow exit costs
+        only the layers below it.
+        """
+        wanted = sorted(set(self.exit_layers if exit_layers is None else exit_layers))
+        for layer in wanted:
+            self.stage_index(layer)  # raises a clear error for a layer that is not an exit
+        out: dict[int, Tensor] = {}
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks[: wanted[-1]], start=1):
+            x = block(x, self.rotary)
+            if i in wanted:
+                out[i] = x
+        return out
+
+    def forward(self, idx: Tensor, exit_layers: Sequence[int] | None = None) -> dict[int, Tensor]:
+        """Logits ``(B, T, V)`` at each requested exit (all exits by default), keyed by exit layer."""
+        return {layer: self.head(layer)(h) for layer, h in self.hidden_states(idx, exit_layers).items()}
+
+    # --------------------------------------------------------------------------------- growth
+    @torch.no_grad()
+    def grow(
+        self, n_layers: int, init: GrowInit = "identity", loss_weight: float = 1.0, lr_scale: float = 1.0
+    ) -> Stage:
+        """Append ``n_layers`` layers as a new stage with its own exit, and return that stage.
+
+        ``init``:
+          * ``"identity"``: new residual branches start at zero, so every exit, the new one
+            included, computes exactly what the previous deepest exit computed.
+          * ``"copy"``: new layer ``j`` copies layer ``L - n + j`` (the top of the stack,
+            repeated when ``n > L``).
+          * ``"random"``: the usual initialisation.
+
+        With separate heads, the new exit's head starts as a copy of the previous deepest head;
+        with a shared head, the new exit uses it too. Grow before wrapping the model for
+        distributed training: DDP does not see modules added after it wraps the model.
+        """
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"grow(n_layers=...) must be a positive integer, got {n_layers!r}")
+        if init not in ("identity", "copy", "random"):
+            raise ValueError(f"grow(init={init!r}) is not one of ('identity', 'copy', 'random')")
+        old = self.config.n_layers
+        stage = Stage(layers=(old + 1, old + n_layers), loss_weight=loss_weight, lr_scale=lr_scale)
+        self.config = replace(self.config, n_layers=old + n_layers, stages=(*self.config.stages, stage))
+        ref = next(self.parameters())
+        new_blocks = []
+        for j in range(n_layers):
+            if init == "copy":
+                block = copy.deepcopy(self.blocks[(old - n_layers + j) % old])
+            else:
+                block = Block(self.config).to(device=ref.device, dtype=ref.dtype)
+                block.apply(self._init_weights)
+                self._scale_residual_init([block])
+                if init == "identity":
+                    for lin in block.residual_projections():
+                        lin.weight.zero_()
+                        lin.bias.zero_()
+            new_blocks.append(block)
+        self.blocks.extend(new_blocks)
+        if self.config.head_sharing == "separate":
+            self.heads.append(copy.deepcopy(self.heads[-1]))
+            self._tie_heads()
+        return stage

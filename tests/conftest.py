@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny corpora on disk, an isolated datasets cache, no network."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+# Nothing may download at test time, and the tests' datasets cache is their own; set before
+# `datasets` is imported anywhere (it reads these once, at import).
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lego-test-hf-")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "as",
+    "with",
+    "by",
+    "at",
+    "from",
+    "his",
+    "an",
+    "that",
+    "it",
+    "were",
+    "which",
+    "be",
+    "this",
+    "are",
+    "river",
+    "city",
+    "army",
+    "king",
+    "song",
+    "game",
+    "film",
+    "team",
+    "war",
+    "season",
+    "house",
+    "road",
+    "church",
+    "station",
+    "line",
+    "ship",
+    "played",
+    "built",
+    "wrote",
+    "won",
+    "scored",
+    "named",
+    "opened",
+    "found",
+    "moved",
+    "took",
+    "made",
+    "led",
+    "held",
+]
+
+
+def write_corpus(folder: Path, n_train_lines: int = 120, n_valid_lines: int = 30, seed: int = 0) -> Path:
+    """A small word-level corpus in the layout of ../shared/data/wikitext-2."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.txt", n_train_lines), ("valid.txt", n_valid_lines)):
+        lines = [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 25))) + " " for _ in range(n)]
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lego_lightning import ExitTransformer, Stage, TransformerConfig
+from lego_lightning.model import flops
+
+
+def tiny(**kwargs):
+    # D=8, H=2, F=32, V=11, L=2
+    return TransformerConfig(vocab_size=11, n_layers=2, d_model=8, n_heads=2, d_ff=32, max_seq_len=16, **kwargs)
+
+
+def test_layer_head_and_full_model_against_a_hand_count():
+    cfg = tiny()
+    c = flops.mean_context(4)  # causal, T=4: tokens attend to 1, 2, 3, 4 keys -> 2.5
+    assert c == 2.5
+    # matmul: qkv 2*8*24=384, scores and values 2*(2*8*2.5)=80, out 2*8*8=128, MLP 2*(2*8*32)=1024
+    # elementwise: norms 2*7*8=112, biases 24+8+32+8=72, softmax 5*2*2.5=25, GELU 8*32=256, residual 16
+    layer = flops.layer_flops(cfg, c)
+    assert layer.matmul == 384 + 80 + 128 + 1024
+    assert layer.elementwise == 112 + 72 + 25 + 256 + 16
+    head = flops.head_flops(cfg)  # norm 7*8, projection 2*8*11
+    assert (head.matmul, head.elementwise) == (176, 56)
+    full = flops.full_flops(cfg, c)  # learned positions: one add per element
+    assert full.total == 8 + 2 * (1616 + 481) + 232
+
+
+def test_routed_mix_counts_every_head_confidence_and_propagated_keys():
+    cfg = tiny(stages=[Stage((1, 1)), Stage((2, 2))])
+    c = 2.5
+    layer, head = 1616 + 481, 176 + 56
+    conf = 6 * 11  # max_prob: softmax 5 per element + max 1 per element
+    kv = (2 * 8 * 16) + (7 * 8 + 2 * 8)  # layer 2 still computes the early token's key and value
+    leave_at_1 = 8 + layer + head + conf + kv
+    leave_at_2 = 8 + 2 * layer + 2 * head + conf  # no confidence at the deepest exit
+    fractions = {1: 0.6, 2: 0.4}
+    routed = flops.routed_flops(cfg, fractions, c, "max_prob")
+    assert routed.total == pytest.approx(0.6 * leave_at_1 + 0.4 * leave_at_2)
+    full = 8 + 2 * layer + head
+    assert flops.routed_flops_ratio(cfg, fractions, c, "max_prob") == pytest.approx(routed.total / full)
+    assert flops.layers_only_ratio(cfg, fractions) == pytest.approx((0.6 * 1 + 0.4 * 2) / 2)
+    without_kv = flops.routed_flops(cfg, fractions, c, "max_prob", kv_propagation=False)
+    assert routed.total - without_kv.total == pytest.approx(0.6 * kv)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_matmul_count_equals_torch_flop_counter(positions):
+    # FlopCounterMode counts attention over the full T x T block, so compare a bidirectional model.
+    cfg = TransformerConfig(
+        vocab_size=50, n_layers=3, d_model=16, n_heads=4, max_seq_len=8, causal=False, positions=positions
+    )
+    model = ExitTransformer(cfg).eval()
+    B, T = 3, 8
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 50, (B, T)))
+    ours = flops.full_flops(cfg, flops.mean_context(T, causal=False)).matmul * B * T
+    assert counter.get_total_flops() == ours
+
+
+def test_research_ashem_routing_costs_more_than_the_full_model_once_heads_count():
+    # SEEDS.md section 2: 72% of tokens leave at layer 2 of 4, reported as 63.98% of the compute.
+    cfg = TransformerConfig(
+        vocab_size=69_830,
+        n_layers=4,
+        d_model=64,
+        n_heads=4,
+        max_seq_len=32,
+        stages=[Stage((1, 2)), Stage((3, 4))],
+    )
+    fractions = {2: 0.7201, 4: 0.2799}
+    assert flops.layers_only_ratio(cfg, fractions) == pytest.approx(0.6400, abs=1e-3)
+    assert flops.routed_flops_ratio(cfg, fractions, flops.mean_context(32), "max_prob") > 1.2
+
+
+def test_fractions_must_name_exits_and_sum_to_one():
+    cfg = tiny(stages=[Stage((1, 1)), Stage((2, 2))])
+    with pytest.raises(ValueError, match="not exits"):
+        flops.routed_flops(cfg, {3: 1.0}, 2.0, "max_prob")
+    with pytest.raises(ValueError, match="must sum to 1"):
+        flops.layers_only_ratio(cfg, {1: 0.5, 2: 0.4})
