@@ -1,0 +1,5 @@
+"""LightningModules."""
+
+from lego_lightning.modules.supervised_exit import SupervisedExitLM
+
+__all__ = ["SupervisedExitLM"]

@@ -1,0 +1,48 @@
+"""Small things several tests use: a quiet real Trainer, a tiny model, a callback that dumps rank state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lego_lightning import SupervisedExitLM
+
+
+def quiet_trainer(root: Path | str, **kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(root),
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def tiny_lm(vocab_size: int = 64, **kwargs: Any) -> SupervisedExitLM:
+    defaults: dict[str, Any] = dict(vocab_size=vocab_size, n_layers=3, d_model=16, n_heads=2, max_seq_len=32)
+    return SupervisedExitLM(**{**defaults, **kwargs})
+
+
+class RankStateDump(Callback):
+    """At the end of fit, each rank writes its weights and final metrics to ``out_dir/rank{r}.*``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.out_dir / f"rank{rank}.pt")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        (self.out_dir / f"rank{rank}.json").write_text(
+            json.dumps({"metrics": metrics, "world_size": trainer.world_size})
+        )
