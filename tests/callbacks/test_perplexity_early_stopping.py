@@ -1,0 +1,104 @@
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lego_lightning.callbacks import PerplexityEarlyStopping
+from tests.helpers import quiet_trainer
+
+
+class ScriptedCurve(L.LightningModule):
+    """Logs a scripted validation perplexity, one value per epoch; records every validation it ran."""
+
+    def __init__(self, curve: list[float]) -> None:
+        super().__init__()
+        self.curve = curve
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.validated_epochs: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.validated_epochs.append(self.current_epoch)
+        self.log("val/ppl", self.curve[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(2, 1)), batch_size=2)
+
+
+#        epoch:  0    1    2    3    4    5    6    7    8    9   10
+CURVE = [9.0, 8.0, 8.5, 8.1, 7.0, 7.5, 7.2, 7.1, 6.0, 5.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("patience", "min_delta", "stop_epoch"),
+    [
+        (0, 0.0, 2),  # the first epoch without improvement
+        (1, 0.0, 2),  # exactly one bad epoch, not three (SEEDS.md section 3)
+        (2, 0.0, 3),
+        (3, 0.0, 7),  # epochs 5, 6, 7 do not beat 7.0
+        (4, 0.0, 10),  # epoch 8 improves in time; the run ends at max_epochs without stopping early
+    ],
+)
+def test_stops_after_exactly_patience_bad_validations(tmp_path, patience, min_delta, stop_epoch):
+    es = PerplexityEarlyStopping(patience=patience, min_delta=min_delta)
+    module = ScriptedCurve(CURVE)
+    trainer = quiet_trainer(tmp_path, max_epochs=len(CURVE), callbacks=[es])
+    trainer.fit(module)
+    assert es.stopped_epoch == (0 if stop_epoch == len(CURVE) - 1 else stop_epoch)
+    assert module.validated_epochs == list(range(stop_epoch + 1))
+
+
+def test_min_delta_ignores_small_improvements(tmp_path):
+    es = PerplexityEarlyStopping(patience=1, min_delta=0.6)
+    module = ScriptedCurve([9.0, 8.5, 8.0, 7.0, 6.0])  # 9.0 -> 8.5 is not an improvement of more than 0.6
+    quiet_trainer(tmp_path, max_epochs=5, callbacks=[es]).fit(module)
+    assert es.stopped_epoch == 1
+
+
+def test_resumes_mid_patience(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    es = PerplexityEarlyStopping(patience=3)
+    first = ScriptedCurve(CURVE)
+    # Interrupt after epoch 6: two bad epochs (5, 6) are already counted.
+    quiet_trainer(tmp_path, max_epochs=7, callbacks=[es, ckpt], enable_checkpointing=True).fit(first)
+    assert es.wait_count == 2 and es.stopped_epoch == 0
+    resumed_es = PerplexityEarlyStopping(patience=3)
+    second = ScriptedCurve(CURVE)
+    trainer = quiet_trainer(tmp_path, max_epochs=len(CURVE), callbacks=[resumed_es], enable_checkpointing=True)
+    trainer.fit(second, ckpt_path=ckpt.last_model_path)
+    assert resumed_es.stopped_epoch == 7
+    assert second.validated_epochs == [7]
+
+
+def test_a_run_that_ends_mid_epoch_before_validating_does_not_fail(tmp_path):
+    es = PerplexityEarlyStopping(patience=1)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[es])
+    trainer.fit(ScriptedCurve(CURVE))
+    assert trainer.global_step == 1 and es.stopped_epoch == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"patience": -1}, r"patience must be an integer >= 0, got -1"),
+        ({"patience": 1.5}, r"patience must be an integer >= 0, got 1.5"),
+        ({"min_delta": -0.1}, r"min_delta must be a finite number >= 0, got -0.1"),
+        ({"mode": "lower"}, r"mode must be 'min' or 'max', got 'lower'"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PerplexityEarlyStopping(**kwargs)
