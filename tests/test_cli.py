@@ -1,0 +1,197 @@
+"""Every config in configs/ runs through the real `lego` CLI on a tiny corpus."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lego_lightning.cli import LegoCLI, main
+from tests.conftest import REPO
+
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+def run(subcommand: str, config: str, corpus: Path, logs: Path, *extra: str) -> LegoCLI:
+    args = [
+        subcommand,
+        "--config",
+        str(REPO / "configs" / config),
+        "--data.path",
+        str(corpus),
+        "--data.batch_size",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    if subcommand == "fit":
+        args += ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"]
+    return LegoCLI(args=[*args, *extra])
+
+
+def test_configs_are_all_here():
+    names = {c.removesuffix(".yaml") for c in CONFIGS}
+    methods = {
+        "standard",
+        "deep_supervision",
+        "aux_loss",
+        "asymmetric_aux_0.7",
+        "asymmetric_aux_0.8",
+        "deed",
+        "early_exit",
+        "discriminative_lr_decreasing",
+        "discriminative_lr_increasing",
+        "dynamic_alpha",
+    }
+    assert methods | {f"char_{m}" for m in methods} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_path):
+    spec = yaml.safe_load((REPO / "configs" / config).read_text())["model"]["init_args"]
+    cli = run("fit", config, corpus, tmp_path)
+    trainer, model = cli.trainer, cli.model
+    assert trainer.global_step == 4
+    assert model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed
+    assert model.config.exit_layers == tuple(s["layers"][1] for s in spec["stages"])
+    metrics = trainer.callback_metrics
+    for k in model.config.exit_layers:
+        assert torch.isfinite(metrics[f"val/exit{k}/ppl"])
+    routed = spec.get("routing_threshold") is not None
+    assert ("val/routed/ppl" in metrics) == routed
+    assert metrics["val/ppl"] == metrics["val/routed/ppl" if routed else f"val/exit{model.config.exit_layers[-1]}/ppl"]
+    assert Path(trainer.checkpoint_callback.best_model_path).is_file()
+    assert torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 4
+
+
+def test_tensorboard_gets_the_design_log_names(corpus, tmp_path):
+    cli = run("fit", "deed.yaml", corpus, tmp_path)
+    events = EventAccumulator(cli.trainer.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/exit1/loss",
+        "train/exit3/loss",
+        "val/ppl",
+        "val/exit1/ppl",
+        "val/exit2/acc",
+        "val/routed/ppl",
+        "val/routed/acc",
+        "val/routed/exit1_frac",
+        "val/routed/flops_ratio",
+        "val/routed/layers_ratio",
+        "lr-AdamW/layers1-1",
+    }
+    assert expected <= tags, expected - tags
+    assert len(events.Scalars("val/ppl")) == 2  # one point per epoch
+
+
+def test_validate_rebuilds_from_a_checkpoint_and_the_command_line_wins(corpus, tmp_path):
+    fit = run("fit", "deed.yaml", corpus, tmp_path)
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    everyone_leaves_early = run(
+        "validate", "deed.yaml", corpus, tmp_path, "--ckpt_path", ckpt, "--model.routing_threshold", "0.0"
+    )
+    metrics = everyone_leaves_early.trainer.callback_metrics
+    assert metrics["val/routed/exit1_frac"] == 1.0
+    assert metrics["val/routed/ppl"] == pytest.approx(metrics["val/exit1/ppl"].item())
+    # With no model config at all, the checkpoint's hyperparameters rebuild the model.
+    from_ckpt_only = LegoCLI(
+        args=[
+            "validate",
+            "--data",
+            str(REPO / "configs/data/wikitext2_word.yaml"),
+            "--data.path",
+            str(corpus),
+            "--ckpt_path",
+            ckpt,
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    assert from_ckpt_only.model.config.exit_layers == (1, 2, 3)
+    assert from_ckpt_only.model.routing_threshold == 0.5
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_fails_with_the_field_named(corpus, tmp_path):
+    ckpt = run("fit", "standard.yaml", corpus, tmp_path).trainer.checkpoint_callback.last_model_path
+    with pytest.raises(ValueError, match=r"the checkpoint has d_model=64 but this model has d_model=32"):
+        run("validate", "standard.yaml", corpus, tmp_path, "--ckpt_path", ckpt, "--model.d_model", "32")
+    with pytest.raises(ValueError, match=r"the checkpoint has n_layers=3 but this model has n_layers=4"):
+        run(
+            "validate",
+            "standard.yaml",
+            corpus,
+            tmp_path,
+            "--ckpt_path",
+            ckpt,
+            "--model.n_layers",
+            "4",
+            "--model.stages",
+            "[{layers: [1, 4]}]",
+        )
+
+
+def test_checkpoint_vocabulary_must_match_the_data(corpus, tmp_path):
+    ckpt = run("fit", "standard.yaml", corpus, tmp_path).trainer.checkpoint_callback.last_model_path
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (other / name).write_text((corpus / name).read_text() + " zebra quagga\n")
+    with pytest.raises(ValueError, match=r"vocab_size="):
+        run("validate", "standard.yaml", other, tmp_path, "--ckpt_path", ckpt)
+
+
+def test_stages_and_threshold_from_the_command_line(corpus, tmp_path):
+    cli = run(
+        "fit",
+        "standard.yaml",
+        corpus,
+        tmp_path,
+        "--model.stages",
+        "[{layers: [1, 1], loss_weight: 0.3}, {layers: [2, 3], loss_weight: 0.7}]",
+        "--model.routing_threshold",
+        "0.2",
+    )
+    assert cli.model.config.exit_layers == (1, 3)
+    assert cli.model.exit_loss_weights == [0.3, 0.7]
+    assert "val/routed/ppl" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.stages", "[{layers: [1, 1]}, {layers: [3, 3]}]"], r"leaves a gap"),
+        (["--model.routing_threshold", "1.5"], r"routing_threshold must be in \[0, 1\], got 1.5"),
+        (["--model.confidence", "maxprob"], r"confidence='maxprob' is not a known measure"),
+        (
+            ["--data.seq_len", "64"],
+            r"data.seq_len=64 is larger than the model's context model.max_seq_len=32",
+        ),
+    ],
+)
+def test_bad_input_fails_before_training(corpus, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run("fit", "standard.yaml", corpus, tmp_path, *extra)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_data_path_fails_with_the_path_named(tmp_path):
+    with pytest.raises(ValueError, match=r"TextDataModule.path='.*nowhere' does not exist"):
+        main(["fit", "--config", str(REPO / "configs/standard.yaml"), "--data.path", str(tmp_path / "nowhere")])
