@@ -43,7 +43,11 @@ def test_two_ranks_end_with_equal_weights_and_metrics(corpus, tmp_path):
         "--trainer.callbacks+=tests.helpers.RankStateDump",
         f"--trainer.callbacks.out_dir={out}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # A launcher variable left by another in-process run (LOCAL_RANK, ...) would make Lightning
+    # wait for an external launcher instead of starting rank 1.
+    launcher_vars = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

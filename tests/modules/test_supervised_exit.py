@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -197,7 +198,9 @@ def test_bad_module_arguments(kwargs, message):
         tiny_lm(**kwargs)
 
 
-def test_ddp_without_unused_parameter_search_rejects_untrained_separate_heads(tmp_path):
+def test_ddp_without_unused_parameter_search_rejects_untrained_separate_heads(tmp_path, monkeypatch):
+    # Lightning's DDP sets LOCAL_RANK, MASTER_PORT, ... in os.environ; keep them out of later tests.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     lm = tiny_lm(head_sharing="separate", stages=[Stage((1, 1), 0.0), Stage((2, 3), 1.0)])
     trainer = quiet_trainer(tmp_path, max_steps=1, strategy="ddp", devices=1)
     with pytest.raises(
