@@ -21,6 +21,25 @@ from lightning.pytorch.utilities import rank_zero_info
 from lego_lightning.modules import SupervisedExitLM
 
 
+class LearningRateMonitorIfLogging(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, idle when the trainer has no logger.
+
+    The CLI always adds one; the stock callback raises when ``--trainer.logger false``.
+    """
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 class LegoCLI(LightningCLI):
     """LightningCLI for lego_lightning models and data modules (any subclass, chosen by ``class_path``)."""
 
@@ -73,7 +92,7 @@ class LegoCLI(LightningCLI):
                 },
             }
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(LearningRateMonitorIfLogging, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def after_fit(self) -> None:

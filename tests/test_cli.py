@@ -158,6 +158,13 @@ def test_checkpoint_vocabulary_must_match_the_data(corpus, tmp_path):
         run("validate", "standard.yaml", other, tmp_path, "--ckpt_path", ckpt)
 
 
+def test_fit_without_a_logger(corpus, tmp_path):
+    cli = run("fit", "standard.yaml", corpus, tmp_path, "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    assert cli.trainer.global_step == 4 and not cli.trainer.loggers
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+
+
 def test_stages_and_threshold_from_the_command_line(corpus, tmp_path):
     cli = run(
         "fit",
