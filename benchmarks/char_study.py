@@ -1,0 +1,197 @@
+"""The character-level study (SEEDS.md section 4): eight methods, several seeds, two stopping rules.
+
+Each method is its ``configs/char_*.yaml`` run through the ``lego`` CLI classes, so the
+benchmark trains exactly what a user gets. Every run keeps its best checkpoint by validation
+perplexity and is evaluated there: the final exit's perplexity (full compute), and for
+methods with trained intermediate exits the routed model at ``--threshold`` with its FLOPs
+ratio (everything that runs) and the research's layers-only ratio.
+
+    python -m benchmarks.char_study                      # 3 seeds, patience 0 and 3
+    python -m benchmarks.char_study --seeds 0 --patience 0 --methods standard deed
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import DEFAULT_DATA, REPO, fmt, summary, write_results
+
+# SEEDS.md section 4: method -> (config, research PPL, research compute %), in the research's rank order.
+METHODS: dict[str, tuple[str, float, float]] = {
+    "discriminative_lr_decreasing": ("char_discriminative_lr_decreasing", 18.52, 65.2),
+    "discriminative_lr_increasing": ("char_discriminative_lr_increasing", 21.14, 72.1),
+    "asymmetric_aux_0.8": ("char_asymmetric_aux_0.8", 22.40, 65.2),
+    "asymmetric_aux_0.7": ("char_asymmetric_aux_0.7", 22.95, 65.0),
+    "aux_loss": ("char_aux_loss", 23.98, 65.2),
+    "deed": ("char_deed", 28.13, 46.6),
+    "deep_supervision": ("char_deep_supervision", 30.54, 100.0),
+    "standard": ("char_standard", 34.86, 100.0),
+}
+
+
+def run_one(method: str, seed: int, patience: int, max_epochs: int, threshold: float, data: Path) -> dict[str, Any]:
+    from lego_lightning.callbacks import PerplexityEarlyStopping
+    from lego_lightning.cli import LegoCLI
+
+    config = REPO / "configs" / f"{METHODS[method][0]}.yaml"
+    with tempfile.TemporaryDirectory() as work:
+        cli = LegoCLI(
+            args=[
+                "--config", str(config), "--data.path", str(data), "--seed_everything", str(seed),
+                "--trainer.max_epochs", str(max_epochs), "--trainer.logger", "false",
+                "--trainer.default_root_dir", work, "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false",
+            ],
+            run=False,
+        )  # fmt: skip
+        trainer, model = cli.trainer, cli.model
+        stopper = next(cb for cb in trainer.callbacks if isinstance(cb, PerplexityEarlyStopping))
+        stopper.patience = patience
+        start = time.perf_counter()
+        trainer.fit(model, cli.datamodule)
+        wall = time.perf_counter() - start
+        epochs = trainer.current_epoch
+        weights = [s.loss_weight for s in model.config.stages]
+        routable = len(weights) > 1 and all(w > 0 for w in weights[:-1])
+        if routable:
+            model.routing_threshold = threshold  # evaluate every multi-exit method at one threshold
+        (metrics,) = trainer.validate(model, cli.datamodule, ckpt_path="best", verbose=False)
+        best_epoch = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)["epoch"]
+    deepest = model.config.exit_layers[-1]
+    row = {
+        "method": method, "seed": seed, "patience": patience, "epochs": epochs, "wall_s": wall,
+        "best_epoch": best_epoch,
+        "final_exit_ppl": float(metrics[f"val/exit{deepest}/ppl"]),
+    }  # fmt: skip
+    if routable:
+        row.update(
+            routed_ppl=float(metrics["val/routed/ppl"]),
+            flops_ratio=float(metrics["val/routed/flops_ratio"]),
+            layers_ratio=float(metrics["val/routed/layers_ratio"]),
+        )
+    return row
+
+
+def aggregate(runs: list[dict[str, Any]], patience: int) -> list[dict[str, Any]]:
+    rows = []
+    for method, (_, research_ppl, research_compute) in METHODS.items():
+        mine = [r for r in runs if r["method"] == method and r["patience"] == patience]
+        if not mine:
+            continue
+        row: dict[str, Any] = {
+            "method": method, "patience": patience, "seeds": [r["seed"] for r in mine],
+            "research_ppl": research_ppl, "research_compute_pct": research_compute,
+            "final_exit_ppl": summary([r["final_exit_ppl"] for r in mine]),
+            "epochs": summary([r["epochs"] for r in mine]),
+            "wall_s": summary([r["wall_s"] for r in mine]),
+        }  # fmt: skip
+        if "routed_ppl" in mine[0]:
+            for key in ("routed_ppl", "flops_ratio", "layers_ratio"):
+                row[key] = summary([r[key] for r in mine])
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], threshold: float) -> str:
+    lines = [
+        f"| method | research PPL | final-exit PPL | routed PPL @ {threshold} | FLOPs ratio (all) | layers-only ratio "
+        "| research compute | epochs | s / run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        routed = (
+            [fmt(r[k], 3 if k != "routed_ppl" else 2) for k in ("routed_ppl", "flops_ratio", "layers_ratio")]
+            if "routed_ppl" in r
+            else ["n/a"] * 3
+        )
+        lines.append(
+            f"| {r['method']} | {r['research_ppl']:.2f} | {fmt(r['final_exit_ppl'])} | {routed[0]} | {routed[1]} | "
+            f"{routed[2]} | {r['research_compute_pct']:.1f}% | {fmt(r['epochs'], 1)} | {fmt(r['wall_s'], 0)} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def observations(rows: list[dict[str, Any]]) -> str:
+    """Plain statements computed from the numbers, so they stay true when the benchmark reruns."""
+    by_ppl = sorted(rows, key=lambda r: r["final_exit_ppl"]["mean"])
+    ours = [r["method"] for r in by_ppl]
+    research = [m for m in METHODS if m in ours]
+    std = {r["method"]: r for r in rows}
+    out = [
+        f"- Ranking by final-exit PPL (best first): {', '.join(ours)}.",
+        f"- The research's ranking: {', '.join(research)}.",
+    ]
+    if "standard" in std:
+        s = std["standard"]["final_exit_ppl"]
+        beats = [
+            r["method"]
+            for r in rows
+            if r["method"] != "standard"
+            and r["final_exit_ppl"]["mean"] + r["final_exit_ppl"]["std"] < s["mean"] - s["std"]
+        ]
+        out.append(
+            "- Methods whose PPL beats standard by more than one standard deviation on both sides: "
+            + (", ".join(beats) if beats else "none")
+            + "."
+        )
+    spread = max(r["final_exit_ppl"]["mean"] for r in rows) - min(r["final_exit_ppl"]["mean"] for r in rows)
+    out.append(f"- Spread of mean final-exit PPL across methods: {spread:.2f}.")
+    for r in rows:
+        if "flops_ratio" in r:
+            out.append(
+                f"- {r['method']}: routed at the threshold, the research's layers-only count gives "
+                f"{r['layers_ratio']['mean']:.1%}; counting heads and confidence gives {r['flops_ratio']['mean']:.1%}."
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--patience", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--max-epochs", type=int, default=100)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--name", default="char_study")
+    args = parser.parse_args()
+
+    runs = []
+    for patience in args.patience:
+        for method in args.methods:
+            for seed in args.seeds:
+                row = run_one(method, seed, patience, args.max_epochs, args.threshold, args.data)
+                print(row, flush=True)
+                runs.append(row)
+    sections, rows = [], []
+    for patience in args.patience:
+        agg = aggregate(runs, patience)
+        rows += agg
+        rule = (
+            "the research's rule: stop at the first epoch without improvement"
+            if patience == 0
+            else "trained to convergence"
+        )
+        sections.append(f"## Patience {patience} ({rule})\n\n{table(agg, args.threshold)}\n\n{observations(agg)}")
+    markdown = (
+        "# Character-level study (SEEDS.md section 4)\n\n"
+        f"Char-level WikiText-2 from `configs/char_*.yaml`: the first 100K training and 10K validation characters, "
+        f"d_model 64, 4 heads, 3 layers, seeds {args.seeds}, at most {args.max_epochs} epochs. Each run is evaluated "
+        "at its best validation checkpoint. Mean ± sample standard deviation over seeds. "
+        f"Routed columns: every method with trained intermediate exits, max-prob routing at {args.threshold}; "
+        "the discriminative-lr configs train only the final exit, so they have none. The research's compute column "
+        "is not defined in its notes (it reports 65% for methods without routing); it is shown for reference only.\n\n"
+        + "\n\n".join(sections)
+    )
+    path = write_results(args.name, rows, markdown, extra={"runs": runs, "threshold": args.threshold})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""What every benchmark shares: the machine it ran on, its command, and how results are written.
+
+Each benchmark writes ``benchmarks/results/<name>.json`` (command, git sha, date, machine,
+versions, rows with every seed's value plus mean and spread) and ``<name>.md`` (the same
+table for people, with the research's figure beside ours and a few sentences on what holds).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def machine() -> str:
+    """CPU model and cores, or the GPU's name when one is used."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "lego_lightning"], cwd=REPO, capture_output=True, text=True
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command() -> str:
+    return "python -m " + " ".join(shlex.quote(a) for a in [sys.modules["__main__"].__spec__.name, *sys.argv[1:]])
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """Every seed's value, their mean and sample standard deviation (0 for one value)."""
+    values = [float(v) for v in values]
+    return {
+        "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def fmt(s: dict[str, Any], digits: int = 2) -> str:
+    """``mean ± std`` for a markdown table."""
+    if len(s["values"]) == 1:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` under ``benchmarks/results/``."""
+    import lightning
+    import torch
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": command(),
+        "git_sha": git_sha(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **(extra or {}), "rows": rows}, indent=2) + "\n")
+    header = (
+        f"<!-- written by `{meta['command']}`; do not edit by hand -->\n\n"
+        f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
+        f"torch {meta['torch']}, lightning {meta['lightning']}, git {meta['git_sha']}, {meta['date']}\n\n"
+    )
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + markdown.strip() + "\n")
+    return path
