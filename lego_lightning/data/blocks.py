@@ -7,11 +7,12 @@ callback can remember per-token facts about the training set (hard-example minin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, RandomSampler
 
 
 class TokenBlocks(Dataset):
@@ -28,6 +29,10 @@ class TokenBlocks(Dataset):
         used = stream[: n * seq_len + 1].long()
         self.input_ids = used[:-1].view(n, seq_len)
         self.targets = used[1:].view(n, seq_len)
+
+    def subset(self, start: int, stop: int) -> TokenBlocks:
+        """Blocks ``start..stop-1`` as their own set (views, no copy)."""
+        return TokenBlocks.from_tensors(self.input_ids[start:stop], self.targets[start:stop])
 
     @classmethod
     def from_tensors(cls, input_ids: Tensor, targets: Tensor) -> TokenBlocks:
@@ -49,6 +54,25 @@ class TokenBlocks(Dataset):
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A shuffle that depends only on ``seed`` and the epoch, so a resumed run sees the batches the
+    uninterrupted run saw. Lightning calls ``set_epoch``; under DDP it swaps this for its own
+    ``DistributedSampler``, which is seeded the same way.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def unpack_batch(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lego_lightning.data.blocks import TokenBlocks
+from lego_lightning.data.blocks import EpochSeededRandomSampler, TokenBlocks
 
 EASY, HARD, RANDOM = 0, 1, 2
 
@@ -62,6 +62,7 @@ class SyntheticDataModule(L.LightningDataModule):
         batch_size: int = 32,
         n_train: int = 512,
         n_val: int = 128,
+        n_calibration: int = 0,
         n_triggers: int = 4,
         lookback: int = 3,
         trigger_prob: float = 0.15,
@@ -79,6 +80,8 @@ class SyntheticDataModule(L.LightningDataModule):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SyntheticDataModule.{name} must be a positive integer, got {value!r}")
+        if not isinstance(n_calibration, int) or n_calibration < 0:
+            raise ValueError(f"SyntheticDataModule.n_calibration must be an integer >= 0, got {n_calibration!r}")
         if n_triggers >= vocab_size - 1:
             raise ValueError(
                 f"SyntheticDataModule.n_triggers={n_triggers} must leave ordinary tokens: allowed < vocab_size - 1"
@@ -86,10 +89,12 @@ class SyntheticDataModule(L.LightningDataModule):
         if not 0.0 <= trigger_prob < 1.0:
             raise ValueError(f"SyntheticDataModule.trigger_prob must be in [0, 1), got {trigger_prob}")
         self.save_hyperparameters()
-        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
+        self.vocab_size, self.seq_len, self.batch_size, self.seed = vocab_size, seq_len, batch_size, seed
         self.splits: dict[str, TokenBlocks] = {}
         self.kinds: dict[str, Tensor] = {}
-        for split, n, offset in (("train", n_train, 0), ("validation", n_val, 1)):
+        for split, n, offset in (("train", n_train, 0), ("validation", n_val, 1), ("calibration", n_calibration, 2)):
+            if n == 0:
+                continue
             seqs, kinds = generate_sequences(
                 n,
                 lookback + seq_len + 1,
@@ -109,11 +114,20 @@ class SyntheticDataModule(L.LightningDataModule):
         """``(N, T)`` kind of every target token: ``EASY`` 0, ``HARD`` 1, ``RANDOM`` 2."""
         return self.kinds[split]
 
+    @property
+    def train_dataset(self) -> TokenBlocks:
+        return self.splits["train"]
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
+        train = self.splits["train"]
+        return DataLoader(train, batch_size=self.batch_size, sampler=EpochSeededRandomSampler(train, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["validation"], batch_size=self.batch_size)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Held-out blocks (``n_calibration``); the validation set when there are none."""
+        return DataLoader(self.splits.get("calibration", self.splits["validation"]), batch_size=self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size}

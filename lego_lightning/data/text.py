@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lego_lightning.data.blocks import TokenBlocks
+from lego_lightning.data.blocks import EpochSeededRandomSampler, TokenBlocks
 from lego_lightning.data.vocab import LEVELS, Level, Vocabulary, encode_line
 
 # File names tried for each split of a local folder, in order.
@@ -76,6 +76,10 @@ class TextDataModule(L.LightningDataModule):
         seq_len: tokens per block.
         max_train_samples / max_val_samples: keep the first N blocks (the research used 10K
             blocks of 32 words, and 100K/10K characters).
+        calibration_samples: blocks held out of the training split, right after the training
+            blocks (or at its end when all of it is used), for calibrating an early-exit
+            threshold on tokens the model never trained on (``calibration_dataloader``).
+        seed: of the per-epoch shuffle; defaults to the seed given to ``seed_everything``.
         max_vocab_size: keep the most frequent tokens, the rest become ``<unk>``.
         cache_dir: where ``datasets`` caches; its default (``~/.cache/huggingface``) otherwise.
 
@@ -94,7 +98,9 @@ class TextDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         max_vocab_size: int | None = None,
+        calibration_samples: int = 0,
         shuffle: bool = True,
+        seed: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -106,6 +112,8 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"TextDataModule.{name} must be a positive integer, got {value!r}")
         _positive_or_none("max_train_samples", max_train_samples)
         _positive_or_none("max_val_samples", max_val_samples)
+        if not isinstance(calibration_samples, int) or calibration_samples < 0:
+            raise ValueError(f"TextDataModule.calibration_samples must be an integer >= 0, got {calibration_samples!r}")
         if max_vocab_size is not None and (not isinstance(max_vocab_size, int) or max_vocab_size < 3):
             raise ValueError(f"TextDataModule.max_vocab_size must be an integer >= 3 or None, got {max_vocab_size!r}")
         if num_workers < 0:
@@ -118,6 +126,7 @@ class TextDataModule(L.LightningDataModule):
         self.level, self.seq_len, self.batch_size = level, seq_len, batch_size
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.max_vocab_size, self.shuffle, self.num_workers = max_vocab_size, shuffle, num_workers
+        self.calibration_samples, self.seed = calibration_samples, seed
         self.cache_dir = cache_dir
         self._vocab: Vocabulary | None = None
         self._raw_splits: Any = None
@@ -181,28 +190,44 @@ class TextDataModule(L.LightningDataModule):
         if self.splits:
             return
         tokenized = self._tokenized()
-        limits = {
-            "train": self.max_train_samples,
-            "validation": self.max_val_samples,
-            "test": self.max_val_samples,
-        }
         for split, ds in tokenized.items():
-            self.splits[split] = TokenBlocks(_flat_ids(ds), self.seq_len, limits.get(split))
+            limit = None if split == "train" else self.max_val_samples
+            self.splits[split] = TokenBlocks(_flat_ids(ds), self.seq_len, limit)
+        full, n_held = self.splits["train"], self.calibration_samples
+        n_train = min(self.max_train_samples or len(full), len(full) - n_held)
+        if n_train < 1:
+            raise ValueError(
+                f"TextDataModule.calibration_samples={n_held} leaves no training block: the train split has {len(full)}"
+            )
+        self.splits["train"] = full.subset(0, n_train)
+        if n_held:
+            self.splits["calibration"] = full.subset(n_train, n_train + n_held)
 
     # ----------------------------------------------------------------------------- loaders
+    @property
+    def train_dataset(self) -> TokenBlocks:
+        """The training blocks (hard-example mining reads them by index)."""
+        self.setup("fit")
+        return self.splits["train"]
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits:
             raise ValueError(f"this corpus has no {split!r} split (found {sorted(self.splits)})")
+        dataset = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededRandomSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.shuffle)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Held-out training blocks (``calibration_samples``); the validation set when there are none."""
+        return self._loader("calibration" if "calibration" in self.splits else "validation", False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False)

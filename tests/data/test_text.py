@@ -153,3 +153,30 @@ def test_state_dict_is_plain_python(corpus: Path, tmp_path: Path):
 
 def test_offline_environment_is_set():
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_calibration_blocks_are_held_out_of_training(corpus: Path):
+    dm = TextDataModule(path=str(corpus), seq_len=8, max_train_samples=20, calibration_samples=6)
+    dm.setup("fit")
+    train, held = dm.splits["train"], dm.splits["calibration"]
+    assert (len(train), len(held)) == (20, 6)
+    full = TextDataModule(path=str(corpus), seq_len=8)
+    full.setup("fit")
+    assert torch.equal(held.input_ids, full.splits["train"].input_ids[20:26])  # right after the training blocks
+    assert torch.equal(next(iter(dm.calibration_dataloader()))["input_ids"], held.input_ids[: dm.batch_size])
+    with pytest.raises(ValueError, match=r"calibration_samples=1000 leaves no training block"):
+        TextDataModule(path=str(corpus), seq_len=8, calibration_samples=1000).setup("fit")
+
+
+def test_shuffle_depends_only_on_seed_and_epoch(corpus: Path):
+    dm = TextDataModule(path=str(corpus), seq_len=8, batch_size=4, seed=3)
+    dm.setup("fit")
+
+    def order(epoch):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return [i for batch in loader for i in batch["index"].tolist()]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == list(range(len(dm.splits["train"])))
