@@ -8,7 +8,6 @@ Plain PyTorch, no Lightning import, so the model can be used and tested on its o
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -222,21 +221,54 @@ class ExitTransformer(nn.Module):
 
     # --------------------------------------------------------------------------------- growth
     @torch.no_grad()
+    def init_stage(self, stage_index: int, init: GrowInit = "identity") -> None:
+        """Initialise the layers of an existing stage (one built ahead, still untrained) for growth.
+
+        ``init``:
+          * ``"identity"``: zero the residual branches, so the stage passes its input through
+            and its exit computes what the previous exit computed.
+          * ``"copy"``: layer ``j`` of an ``n``-layer stage copies layer ``first - n + j`` below
+            it (the top of the stack under the stage, repeated when ``n`` exceeds it).
+          * ``"random"``: a fresh draw of the usual initialisation.
+
+        With separate heads the stage's head becomes a copy of the previous exit's head; a
+        shared head is left as it is. Tensors change in place, so a model already wrapped for
+        distributed training stays valid (every rank must make the same call).
+        """
+        if init not in ("identity", "copy", "random"):
+            raise ValueError(f"init={init!r} is not one of ('identity', 'copy', 'random')")
+        if not 1 <= stage_index < len(self.config.stages):
+            raise ValueError(
+                f"stage_index={stage_index} cannot grow: allowed 1..{len(self.config.stages) - 1} "
+                "(stage 0 has nothing below it)"
+            )
+        first, last = self.config.stages[stage_index].layers
+        n = last - first + 1
+        below = first - 1
+        for j, block in enumerate(self.blocks[first - 1 : last]):
+            if init == "copy":
+                block.load_state_dict(self.blocks[(below - n + j) % below].state_dict())
+                continue
+            block.apply(self._init_weights)
+            self._scale_residual_init([block])
+            if init == "identity":
+                for lin in block.residual_projections():
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+        if self.config.head_sharing == "separate":
+            self.heads[stage_index].load_state_dict(self.heads[stage_index - 1].state_dict())
+
+    @torch.no_grad()
     def grow(
         self, n_layers: int, init: GrowInit = "identity", loss_weight: float = 1.0, lr_scale: float = 1.0
     ) -> Stage:
         """Append ``n_layers`` layers as a new stage with its own exit, and return that stage.
 
-        ``init``:
-          * ``"identity"``: new residual branches start at zero, so every exit, the new one
-            included, computes exactly what the previous deepest exit computed.
-          * ``"copy"``: new layer ``j`` copies layer ``L - n + j`` (the top of the stack,
-            repeated when ``n > L``).
-          * ``"random"``: the usual initialisation.
-
-        With separate heads, the new exit's head starts as a copy of the previous deepest head;
-        with a shared head, the new exit uses it too. Grow before wrapping the model for
-        distributed training: DDP does not see modules added after it wraps the model.
+        The new stage is initialised by :meth:`init_stage`; with ``init="identity"`` every exit,
+        the new one included, computes exactly what the previous deepest exit computed. Grow
+        before wrapping the model for distributed training: DDP does not see modules added
+        after it wraps the model (for that case build the stage up front and call
+        :meth:`init_stage` when it starts training).
         """
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"grow(n_layers=...) must be a positive integer, got {n_layers!r}")
@@ -246,21 +278,9 @@ class ExitTransformer(nn.Module):
         stage = Stage(layers=(old + 1, old + n_layers), loss_weight=loss_weight, lr_scale=lr_scale)
         self.config = replace(self.config, n_layers=old + n_layers, stages=(*self.config.stages, stage))
         ref = next(self.parameters())
-        new_blocks = []
-        for j in range(n_layers):
-            if init == "copy":
-                block = copy.deepcopy(self.blocks[(old - n_layers + j) % old])
-            else:
-                block = Block(self.config).to(device=ref.device, dtype=ref.dtype)
-                block.apply(self._init_weights)
-                self._scale_residual_init([block])
-                if init == "identity":
-                    for lin in block.residual_projections():
-                        lin.weight.zero_()
-                        lin.bias.zero_()
-            new_blocks.append(block)
-        self.blocks.extend(new_blocks)
+        self.blocks.extend(Block(self.config).to(device=ref.device, dtype=ref.dtype) for _ in range(n_layers))
         if self.config.head_sharing == "separate":
-            self.heads.append(copy.deepcopy(self.heads[-1]))
+            self.heads.append(ExitHead(self.config).to(device=ref.device, dtype=ref.dtype))
             self._tie_heads()
+        self.init_stage(len(self.config.stages) - 1, init)
         return stage
