@@ -6,6 +6,7 @@ perplexity and accuracy under DDP equal those of one process over the same token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torchmetrics import MeanMetric
 
 
 class ExitMetrics(nn.Module):
-    """Mean NLL and accuracy per exit; routed NLL, accuracy and the fraction leaving at each exit."""
+    """Mean NLL and accuracy per exit (also on hard and easy tokens); routed NLL, accuracy and exit fractions."""
 
     def __init__(self, exit_layers: Sequence[int]) -> None:
         super().__init__()
@@ -22,19 +23,27 @@ class ExitMetrics(nn.Module):
         keys = [str(k) for k in self.exit_layers]
         self.nll = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.acc = nn.ModuleDict({k: MeanMetric() for k in keys})
+        self.hard_nll = nn.ModuleDict({k: MeanMetric() for k in keys})
+        self.easy_nll = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.routed_frac = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.routed_nll = MeanMetric()
         self.routed_acc = MeanMetric()
 
-    def update_exit(self, exit_layer: int, nll: Tensor, correct: Tensor) -> None:
-        self.nll[str(exit_layer)].update(nll)
-        self.acc[str(exit_layer)].update(correct.float())
+    def update_exit(self, exit_layer: int, nll: Tensor, correct: Tensor, hard: Tensor | None = None) -> None:
+        """``hard`` ``(N,)`` marks tokens below the routing threshold at the first exit, when there is one."""
+        key = str(exit_layer)
+        self.nll[key].update(nll)
+        self.acc[key].update(correct.float())
+        if hard is not None:
+            # Zero weights keep every rank's update the same shape, also when a batch has no hard token.
+            self.hard_nll[key].update(nll, hard.float())
+            self.easy_nll[key].update(nll, (~hard).float())
 
-    def update_routed(self, nll: Tensor, correct: Tensor, exit_position: Tensor) -> None:
-        """``exit_position`` ``(N,)`` indexes ``exit_layers``."""
+    def update_routed(self, nll: Tensor, correct: Tensor, exit_position: Tensor, exit_layers: Sequence[int]) -> None:
+        """``exit_position`` ``(N,)`` indexes ``exit_layers``, the exits that routing chose among."""
         self.routed_nll.update(nll)
         self.routed_acc.update(correct.float())
-        for i, k in enumerate(self.exit_layers):
+        for i, k in enumerate(exit_layers):
             self.routed_frac[str(k)].update((exit_position == i).float())
 
     @property
@@ -51,13 +60,21 @@ class ExitMetrics(nn.Module):
             out[f"exit{k}/loss"] = nll.item()
             out[f"exit{k}/ppl"] = torch.exp(nll).item()
             out[f"exit{k}/acc"] = self.acc[str(k)].compute().item()
+            for split, metric in (("hard", self.hard_nll[str(k)]), ("easy", self.easy_nll[str(k)])):
+                # Decide on update_count, equal on every rank: compute() is a collective under DDP.
+                # No hard (or easy) token anywhere gives 0/0, which is dropped.
+                if metric.update_count:
+                    value = torch.exp(metric.compute()).item()
+                    if math.isfinite(value):
+                        out[f"exit{k}/{split}_ppl"] = value
         if self.has_routed:
             nll = self.routed_nll.compute()
             out["routed/loss"] = nll.item()
             out["routed/ppl"] = torch.exp(nll).item()
             out["routed/acc"] = self.routed_acc.compute().item()
             for k in self.exit_layers:
-                out[f"routed/exit{k}_frac"] = self.routed_frac[str(k)].compute().item()
+                if self.routed_frac[str(k)].update_count:
+                    out[f"routed/exit{k}_frac"] = self.routed_frac[str(k)].compute().item()
         return out
 
     def reset(self) -> None:

@@ -28,14 +28,17 @@ def freeze_untrainable_stages(model: ExitTransformer) -> None:
 
 
 def param_groups(model: ExitTransformer, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """One group per (stage, decay) with parameters that require grad.
+    """One group per (stage, decay), leaving out stages with ``trainable=False``.
 
-    Matrices of linear layers decay; norms, biases and embeddings do not.
+    Matrices of linear layers decay; norms, biases and embeddings do not. Parameters frozen
+    during training (``requires_grad=False``) stay in their group: they get no gradient, so
+    AdamW skips them, and the groups keep one layout over the whole run, which is what lets a
+    checkpoint taken after a freeze load its optimizer state.
     """
     stages = model.config.stages
     grouped: dict[tuple[int, bool], list] = {}
     for stage, name, param in model.named_stage_parameters():
-        if not param.requires_grad:
+        if not stages[stage].trainable:
             continue
         decay = param.ndim >= 2 and not name.startswith(("tok_emb.", "pos_emb."))
         grouped.setdefault((stage, decay), []).append(param)

@@ -7,7 +7,10 @@ discriminative learning rates; dynamic alpha adds the ``ExitWeightSchedule`` cal
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -28,7 +31,7 @@ from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrai
 
 IGNORE_INDEX = -100  # targets with this value count in no loss and no metric
 
-# Hyperparameters that fix the shape of the weights; a checkpoint must agree on all of them.
+# Config fields that fix the shape of the weights; a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = (
     "vocab_size",
     "n_layers",
@@ -44,21 +47,14 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def config_from_hparams(hp: Mapping[str, Any]) -> TransformerConfig:
-    """The model config described by a module's hyperparameters (its own, or a checkpoint's)."""
-    return TransformerConfig(
-        vocab_size=hp["vocab_size"],
-        n_layers=hp["n_layers"],
-        d_model=hp["d_model"],
-        n_heads=hp["n_heads"],
-        d_ff=hp["d_ff"],
-        max_seq_len=hp["max_seq_len"],
-        dropout=hp["dropout"],
-        positions=hp["positions"],
-        head_sharing=hp["head_sharing"],
-        tie_embeddings=hp["tie_embeddings"],
-        stages=tuple(as_stage(s) for s in hp.get("stages") or ()),
-    )
+def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over targets that are not ``IGNORE_INDEX``; 0 (with a graph) when there are none.
+
+    ``F.cross_entropy`` returns NaN for a batch whose targets are all ignored, which happens
+    when a batch holds no hard token.
+    """
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class SupervisedExitLM(L.LightningModule):
@@ -71,16 +67,18 @@ class SupervisedExitLM(L.LightningModule):
         stages: the LEGO blocks; default one stage over all layers.
         routing_threshold: when set, validation also reports the routed model, where a token
             leaves at the first exit whose confidence reaches the threshold, and ``val/ppl`` is
-            the routed perplexity.
+            the routed perplexity. Tokens below the threshold at the first exit are "hard":
+            every exit's perplexity is also reported on hard and easy tokens.
         confidence: a registered confidence measure (``max_prob``, ``margin``, ``entropy``).
         lr, weight_decay, betas: AdamW; norms, biases and embeddings get no weight decay.
         scheduler, warmup_steps, min_lr_ratio: the learning-rate schedule, stepped every
             optimizer step; per-stage ``lr_scale`` multiplies it.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
-    ``val/ppl``, and with routing ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}``.
-    Under DDP, ``val/*`` are reduced over every rank's tokens (equal on all ranks); ``train/*``
-    are the logging rank's own batch, as usual in Lightning, to keep steps free of extra syncs.
+    ``val/ppl``, and with routing ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}``
+    and ``val/exit{k}/{hard,easy}_ppl``. Under DDP, ``val/*`` are reduced over every rank's
+    tokens (equal on all ranks); ``train/*`` are the logging rank's own batch, as usual in
+    Lightning, to keep steps free of extra syncs.
     """
 
     def __init__(
@@ -113,26 +111,58 @@ class SupervisedExitLM(L.LightningModule):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         WarmupSchedule(scheduler, warmup_steps, None if scheduler == "constant" else warmup_steps + 1, min_lr_ratio)
-        self.save_hyperparameters()
-        # Plain dicts in hparams: checkpoints must load with weights_only=True and YAML must round-trip.
-        self.hparams["stages"] = [as_stage(s).to_dict() for s in stages] if stages else None
-        self.config = config_from_hparams(self.hparams)
+        self._save_plain_hyperparameters(inspect.currentframe())
+        self.config = TransformerConfig(
+            vocab_size=vocab_size,
+            n_layers=n_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            d_ff=d_ff,
+            max_seq_len=max_seq_len,
+            dropout=dropout,
+            positions=positions,  # type: ignore[arg-type]
+            head_sharing=head_sharing,  # type: ignore[arg-type]
+            tie_embeddings=tie_embeddings,
+            stages=tuple(as_stage(s) for s in stages or ()),
+        )
         self.model = ExitTransformer(self.config)
         freeze_untrainable_stages(self.model)
+        self.confidence = confidence
+        self._routing_threshold = routing_threshold
+        self.optim_settings = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            scheduler=scheduler,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+        )
         self.exit_loss_weights: list[float] = [s.loss_weight for s in self.config.stages]
         self.val_metrics = ExitMetrics(self.config.exit_layers)
         self.test_metrics = ExitMetrics(self.config.exit_layers)
         self._eval_seq_len: int | None = None
 
+    def _save_plain_hyperparameters(self, frame: FrameType | None) -> None:
+        """``save_hyperparameters`` with stages as plain dicts (``weights_only`` checkpoints, YAML).
+
+        Each subclass calls it again at the end of its ``__init__`` so the hyperparameters are
+        the arguments of the class that was built, which is what rebuilds it from a checkpoint
+        (``save_hyperparameters`` merges into what is there, hence the clear).
+        """
+        self.hparams.clear()
+        self.save_hyperparameters(frame=frame)
+        if self.hparams.get("stages"):
+            self.hparams["stages"] = [as_stage(s).to_dict() for s in self.hparams["stages"]]
+
     @property
     def routing_threshold(self) -> float | None:
         """Confidence threshold of routed evaluation; ``None`` turns routing off. Settable, e.g. for a sweep."""
-        return self.hparams.routing_threshold
+        return self._routing_threshold
 
     @routing_threshold.setter
     def routing_threshold(self, value: float | None) -> None:
         check_threshold(value, "routing_threshold")
-        self.hparams["routing_threshold"] = value
+        self._routing_threshold = None if value is None else float(value)
 
     # ------------------------------------------------------------------------- loss weights
     @property
@@ -150,17 +180,33 @@ class SupervisedExitLM(L.LightningModule):
             raise ValueError(f"exit loss weights must be >= 0 and not all 0, got {weights}")
         self.exit_loss_weights = weights
 
+    # ------------------------------------------------------------------------------- forward
+    def exit_hidden_states(self, input_ids: Tensor, exit_layers: Sequence[int]) -> dict[int, Tensor]:
+        """Hidden states ``(B, T, D)`` at the given exits; the one place training and evaluation read them."""
+        return self.model.hidden_states(input_ids, exit_layers)
+
+    @property
+    def eval_exit_layers(self) -> tuple[int, ...]:
+        """The exits validation reports (all of them here; a phased module reports the trained ones)."""
+        return self.config.exit_layers
+
+    @torch.no_grad()
+    def token_confidence(self, input_ids: Tensor, exit_layer: int | None = None) -> Tensor:
+        """Confidence ``(B, T)`` of every token at ``exit_layer`` (default: the first exit).
+
+        The contract that ``QuantileThresholdCalibration`` and ``HardExampleMining`` rely on.
+        """
+        exit_layer = self.config.exit_layers[0] if exit_layer is None else exit_layer
+        h = self.exit_hidden_states(input_ids, [exit_layer])[exit_layer]
+        return get_confidence(self.confidence)(self.model.head(exit_layer)(h))
+
     # -------------------------------------------------------------------------------- training
     def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
         """Mean cross-entropy at every exit with a non-zero weight; other exits run no head."""
         weighted = [k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0]
-        hidden = self.model.hidden_states(input_ids, weighted)
-        return {
-            k: F.cross_entropy(
-                self.model.head(k)(h).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-            )
-            for k, h in hidden.items()
-        }
+        hidden = self.exit_hidden_states(input_ids, weighted)
+        flat_targets = targets.flatten()
+        return {k: masked_cross_entropy(self.model.head(k)(h).flatten(0, 1), flat_targets) for k, h in hidden.items()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         input_ids, targets = unpack_batch(batch)
@@ -180,44 +226,41 @@ class SupervisedExitLM(L.LightningModule):
         keep = targets != IGNORE_INDEX
         targets = targets[keep]
         threshold = self.routing_threshold
-        measure = get_confidence(self.hparams.confidence)
+        measure = get_confidence(self.confidence)
         nlls, corrects, confidences = [], [], []
-        for k, h in self.model.hidden_states(input_ids).items():
+        exits = self.eval_exit_layers
+        for k, h in self.exit_hidden_states(input_ids, exits).items():
             logits = self.model.head(k)(h).flatten(0, 1)[keep].float()
-            nll = F.cross_entropy(logits, targets, reduction="none")
-            correct = logits.argmax(dim=-1) == targets
-            metrics.update_exit(k, nll, correct)
+            nlls.append(F.cross_entropy(logits, targets, reduction="none"))
+            corrects.append(logits.argmax(dim=-1) == targets)
             if threshold is not None:
-                nlls.append(nll)
-                corrects.append(correct)
                 confidences.append(measure(logits))
+        hard = confidences[0] < threshold if threshold is not None else None
+        for k, nll, correct in zip(exits, nlls, corrects):
+            metrics.update_exit(k, nll, correct, hard)
         if threshold is not None:
             position = route(torch.stack(confidences), threshold)
             pick = position.unsqueeze(0)
-            metrics.update_routed(
-                torch.stack(nlls).gather(0, pick).squeeze(0),
-                torch.stack(corrects).gather(0, pick).squeeze(0),
-                position,
-            )
+            routed_nll = torch.stack(nlls).gather(0, pick).squeeze(0)
+            routed_correct = torch.stack(corrects).gather(0, pick).squeeze(0)
+            metrics.update_routed(routed_nll, routed_correct, position, exits)
 
-    def _log_eval(self, metrics: ExitMetrics, prefix: str) -> None:
+    def _log_eval(self, metrics: ExitMetrics, prefix: str) -> dict[str, float]:
         values = metrics.compute()
         metrics.reset()
         if not values:
-            return
-        deepest = self.config.exit_layers[-1]
-        ppl = values.get("routed/ppl", values.get(f"exit{deepest}/ppl", float("nan")))
+            return values
+        ppl = values.get("routed/ppl", values.get(f"exit{self.eval_exit_layers[-1]}/ppl", float("nan")))
         if "routed/ppl" in values and self._eval_seq_len is not None:
-            fractions = {k: values[f"routed/exit{k}_frac"] for k in self.config.exit_layers}
+            fractions = {k: values.get(f"routed/exit{k}_frac", 0.0) for k in self.config.exit_layers}
             context = flops.mean_context(self._eval_seq_len, self.config.causal)
-            values["routed/flops_ratio"] = flops.routed_flops_ratio(
-                self.config, fractions, context, self.hparams.confidence
-            )
+            values["routed/flops_ratio"] = flops.routed_flops_ratio(self.config, fractions, context, self.confidence)
             values["routed/layers_ratio"] = flops.layers_only_ratio(self.config, fractions)
         # torchmetrics already reduced these over all ranks; sync_dist only averages equal values
         # (a few scalars per epoch) and keeps Lightning from warning about every one of them.
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=True)
         self.log(f"{prefix}/ppl", ppl, prog_bar=True, sync_dist=True)
+        return values
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
@@ -248,32 +291,38 @@ class SupervisedExitLM(L.LightningModule):
         if stage == "fit":
             self._check_ddp_unused_parameters()
 
+    def _untrained_stages(self) -> list[tuple[int, int]]:
+        """Trainable stages whose weights get no gradient at the current loss weights."""
+        weights = self.exit_loss_weights
+        deepest_trained = max(k for k, w in zip(self.config.exit_layers, weights) if w > 0)
+        separate = self.config.head_sharing == "separate"
+        return [
+            s.layers
+            for s, w in zip(self.config.stages, weights)
+            if s.trainable and (s.layers[0] > deepest_trained or (w == 0 and separate))
+        ]
+
     def _check_ddp_unused_parameters(self) -> None:
-        """DDP without ``find_unused_parameters`` hangs or fails on trainable weights that get no gradient."""
+        """DDP without ``find_unused_parameters`` fails on trainable weights that get no gradient."""
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = self.trainer.strategy
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", {})
         if not isinstance(strategy, DDPStrategy) or ddp_kwargs.get("find_unused_parameters", False):
             return
-        deepest_trained = max(k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0)
-        unused_stages = [
-            s.layers
-            for s, w in zip(self.config.stages, self.exit_loss_weights)
-            if s.trainable and (s.layers[0] > deepest_trained or (w == 0 and self.config.head_sharing == "separate"))
-        ]
-        if unused_stages:
+        unused = self._untrained_stages()
+        if unused:
             raise ValueError(
-                f"stages {unused_stages} have trainable weights that get no gradient (loss weight 0 with a "
+                f"stages {unused} have trainable weights that get no gradient (loss weight 0 with a "
                 "separate head, or layers above the deepest trained exit); under DDP use "
                 "strategy='ddp_find_unused_parameters_true' or set trainable: false on those stages"
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = AdamW(param_groups(self.model, hp.lr, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total = None if hp.scheduler == "constant" else self.trainer.estimated_stepping_batches
-        schedule = WarmupSchedule(hp.scheduler, hp.warmup_steps, total, hp.min_lr_ratio)
+        opt = self.optim_settings
+        optimizer = AdamW(param_groups(self.model, opt["lr"], opt["weight_decay"]), lr=opt["lr"], betas=opt["betas"])
+        total = None if opt["scheduler"] == "constant" else self.trainer.estimated_stepping_batches
+        schedule = WarmupSchedule(opt["scheduler"], opt["warmup_steps"], total, opt["min_lr_ratio"])
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
@@ -282,6 +331,11 @@ class SupervisedExitLM(L.LightningModule):
     # -------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["exit_loss_weights"] = list(self.exit_loss_weights)
+        checkpoint["routing_threshold"] = self.routing_threshold
+        config = asdict(self.config)
+        config["stages"] = [s.to_dict() for s in self.config.stages]
+        config["exit_layers"] = list(self.config.exit_layers)
+        checkpoint["model_config"] = config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_fits(checkpoint)
@@ -290,21 +344,21 @@ class SupervisedExitLM(L.LightningModule):
 
     def _check_checkpoint_fits(self, checkpoint: Mapping[str, Any]) -> None:
         """A clear error, before any weight is copied, when the checkpoint's model differs from this one."""
-        saved = checkpoint.get("hyper_parameters")
+        saved = checkpoint.get("model_config")
         if saved:
-            saved_cfg = config_from_hparams({**dict(self.hparams), **saved})
+            ours = {**asdict(self.config), "exit_layers": list(self.config.exit_layers)}
             for field in ARCHITECTURE_FIELDS:
-                theirs, ours = getattr(saved_cfg, field), getattr(self.config, field)
-                if theirs != ours:
+                if field in saved and saved[field] != ours[field]:
                     hint = (
                         " (vocab_size comes from the data: use the data the checkpoint was trained on)"
                         if field == "vocab_size"
                         else ""
                     )
-                    raise ValueError(f"the checkpoint has {field}={theirs} but this model has {field}={ours}{hint}")
+                    raise ValueError(
+                        f"the checkpoint has {field}={saved[field]} but this model has {field}={ours[field]}{hint}"
+                    )
         own = self.state_dict()
-        theirs_sd = checkpoint.get("state_dict", {})
-        for name, tensor in theirs_sd.items():
+        for name, tensor in checkpoint.get("state_dict", {}).items():
             if name in own and own[name].shape != tensor.shape:
                 ours = tuple(own[name].shape)
                 raise ValueError(f"the checkpoint's {name} has shape {tuple(tensor.shape)} but this model's has {ours}")
