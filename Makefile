@@ -20,11 +20,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Deep supervision with early exit (configs/deed.yaml) on a slice of word-level WikiText-2:
-# about 5 minutes on 2 CPU cores. Drop the three overrides for the research's full setup.
+# ASHEM end to end (configs/ashem.yaml) on a slice of word-level WikiText-2, at most 3 epochs
+# per phase: about 5 minutes on 2 CPU cores. Drop the overrides for the research's full setup.
 demo: install
-	$(BIN)/lego fit --config configs/deed.yaml --data.path $(DATA) \
-		--data.max_train_samples 3200 --data.max_val_samples 500 --trainer.max_epochs 2
+	$(BIN)/lego fit --config configs/ashem.yaml --data.path $(DATA) \
+		--data.max_train_samples 2000 --data.calibration_samples 500 --data.max_val_samples 500 \
+		--model.phase1_max_epochs 3 --model.phase2_max_epochs 3
 
 test: install
 	$(BIN)/ruff check .

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lego_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from lego_lightning.modules import SupervisedExitLM
 
 
@@ -52,36 +53,46 @@ class LegoCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        self._given_args = sys.argv[1:] if args is None else args
+        raw = sys.argv[1:] if args is None else args
+        if isinstance(raw, list):
+            self._checkpoint_hparams_as_defaults(raw)
         super().parse_arguments(parser, args)
 
-    def _parse_ckpt_path(self) -> None:
-        """Use a checkpoint's model hyperparameters as defaults, below the config and the command line.
+    def _checkpoint_hparams_as_defaults(self, raw: list[str]) -> None:
+        """Make a checkpoint's model hyperparameters the defaults, below the config and the command line.
 
-        Lightning lets them override both, which silently ignores ``--model.routing_threshold``
-        at validation and hides a config that does not fit the checkpoint. Here the config
-        wins, and a config whose shapes differ from the checkpoint's fails with a clear error
-        when the weights load; with no model config at all, the checkpoint's is used.
+        Lightning's own ``_parse_ckpt_path`` lets them override both, which silently ignores
+        ``--model.routing_threshold`` at validation and hides a config that does not fit the
+        checkpoint. Here the config wins, and a config whose shapes differ from the
+        checkpoint's fails with a clear error when the weights load; with no model config at
+        all, the checkpoint's is used. Only ``--ckpt_path`` on the command line is read here.
         """
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        subparsers = getattr(self, "_subcommand_parsers", {})  # none with run=False
+        subcommand = next((a for a in raw if a in subparsers), None)
+        ckpt_path = None
+        for i, arg in enumerate(raw):
+            if arg == "--ckpt_path" and i + 1 < len(raw):
+                ckpt_path = raw[i + 1]
+            elif arg.startswith("--ckpt_path="):
+                ckpt_path = arg.split("=", 1)[1]
+        if subcommand is None or not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         class_path = hparams.get("_class_path")
-        if class_path is None or isinstance(self._given_args, dict):
+        if class_path is None:
             return
         # vocab_size is linked from the data; the data module checks the saved vocabulary itself.
         init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "vocab_size"}
-        self._subcommand_parsers[subcommand].set_defaults({"model": {"class_path": class_path, "init_args": init_args}})
-        self.config = self.parser.parse_args(self._given_args)
+        subparsers[subcommand].set_defaults({"model": {"class_path": class_path, "init_args": init_args}})
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaced by :meth:`_checkpoint_hparams_as_defaults`, which runs before parsing."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "model": {"class_path": "lego_lightning.SupervisedExitLM"},
                 "checkpoint.monitor": "val/ppl",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
@@ -97,6 +108,10 @@ class LegoCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        if callable(getattr(self.model, "summary_table", None)) and trainer.state.status.value == "finished":
+            # A final evaluation of the fitted model (best weights restored), reported as a table.
+            (metrics,) = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            rank_zero_info("\n" + self.model.summary_table(metrics))
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") or "(none saved)"
         last = getattr(ckpt, "last_model_path", "") or "(none saved)"

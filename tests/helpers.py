@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lego_lightning import SupervisedExitLM
+from lego_lightning import ASHEM, SupervisedExitLM
+from lego_lightning.data import SyntheticDataModule
 
 
 def quiet_trainer(root: Path | str, **kwargs: Any) -> L.Trainer:
@@ -32,8 +33,28 @@ def tiny_lm(vocab_size: int = 64, **kwargs: Any) -> SupervisedExitLM:
     return SupervisedExitLM(**{**defaults, **kwargs})
 
 
+def tiny_ashem(**kwargs: Any) -> ASHEM:
+    defaults: dict[str, Any] = dict(
+        vocab_size=64,
+        d_model=32,
+        n_heads=2,
+        max_seq_len=16,
+        lr=3e-3,
+        phase1_max_epochs=2,
+        phase2_max_epochs=2,
+        phase1_patience=5,
+        phase2_patience=5,
+    )
+    return ASHEM(**{**defaults, **kwargs})
+
+
+def synthetic(**kwargs: Any) -> SyntheticDataModule:
+    defaults: dict[str, Any] = dict(vocab_size=64, seq_len=16, batch_size=16, n_train=64, n_val=32, n_calibration=32)
+    return SyntheticDataModule(**{**defaults, **kwargs})
+
+
 class RankStateDump(Callback):
-    """At the end of fit, each rank writes its weights and final metrics to ``out_dir/rank{r}.*``."""
+    """At the end of fit, each rank writes weights, metrics, threshold and hard set to ``out_dir/rank{r}*``."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -42,7 +63,12 @@ class RankStateDump(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
         torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.out_dir / f"rank{rank}.pt")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        (self.out_dir / f"rank{rank}.json").write_text(
-            json.dumps({"metrics": metrics, "world_size": trainer.world_size})
-        )
+        state = {
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "world_size": trainer.world_size,
+            "routing_threshold": getattr(pl_module, "routing_threshold", None),
+        }
+        (self.out_dir / f"rank{rank}.json").write_text(json.dumps(state))
+        masks = [cb.hard_mask for cb in trainer.callbacks if getattr(cb, "hard_mask", None) is not None]
+        if masks:
+            torch.save(masks[0], self.out_dir / f"rank{rank}_hard_mask.pt")

@@ -55,18 +55,34 @@ def test_configs_are_all_here():
     assert methods | {f"char_{m}" for m in methods} <= names
 
 
+def expected_exits(model_spec: dict) -> tuple[int, ...]:
+    args = model_spec["init_args"]
+    if model_spec["class_path"] == "lego_lightning.SupervisedExitLM":
+        return tuple(s["layers"][1] for s in args["stages"])
+    phase1 = args.get("stages") or [{"layers": [1, args["phase1_layers"]]}]
+    return (*(s["layers"][1] for s in phase1), args["phase2_layers"])
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_path):
-    spec = yaml.safe_load((REPO / "configs" / config).read_text())["model"]["init_args"]
-    cli = run("fit", config, corpus, tmp_path)
+    spec = yaml.safe_load((REPO / "configs" / config).read_text())
+    model_spec = spec["model"]
+    phased = model_spec["class_path"] != "lego_lightning.SupervisedExitLM"
+    extra = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1"] if phased else []
+    data_spec = yaml.safe_load((REPO / "configs" / spec["data"]).read_text())
+    if data_spec["init_args"].get("calibration_samples"):
+        extra += ["--data.calibration_samples", "4"]  # the tiny corpus has a few dozen blocks
+    cli = run("fit", config, corpus, tmp_path, *extra)
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == 4
     assert model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed
-    assert model.config.exit_layers == tuple(s["layers"][1] for s in spec["stages"])
+    assert model.config.exit_layers == expected_exits(model_spec)
+    if phased:
+        assert model.phase == 2
     metrics = trainer.callback_metrics
     for k in model.config.exit_layers:
         assert torch.isfinite(metrics[f"val/exit{k}/ppl"])
-    routed = spec.get("routing_threshold") is not None
+    routed = model_spec["init_args"].get("routing_threshold") is not None or model_spec["class_path"].endswith("ASHEM")
     assert ("val/routed/ppl" in metrics) == routed
     assert metrics["val/ppl"] == metrics["val/routed/ppl" if routed else f"val/exit{model.config.exit_layers[-1]}/ppl"]
     assert Path(trainer.checkpoint_callback.best_model_path).is_file()
@@ -159,8 +175,16 @@ def test_checkpoint_vocabulary_must_match_the_data(corpus, tmp_path):
 
 
 def test_fit_without_a_logger(corpus, tmp_path):
-    cli = run("fit", "standard.yaml", corpus, tmp_path, "--trainer.logger", "false",
-              "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    cli = run(
+        "fit",
+        "standard.yaml",
+        corpus,
+        tmp_path,
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     assert cli.trainer.global_step == 4 and not cli.trainer.loggers
     assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
 
@@ -202,3 +226,35 @@ def test_bad_input_fails_before_training(corpus, tmp_path, extra, message):
 def test_missing_data_path_fails_with_the_path_named(tmp_path):
     with pytest.raises(ValueError, match=r"TextDataModule.path='.*nowhere' does not exist"):
         main(["fit", "--config", str(REPO / "configs/standard.yaml"), "--data.path", str(tmp_path / "nowhere")])
+
+
+def test_ashem_validate_rebuilds_the_model_of_either_phase(corpus, tmp_path):
+    fit = run(
+        "fit",
+        "ashem.yaml",
+        corpus,
+        tmp_path,
+        "--model.phase1_max_epochs",
+        "2",
+        "--model.phase2_max_epochs",
+        "1",
+        "--data.calibration_samples",
+        "4",
+        "--checkpoint.save_top_k",
+        "-1",
+        "--checkpoint.filename",
+        "{epoch}",
+        "--trainer.max_epochs",
+        "3",
+    )
+    folder = Path(fit.trainer.checkpoint_callback.dirpath)
+    phase1, phase2 = str(folder / "epoch=0.ckpt"), str(folder / "epoch=2.ckpt")
+    assert torch.load(phase1, weights_only=True)["phase"]["phase"] == 1
+    first = run("validate", "ashem.yaml", corpus, tmp_path, "--ckpt_path", phase1, "--data.calibration_samples", "4")
+    assert first.model.phase == 1 and first.model.routing_threshold is None
+    assert "val/exit2/ppl" in first.trainer.callback_metrics and "val/exit4/ppl" not in first.trainer.callback_metrics
+    second = run("validate", "ashem.yaml", corpus, tmp_path, "--ckpt_path", phase2, "--data.calibration_samples", "4")
+    assert second.model.phase == 2 and second.model.routing_threshold == fit.model.routing_threshold
+    metrics = second.trainer.callback_metrics
+    assert {"val/exit2/ppl", "val/exit4/ppl", "val/routed/ppl", "val/routed/flops_ratio"} <= set(metrics)
+    assert metrics["val/exit4/ppl"] == pytest.approx(float(fit.trainer.callback_metrics["val/exit4/ppl"]), rel=1e-5)

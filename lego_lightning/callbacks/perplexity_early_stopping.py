@@ -5,9 +5,19 @@ Lightning's ``EarlyStopping`` with the arguments checked up front and perplexity
 its counter, state (saved in checkpoints, so a resumed run continues mid-patience) and
 cross-rank decision are Lightning's own.
 
-One default differs: the check runs right after each validation. Lightning checks at the end
-of the training epoch when validation runs once per epoch, which fails on a missing metric
-when a run ends mid-epoch (``max_steps``) before any validation.
+Two additions:
+
+* **Phases.** With a module that has phases (``has_next_phase()``, ``advance_phase(trainer)``,
+  ``phase``, ``phase_start_epoch``, ``phase_max_epochs``, optionally ``phase_patience``), the
+  end of a phase that has a next one (patience spent, or ``phase_max_epochs`` epochs done)
+  advances the module instead of stopping the run, and the next phase starts with a fresh
+  counter and its own patience.
+* **restore_best_weights.** At the end of a phase (or of the run) the module gets back the
+  weights of its best validation in that phase, as Keras does.
+
+One default differs from Lightning: the check runs right after each validation. Lightning
+checks at the end of the training epoch when validation runs once per epoch, which fails on a
+missing metric when a run ends mid-epoch (``max_steps``) before any validation.
 """
 
 from __future__ import annotations
@@ -15,7 +25,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping
+
+
+def _is_phased(pl_module: L.LightningModule) -> bool:
+    return callable(getattr(pl_module, "has_next_phase", None)) and callable(getattr(pl_module, "advance_phase", None))
 
 
 class PerplexityEarlyStopping(EarlyStopping):
@@ -23,7 +39,9 @@ class PerplexityEarlyStopping(EarlyStopping):
 
     ``patience=0`` stops at the first validation without improvement (the research's
     character-level rule). Works with any LightningModule that logs ``monitor`` during
-    validation; lower is better unless ``mode="max"``.
+    validation; lower is better unless ``mode="max"``. See the module docstring for phases.
+
+    Logged on a phase change: ``phase/ended_at_epoch``.
     """
 
     def __init__(
@@ -34,6 +52,7 @@ class PerplexityEarlyStopping(EarlyStopping):
         mode: str = "min",
         verbose: bool = False,
         check_on_train_epoch_end: bool = False,
+        restore_best_weights: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
@@ -53,3 +72,63 @@ class PerplexityEarlyStopping(EarlyStopping):
             check_on_train_epoch_end=check_on_train_epoch_end,
             **kwargs,
         )
+        self.restore_best_weights = restore_best_weights
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def _fresh_best_score(self) -> torch.Tensor:
+        inf = torch.tensor(torch.inf)
+        return inf if self.monitor_op == torch.lt else -inf
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        module = trainer.lightning_module
+        phased = _is_phased(module)
+        if phased and getattr(module, "phase_patience", None) is not None:
+            self.patience = module.phase_patience
+        logs = trainer.callback_metrics
+        if trainer.fast_dev_run or not self._validate_condition_metric(logs):
+            return
+        current = logs[self.monitor].squeeze()
+        previous_best = self.best_score.clone()
+        should_stop, reason = self._evaluate_stopping_criteria(current)
+        if self.restore_best_weights and not torch.equal(previous_best, self.best_score):
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        if phased:
+            epochs_in_phase = trainer.current_epoch + 1 - module.phase_start_epoch
+            if epochs_in_phase >= module.phase_max_epochs:
+                should_stop = True
+                reason = f"phase {module.phase} reached its {module.phase_max_epochs} epochs"
+        # Every rank has the same synced metric; reduce anyway so one rank never stops alone.
+        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        if not should_stop:
+            if reason and self.verbose:
+                self._log_info(trainer, reason, self.log_rank_zero_only)
+            return
+        if self.restore_best_weights and self.best_weights is not None:
+            module.load_state_dict(self.best_weights)
+        if phased and module.has_next_phase():
+            ended = module.phase
+            module.advance_phase(trainer)
+            self.wait_count = 0
+            self.best_score = self._fresh_best_score()
+            self.best_weights = None
+            if getattr(module, "phase_patience", None) is not None:
+                self.patience = module.phase_patience
+            for logger in trainer.loggers if trainer.is_global_zero else []:
+                logger.log_metrics({"phase/ended_at_epoch": float(trainer.current_epoch)}, step=trainer.global_step)
+            if self.verbose:
+                self._log_info(
+                    trainer, f"phase {ended} ended ({reason}); phase {module.phase} starts", self.log_rank_zero_only
+                )
+            return
+        trainer.should_stop = True
+        self.stopped_epoch = trainer.current_epoch
+        self.stopping_reason_message = reason
+        if reason and self.verbose:
+            self._log_info(trainer, reason, self.log_rank_zero_only)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_weights": self.best_weights}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_weights = state_dict.get("best_weights")

@@ -222,18 +222,20 @@ class ExitTransformer(nn.Module):
     # --------------------------------------------------------------------------------- growth
     @torch.no_grad()
     def init_stage(self, stage_index: int, init: GrowInit = "identity") -> None:
-        """Initialise the layers of an existing stage (one built ahead, still untrained) for growth.
+        """Prepare a stage that was built ahead and never trained, for growth.
 
         ``init``:
           * ``"identity"``: zero the residual branches, so the stage passes its input through
             and its exit computes what the previous exit computed.
           * ``"copy"``: layer ``j`` of an ``n``-layer stage copies layer ``first - n + j`` below
             it (the top of the stack under the stage, repeated when ``n`` exceeds it).
-          * ``"random"``: a fresh draw of the usual initialisation.
+          * ``"random"``: keep the usual initialisation the stage was built with.
 
-        With separate heads the stage's head becomes a copy of the previous exit's head; a
-        shared head is left as it is. Tensors change in place, so a model already wrapped for
-        distributed training stays valid (every rank must make the same call).
+        Nothing is drawn from the random generator here: the stage's initial weights come from
+        when it was built (and from checkpoints), so a resumed run grows exactly as the
+        uninterrupted one. With separate heads the stage's head becomes a copy of the previous
+        exit's head; a shared head is left as it is. Tensors change in place, so a model already
+        wrapped for distributed training stays valid (every rank makes the same call).
         """
         if init not in ("identity", "copy", "random"):
             raise ValueError(f"init={init!r} is not one of ('identity', 'copy', 'random')")
@@ -248,10 +250,7 @@ class ExitTransformer(nn.Module):
         for j, block in enumerate(self.blocks[first - 1 : last]):
             if init == "copy":
                 block.load_state_dict(self.blocks[(below - n + j) % below].state_dict())
-                continue
-            block.apply(self._init_weights)
-            self._scale_residual_init([block])
-            if init == "identity":
+            elif init == "identity":
                 for lin in block.residual_projections():
                     lin.weight.zero_()
                     lin.bias.zero_()
@@ -278,7 +277,11 @@ class ExitTransformer(nn.Module):
         stage = Stage(layers=(old + 1, old + n_layers), loss_weight=loss_weight, lr_scale=lr_scale)
         self.config = replace(self.config, n_layers=old + n_layers, stages=(*self.config.stages, stage))
         ref = next(self.parameters())
-        self.blocks.extend(Block(self.config).to(device=ref.device, dtype=ref.dtype) for _ in range(n_layers))
+        new_blocks = [Block(self.config).to(device=ref.device, dtype=ref.dtype) for _ in range(n_layers)]
+        for block in new_blocks:
+            block.apply(self._init_weights)
+        self._scale_residual_init(new_blocks)
+        self.blocks.extend(new_blocks)
         if self.config.head_sharing == "separate":
             self.heads.append(ExitHead(self.config).to(device=ref.device, dtype=ref.dtype))
             self._tie_heads()

@@ -1,5 +1,7 @@
 """LightningModules."""
 
+from lego_lightning.modules.ashem import ASHEM
+from lego_lightning.modules.progressive import ProgressiveExitLM
 from lego_lightning.modules.supervised_exit import SupervisedExitLM
 
-__all__ = ["SupervisedExitLM"]
+__all__ = ["ASHEM", "ProgressiveExitLM", "SupervisedExitLM"]

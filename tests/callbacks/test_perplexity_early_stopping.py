@@ -83,6 +83,64 @@ def test_resumes_mid_patience(tmp_path):
     assert second.validated_epochs == [7]
 
 
+def test_restore_best_weights_brings_back_the_best_epochs_weights(tmp_path):
+    module = ScriptedCurve(CURVE)
+    at_validation = {}
+
+    class Snapshot(PerplexityEarlyStopping):
+        def on_validation_end(self, trainer, pl_module):
+            at_validation[trainer.current_epoch] = pl_module.weight.detach().clone()
+            super().on_validation_end(trainer, pl_module)
+
+    es = Snapshot(patience=3, restore_best_weights=True)
+    quiet_trainer(tmp_path, max_epochs=len(CURVE), callbacks=[es]).fit(module)
+    assert es.stopped_epoch == 7
+    assert not torch.equal(at_validation[7], at_validation[4])
+    assert torch.equal(module.weight.detach(), at_validation[4])  # epoch 4 had the best val/ppl, 7.0
+
+
+class PhasedCurve(ScriptedCurve):
+    """The phase protocol on a scripted curve: two phases, each with its own patience and epoch limit."""
+
+    def __init__(self, curve, patience=(1, 2), max_epochs=(10, 10)):
+        super().__init__(curve)
+        self.phase, self.phase_start_epoch, self.advanced_at = 1, 0, []
+        self.patiences, self.max_epochs = patience, max_epochs
+
+    @property
+    def phase_patience(self):
+        return self.patiences[self.phase - 1]
+
+    @property
+    def phase_max_epochs(self):
+        return self.max_epochs[self.phase - 1]
+
+    def has_next_phase(self):
+        return self.phase == 1
+
+    def advance_phase(self, trainer):
+        self.advanced_at.append(trainer.current_epoch)
+        self.phase, self.phase_start_epoch = 2, trainer.current_epoch + 1
+
+
+def test_phase_ends_instead_of_the_run_and_the_next_phase_starts_fresh(tmp_path):
+    #       phase 1: improves, then 1 bad epoch ends it | phase 2 (fresh best): 9.5 is its best, then 2 bad epochs
+    curve = [5.0, 4.0, 4.5, 9.5, 9.6, 9.7, 1.0]
+    module = PhasedCurve(curve, patience=(1, 2))
+    es = PerplexityEarlyStopping(patience=0)  # overridden by the module's phase_patience
+    quiet_trainer(tmp_path, max_epochs=len(curve), callbacks=[es]).fit(module)
+    assert module.advanced_at == [2]
+    assert es.stopped_epoch == 5 and module.validated_epochs == [0, 1, 2, 3, 4, 5]
+
+
+def test_phase_epoch_limit_ends_a_phase_that_keeps_improving(tmp_path):
+    curve = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]
+    module = PhasedCurve(curve, patience=(5, 5), max_epochs=(3, 2))
+    quiet_trainer(tmp_path, max_epochs=len(curve), callbacks=[PerplexityEarlyStopping()]).fit(module)
+    assert module.advanced_at == [2]
+    assert module.validated_epochs == [0, 1, 2, 3, 4]
+
+
 def test_a_run_that_ends_mid_epoch_before_validating_does_not_fail(tmp_path):
     es = PerplexityEarlyStopping(patience=1)
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[es])

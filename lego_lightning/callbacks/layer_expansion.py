@@ -1,0 +1,43 @@
+"""Grow the model when a phase starts."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
+
+INITS = ("identity", "copy", "random")
+
+
+class LayerExpansion(PhaseTriggeredCallback):
+    """At the first batch of phase ``at_phase``, call ``pl_module.expand(init)``.
+
+    Contract: the LightningModule has ``expand(init: str)``, which brings the next stage into
+    use with ``init`` in ``("identity", "copy", "random")``; ``identity`` must leave the
+    model's outputs unchanged. :class:`~lego_lightning.modules.ProgressiveExitLM` and
+    :class:`~lego_lightning.modules.ASHEM` build that stage up front and initialise it here,
+    which keeps DDP valid. A module that adds layers instead must do so before DDP wraps it,
+    and rebuild its depth in ``on_load_checkpoint`` before weights load.
+
+    Logged once: ``growth/init`` (0 identity, 1 copy, 2 random) at the step it acts.
+    """
+
+    def __init__(self, init: str = "identity", at_phase: int = 2) -> None:
+        if init not in INITS:
+            raise ValueError(f"LayerExpansion.init={init!r} is not one of {INITS}")
+        super().__init__(at_phase)
+        self.init = init
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(init=self.init, at_phase=self.at_phase)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "expand", None)):
+            raise TypeError(
+                f"LayerExpansion needs a LightningModule with expand(init); {type(pl_module).__name__} has none"
+            )
+
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.expand(self.init)
+        log_once(trainer, {"growth/init": float(INITS.index(self.init))})

@@ -1,0 +1,61 @@
+"""A callback that acts once, when its phase starts, and remembers that it did across resumes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+def current_phase(pl_module: L.LightningModule) -> int:
+    """The module's ``phase`` attribute; 1 for a module without phases."""
+    return int(getattr(pl_module, "phase", 1))
+
+
+def log_once(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Write values straight to every logger at the current step.
+
+    ``self.log`` at a batch hook is only written every ``log_every_n_steps``; a value computed
+    once (a threshold, a mined fraction) must not depend on that.
+    """
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class PhaseTriggeredCallback(Callback):
+    """Runs :meth:`apply` once, as soon as the module is in phase ``at_phase``.
+
+    It checks at the end of every validation (where ``PerplexityEarlyStopping`` changes the
+    phase; placed after it in the callback list, it acts right away, so the checkpoint
+    ``ModelCheckpoint`` writes next already holds the new phase's model) and at every training
+    batch (phase 1 is the start of training, also for a module without phases). ``applied`` is
+    saved in checkpoints, so a resumed run does not act twice; subclasses restore what they
+    changed in :meth:`on_load_checkpoint`.
+    """
+
+    def __init__(self, at_phase: int = 2) -> None:
+        if not isinstance(at_phase, int) or isinstance(at_phase, bool) or at_phase < 1:
+            raise ValueError(f"{type(self).__name__}.at_phase must be a positive integer, got {at_phase!r}")
+        self.at_phase = at_phase
+        self.applied = False
+
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.applied and current_phase(pl_module) >= self.at_phase:
+            self.apply(trainer, pl_module)
+            self.applied = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.applied = bool(state_dict["applied"])
+
+    def _own_state(self, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        return checkpoint.get("callbacks", {}).get(self.state_key)

@@ -1,0 +1,164 @@
+"""Calibrate an early-exit threshold so that a target fraction of held-out tokens falls below it.
+
+``torch.quantile`` refuses inputs above 2^24 elements (SEEDS.md mistake 5), and a quantile of
+confidences gathered on each rank would differ between ranks. Here every rank counts its
+share of tokens into the same fixed bins over ``[0, 1]`` (int64 counts, exact at any size),
+the counts are summed across ranks, and the threshold is read off the summed histogram, so
+it is identical everywhere and within one bin of the exact quantile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
+from lego_lightning.data.blocks import unpack_batch
+
+
+def confidence_histogram(confidences: Tensor, bins: int) -> Tensor:
+    """Counts ``(bins,)`` int64 of confidences in ``[0, 1]``; bin ``i`` holds ``[i/bins, (i+1)/bins)``, 1.0 the last."""
+    index = (confidences.detach().flatten().float() * bins).long().clamp_(0, bins - 1)
+    return torch.bincount(index, minlength=bins)
+
+
+def threshold_for_ratio(counts: Tensor, ratio: float) -> float:
+    """The smallest bin edge ``t`` with at least ``ratio`` of the counted confidences below it.
+
+    The fraction below ``t`` lies in ``[ratio, ratio + share of one bin)``.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("cannot calibrate a threshold on zero tokens")
+    below = torch.cumsum(counts, 0)  # below[i]: confidences < (i + 1) / bins
+    edge = int(torch.searchsorted(below, torch.tensor(math.ceil(ratio * total), dtype=below.dtype)))
+    return (edge + 1) / len(counts)
+
+
+class QuantileThresholdCalibration(PhaseTriggeredCallback):
+    """Set ``pl_module.routing_threshold`` so that ``hard_ratio`` of held-out tokens fall below it.
+
+    Confidences come from ``pl_module.token_confidence(input_ids, exit_layer) -> (B, T)``; the
+    tokens from ``trainer.datamodule.calibration_dataloader()`` (held-out blocks the model did
+    not train on), or ``val_dataloader()`` when the data module has no calibration split. Each
+    rank counts every ``world_size``-th batch; targets equal to -100 are left out.
+
+    Args:
+        hard_ratio: target fraction of tokens below the threshold (the "hard" ones).
+        exit_layer: the exit whose confidence is calibrated (default: the module's first exit).
+        bins: histogram resolution; the threshold is a multiple of ``1 / bins``.
+        at_phase: calibrate once, at the first batch of this phase; ``None`` recalibrates
+            before every validation instead.
+        log_prefix: logged once per calibration: ``{prefix}/threshold``,
+            ``{prefix}/calibration_hard_frac``, and with TensorBoard a histogram
+            ``{prefix}/confidence``.
+    """
+
+    def __init__(
+        self,
+        hard_ratio: float = 0.5,
+        exit_layer: int | None = None,
+        bins: int = 10_000,
+        at_phase: int | None = 2,
+        log_prefix: str = "calibration",
+    ) -> None:
+        if not isinstance(hard_ratio, (int, float)) or not 0.0 < hard_ratio < 1.0:
+            raise ValueError(f"QuantileThresholdCalibration.hard_ratio must be in (0, 1), got {hard_ratio!r}")
+        if not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"QuantileThresholdCalibration.bins must be an integer >= 2, got {bins!r}")
+        super().__init__(1 if at_phase is None else at_phase)
+        self.every_validation = at_phase is None
+        self.hard_ratio, self.exit_layer, self.bins, self.log_prefix = float(hard_ratio), exit_layer, bins, log_prefix
+        self.threshold: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(hard_ratio=self.hard_ratio, exit_layer=self.exit_layer, at_phase=self.at_phase)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for name in ("token_confidence", "routing_threshold"):
+            if not hasattr(pl_module, name):
+                module = type(pl_module).__name__
+                raise TypeError(f"QuantileThresholdCalibration needs a LightningModule with {name}; {module} has none")
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.every_validation:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_validation:
+            self.apply(trainer, pl_module)
+
+    @torch.no_grad()
+    def histogram(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, float, float]:
+        """Summed counts over all ranks, and the sum and sum of squares of the confidences."""
+        datamodule = trainer.datamodule
+        loader_fn = getattr(datamodule, "calibration_dataloader", None) or datamodule.val_dataloader
+        counts = torch.zeros(self.bins, dtype=torch.long, device=pl_module.device)
+        moments = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        for i, batch in enumerate(loader_fn()):
+            if i % trainer.world_size != trainer.global_rank:
+                continue
+            input_ids, targets = (t.to(pl_module.device) for t in unpack_batch(batch))
+            conf = pl_module.token_confidence(input_ids, self.exit_layer)[targets != -100]
+            counts += confidence_histogram(conf, self.bins)
+            moments += torch.stack([conf.double().sum(), conf.double().pow(2).sum()])
+        pl_module.train(was_training)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        moments = trainer.strategy.reduce(moments, reduce_op="sum")
+        return counts, float(moments[0]), float(moments[1])
+
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts, total, squares = self.histogram(trainer, pl_module)
+        self.threshold = threshold_for_ratio(counts.cpu(), self.hard_ratio)
+        pl_module.routing_threshold = self.threshold
+        n = int(counts.sum())
+        below = int(counts[: round(self.threshold * self.bins)].sum())
+        log_once(
+            trainer,
+            {f"{self.log_prefix}/threshold": self.threshold, f"{self.log_prefix}/calibration_hard_frac": below / n},
+        )
+        self._log_histogram(trainer, counts.cpu(), n, total, squares)
+
+    def _log_histogram(self, trainer: L.Trainer, counts: Tensor, n: int, total: float, squares: float) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        nonzero = torch.nonzero(counts).flatten()
+        if not trainer.is_global_zero or len(nonzero) == 0:
+            return
+        lo, hi = int(nonzero[0]), int(nonzero[-1])
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram_raw(
+                    f"{self.log_prefix}/confidence",
+                    min=lo / self.bins,
+                    max=(hi + 1) / self.bins,
+                    num=n,
+                    sum=total,
+                    sum_squares=squares,
+                    bucket_limits=[(i + 1) / self.bins for i in range(lo, hi + 1)],
+                    bucket_counts=counts[lo : hi + 1].tolist(),
+                    global_step=trainer.global_step,
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "threshold": self.threshold}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.threshold = state_dict.get("threshold")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = self._own_state(checkpoint)
+        if state and state.get("threshold") is not None:
+            pl_module.routing_threshold = state["threshold"]

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from lego_lightning import Stage
+from lego_lightning.callbacks import QuantileThresholdCalibration
+from lego_lightning.callbacks.quantile_threshold_calibration import confidence_histogram, threshold_for_ratio
+from tests.helpers import quiet_trainer, synthetic, tiny_lm
+
+
+def test_threshold_marks_the_ratio_within_one_bin_beyond_torch_quantiles_limit():
+    n = 2**24 + 12_345  # torch.quantile refuses more than 2**24 elements
+    conf = torch.rand(n, generator=torch.Generator().manual_seed(0)) ** 3  # skewed, like softmax maxima
+    with pytest.raises(RuntimeError):
+        torch.quantile(conf, 0.5)
+    bins = 1000
+    counts = confidence_histogram(conf, bins)
+    assert counts.dtype == torch.long and int(counts.sum()) == n
+    one_bin = counts.max().item() / n
+    for ratio in (0.1, 0.5, 0.83):
+        t = threshold_for_ratio(counts, ratio)
+        below = (conf < t).float().mean().item()
+        assert ratio <= below < ratio + one_bin
+        assert (conf < t - 1 / bins).float().mean().item() < ratio  # one bin lower would be too few
+
+
+def test_histogram_edges_and_bad_ratio():
+    counts = confidence_histogram(torch.tensor([0.0, 0.249, 0.25, 0.999, 1.0]), 4)
+    assert counts.tolist() == [2, 1, 0, 2]
+    assert threshold_for_ratio(counts, 0.4) == 0.25  # 2 of 5 below 0.25
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\)"):
+        threshold_for_ratio(counts, 1.0)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"hard_ratio": 0.0}, "hard_ratio must be in"), ({"bins": 1}, "bins")])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantileThresholdCalibration(**kwargs)
+
+
+def test_calibrates_on_held_out_tokens_before_every_validation(tmp_path):
+    torch.manual_seed(0)
+    lm = tiny_lm(stages=[Stage((1, 1), 0.5), Stage((2, 3), 0.5)], routing_threshold=0.5, lr=3e-3)
+    dm = synthetic()
+    calibration = QuantileThresholdCalibration(hard_ratio=0.3, at_phase=None, bins=500)
+    trainer = quiet_trainer(tmp_path, max_steps=12, callbacks=[calibration])
+    trainer.fit(lm, dm)
+    assert lm.routing_threshold == calibration.threshold != 0.5
+    lm.eval()
+    held_out = dm.splits["calibration"]
+    conf = lm.token_confidence(held_out.input_ids, 1).flatten()
+    below = (conf < lm.routing_threshold).float().mean().item()
+    share_of_a_bin = confidence_histogram(conf, 500).max().item() / conf.numel()
+    assert 0.3 <= below < 0.3 + share_of_a_bin
+    (metrics,) = quiet_trainer(tmp_path, callbacks=[calibration]).validate(lm, dm, verbose=False)
+    assert metrics["val/routed/exit1_frac"] == pytest.approx(
+        1 - below, abs=0.15
+    )  # validation tokens, not held-out ones
+
+
+def test_module_without_the_contract_is_refused_at_setup(tmp_path):
+    from tests.callbacks.test_perplexity_early_stopping import ScriptedCurve
+
+    with pytest.raises(TypeError, match="needs a LightningModule with token_confidence"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[QuantileThresholdCalibration()]).fit(ScriptedCurve([1.0]))
