@@ -43,13 +43,25 @@ def run_one(method: str, seed: int, patience: int, max_epochs: int, threshold: f
     with tempfile.TemporaryDirectory() as work:
         cli = LegoCLI(
             args=[
-                "--config", str(config), "--data.path", str(data), "--seed_everything", str(seed),
-                "--trainer.max_epochs", str(max_epochs), "--trainer.logger", "false",
-                "--trainer.default_root_dir", work, "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false",
+                "--config",
+                str(config),
+                "--data.path",
+                str(data),
+                "--seed_everything",
+                str(seed),
+                "--trainer.max_epochs",
+                str(max_epochs),
+                "--trainer.logger",
+                "false",
+                "--trainer.default_root_dir",
+                work,
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
             ],
             run=False,
-        )  # fmt: skip
+        )
         trainer, model = cli.trainer, cli.model
         stopper = next(cb for cb in trainer.callbacks if isinstance(cb, PerplexityEarlyStopping))
         stopper.patience = patience
@@ -65,10 +77,14 @@ def run_one(method: str, seed: int, patience: int, max_epochs: int, threshold: f
         best_epoch = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)["epoch"]
     deepest = model.config.exit_layers[-1]
     row = {
-        "method": method, "seed": seed, "patience": patience, "epochs": epochs, "wall_s": wall,
+        "method": method,
+        "seed": seed,
+        "patience": patience,
+        "epochs": epochs,
+        "wall_s": wall,
         "best_epoch": best_epoch,
         "final_exit_ppl": float(metrics[f"val/exit{deepest}/ppl"]),
-    }  # fmt: skip
+    }
     if routable:
         row.update(
             routed_ppl=float(metrics["val/routed/ppl"]),
@@ -85,12 +101,15 @@ def aggregate(runs: list[dict[str, Any]], patience: int) -> list[dict[str, Any]]
         if not mine:
             continue
         row: dict[str, Any] = {
-            "method": method, "patience": patience, "seeds": [r["seed"] for r in mine],
-            "research_ppl": research_ppl, "research_compute_pct": research_compute,
+            "method": method,
+            "patience": patience,
+            "seeds": [r["seed"] for r in mine],
+            "research_ppl": research_ppl,
+            "research_compute_pct": research_compute,
             "final_exit_ppl": summary([r["final_exit_ppl"] for r in mine]),
             "epochs": summary([r["epochs"] for r in mine]),
             "wall_s": summary([r["wall_s"] for r in mine]),
-        }  # fmt: skip
+        }
         if "routed_ppl" in mine[0]:
             for key in ("routed_ppl", "flops_ratio", "layers_ratio"):
                 row[key] = summary([r[key] for r in mine])
@@ -113,7 +132,7 @@ def table(rows: list[dict[str, Any]], threshold: float) -> str:
         lines.append(
             f"| {r['method']} | {r['research_ppl']:.2f} | {fmt(r['final_exit_ppl'])} | {routed[0]} | {routed[1]} | "
             f"{routed[2]} | {r['research_compute_pct']:.1f}% | {fmt(r['epochs'], 1)} | {fmt(r['wall_s'], 0)} |"
-        )  # fmt: skip
+        )
     return "\n".join(lines)
 
 
