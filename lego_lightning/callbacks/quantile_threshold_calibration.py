@@ -2,9 +2,14 @@
 
 ``torch.quantile`` refuses inputs above 2^24 elements (SEEDS.md mistake 5), and a quantile of
 confidences gathered on each rank would differ between ranks. Here every rank counts its
-share of tokens into the same fixed bins over ``[0, 1]`` (int64 counts, exact at any size),
-the counts are summed across ranks, and the threshold is read off the summed histogram, so
-it is identical everywhere and within one bin of the exact quantile.
+share of tokens into the same fixed bins (int64 counts, exact at any size), the counts are
+summed across ranks, and the threshold is read off the summed histogram, so it is identical
+everywhere and within one bin of the exact quantile.
+
+The bins are spaced evenly in ``log(confidence)`` from ``floor`` to 1: the max-softmax of a
+model with a large vocabulary lives between ``1/V`` and a few percent, where even bins over
+``[0, 1]`` would put most tokens into a handful of bins. With the default 65,536 bins over six
+decades, neighbouring edges differ by 0.02%.
 """
 
 from __future__ import annotations
@@ -19,26 +24,42 @@ from torch import Tensor
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
 from lego_lightning.data.blocks import unpack_batch
 
+FLOOR = 1e-6
 
-def confidence_histogram(confidences: Tensor, bins: int) -> Tensor:
-    """Counts ``(bins,)`` int64 of confidences in ``[0, 1]``; bin ``i`` holds ``[i/bins, (i+1)/bins)``, 1.0 the last."""
-    index = (confidences.detach().flatten().float() * bins).long().clamp_(0, bins - 1)
+
+def upper_edge(index: int, bins: int, floor: float = FLOOR) -> float:
+    """Upper edge of bin ``index``: ``floor ** (1 - (index + 1) / bins)``; the last bin ends at 1."""
+    return float(floor ** (1.0 - (index + 1) / bins))
+
+
+def confidence_histogram(confidences: Tensor, bins: int, floor: float = FLOOR) -> Tensor:
+    """Counts ``(bins,)`` int64 of confidences in ``[0, 1]`` over log-spaced bins from ``floor`` to 1.
+
+    Bin ``i`` holds ``[upper_edge(i - 1), upper_edge(i))``; confidences below ``floor`` go to bin
+    0 and 1.0 to the last bin.
+    """
+    logc = confidences.detach().flatten().double().clamp(min=floor).log()
+    index = ((logc - math.log(floor)) / -math.log(floor) * bins).floor().long().clamp_(0, bins - 1)
     return torch.bincount(index, minlength=bins)
 
 
-def threshold_for_ratio(counts: Tensor, ratio: float) -> float:
-    """The smallest bin edge ``t`` with at least ``ratio`` of the counted confidences below it.
-
-    The fraction below ``t`` lies in ``[ratio, ratio + share of one bin)``.
-    """
+def threshold_bin(counts: Tensor, ratio: float) -> int:
+    """The first bin whose upper edge has at least ``ratio`` of the counted confidences below it."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     total = int(counts.sum())
     if total == 0:
         raise ValueError("cannot calibrate a threshold on zero tokens")
-    below = torch.cumsum(counts, 0)  # below[i]: confidences < (i + 1) / bins
-    edge = int(torch.searchsorted(below, torch.tensor(math.ceil(ratio * total), dtype=below.dtype)))
-    return (edge + 1) / len(counts)
+    below = torch.cumsum(counts, 0)  # below[i]: confidences under upper_edge(i)
+    return int(torch.searchsorted(below, torch.tensor(math.ceil(ratio * total), dtype=below.dtype)))
+
+
+def threshold_for_ratio(counts: Tensor, ratio: float, floor: float = FLOOR) -> float:
+    """The smallest bin edge ``t`` with at least ``ratio`` of the counted confidences below it.
+
+    The fraction below ``t`` lies in ``[ratio, ratio + share of one bin)``.
+    """
+    return upper_edge(threshold_bin(counts, ratio), len(counts), floor)
 
 
 class QuantileThresholdCalibration(PhaseTriggeredCallback):
@@ -52,7 +73,7 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
     Args:
         hard_ratio: target fraction of tokens below the threshold (the "hard" ones).
         exit_layer: the exit whose confidence is calibrated (default: the module's first exit).
-        bins: histogram resolution; the threshold is a multiple of ``1 / bins``.
+        bins: histogram resolution (log-spaced from 1e-6 to 1); the threshold is a bin edge.
         at_phase: calibrate once, at the first batch of this phase; ``None`` recalibrates
             before every validation instead.
         log_prefix: logged once per calibration: ``{prefix}/threshold``,
@@ -64,7 +85,7 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
         self,
         hard_ratio: float = 0.5,
         exit_layer: int | None = None,
-        bins: int = 10_000,
+        bins: int = 65_536,
         at_phase: int | None = 2,
         log_prefix: str = "calibration",
     ) -> None:
@@ -120,15 +141,17 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts, total, squares = self.histogram(trainer, pl_module)
-        self.threshold = threshold_for_ratio(counts.cpu(), self.hard_ratio)
+        counts = counts.cpu()
+        index = threshold_bin(counts, self.hard_ratio)
+        self.threshold = upper_edge(index, self.bins)
         pl_module.routing_threshold = self.threshold
         n = int(counts.sum())
-        below = int(counts[: round(self.threshold * self.bins)].sum())
+        below = int(counts[: index + 1].sum())
         log_once(
             trainer,
             {f"{self.log_prefix}/threshold": self.threshold, f"{self.log_prefix}/calibration_hard_frac": below / n},
         )
-        self._log_histogram(trainer, counts.cpu(), n, total, squares)
+        self._log_histogram(trainer, counts, n, total, squares)
 
     def _log_histogram(self, trainer: L.Trainer, counts: Tensor, n: int, total: float, squares: float) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -141,12 +164,12 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram_raw(
                     f"{self.log_prefix}/confidence",
-                    min=lo / self.bins,
-                    max=(hi + 1) / self.bins,
+                    min=upper_edge(lo - 1, self.bins) if lo else 0.0,
+                    max=upper_edge(hi, self.bins),
                     num=n,
                     sum=total,
                     sum_squares=squares,
-                    bucket_limits=[(i + 1) / self.bins for i in range(lo, hi + 1)],
+                    bucket_limits=[upper_edge(i, self.bins) for i in range(lo, hi + 1)],
                     bucket_counts=counts[lo : hi + 1].tolist(),
                     global_step=trainer.global_step,
                 )

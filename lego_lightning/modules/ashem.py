@@ -71,7 +71,7 @@ class ASHEM(ProgressiveExitLM):
         tie_embeddings: bool = False,
         hard_ratio: float = 0.5,
         confidence: str = "max_prob",
-        calibration_bins: int = 10_000,
+        calibration_bins: int = 65_536,
         grow_init: GrowInit = "identity",
         freeze_shallow_exit: bool = True,
         phase2_context: Literal["full", "none"] = "full",

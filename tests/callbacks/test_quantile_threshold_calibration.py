@@ -3,7 +3,11 @@ import torch
 
 from lego_lightning import Stage
 from lego_lightning.callbacks import QuantileThresholdCalibration
-from lego_lightning.callbacks.quantile_threshold_calibration import confidence_histogram, threshold_for_ratio
+from lego_lightning.callbacks.quantile_threshold_calibration import (
+    confidence_histogram,
+    threshold_for_ratio,
+    upper_edge,
+)
 from tests.helpers import quiet_trainer, synthetic, tiny_lm
 
 
@@ -20,13 +24,23 @@ def test_threshold_marks_the_ratio_within_one_bin_beyond_torch_quantiles_limit()
         t = threshold_for_ratio(counts, ratio)
         below = (conf < t).float().mean().item()
         assert ratio <= below < ratio + one_bin
-        assert (conf < t - 1 / bins).float().mean().item() < ratio  # one bin lower would be too few
+        assert (conf < t * 0.98).float().mean().item() < ratio  # one bin lower would be too few (edges 1.4% apart)
+
+
+def test_small_confidences_of_a_large_vocabulary_still_split_at_the_ratio():
+    # Max-softmax of a barely trained 33K-word model: every token between 3e-5 and 4e-5.
+    conf = 3e-5 + 1e-5 * torch.rand(100_000, generator=torch.Generator().manual_seed(1))
+    counts = confidence_histogram(conf, 65_536)
+    t = threshold_for_ratio(counts, 0.5)
+    assert (conf < t).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
 def test_histogram_edges_and_bad_ratio():
-    counts = confidence_histogram(torch.tensor([0.0, 0.249, 0.25, 0.999, 1.0]), 4)
-    assert counts.tolist() == [2, 1, 0, 2]
-    assert threshold_for_ratio(counts, 0.4) == 0.25  # 2 of 5 below 0.25
+    # 4 log-spaced bins from 1e-6 to 1: upper edges 10^-4.5, 10^-3, 10^-1.5, 1.
+    assert [round(upper_edge(i, 4), 8) for i in range(4)] == [round(10**-4.5, 8), 0.001, round(10**-1.5, 8), 1.0]
+    counts = confidence_histogram(torch.tensor([0.0, 1e-5, 0.0005, 0.01, 0.5, 1.0]), 4)
+    assert counts.tolist() == [2, 1, 1, 2]  # 0 and anything under 1e-6 count in the first bin; 1.0 in the last
+    assert threshold_for_ratio(counts, 0.5) == pytest.approx(0.001)  # 3 of 6 below 1e-3
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\)"):
         threshold_for_ratio(counts, 1.0)
 
@@ -41,7 +55,7 @@ def test_calibrates_on_held_out_tokens_before_every_validation(tmp_path):
     torch.manual_seed(0)
     lm = tiny_lm(stages=[Stage((1, 1), 0.5), Stage((2, 3), 0.5)], routing_threshold=0.5, lr=3e-3)
     dm = synthetic()
-    calibration = QuantileThresholdCalibration(hard_ratio=0.3, at_phase=None, bins=500)
+    calibration = QuantileThresholdCalibration(hard_ratio=0.3, at_phase=None, bins=2000)
     trainer = quiet_trainer(tmp_path, max_steps=12, callbacks=[calibration])
     trainer.fit(lm, dm)
     assert lm.routing_threshold == calibration.threshold != 0.5
@@ -49,7 +63,7 @@ def test_calibrates_on_held_out_tokens_before_every_validation(tmp_path):
     held_out = dm.splits["calibration"]
     conf = lm.token_confidence(held_out.input_ids, 1).flatten()
     below = (conf < lm.routing_threshold).float().mean().item()
-    share_of_a_bin = confidence_histogram(conf, 500).max().item() / conf.numel()
+    share_of_a_bin = confidence_histogram(conf, 2000).max().item() / conf.numel()
     assert 0.3 <= below < 0.3 + share_of_a_bin
     (metrics,) = quiet_trainer(tmp_path, callbacks=[calibration]).validate(lm, dm, verbose=False)
     assert metrics["val/routed/exit1_frac"] == pytest.approx(
