@@ -13,7 +13,7 @@ products alone, which ``torch.utils.flop_counter.FlopCounterMode`` can check ind
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lego_lightning.model.confidence import SOFTMAX_FLOPS_PER_ELEMENT, get_confidence
@@ -170,3 +170,44 @@ def layers_only_ratio(cfg: TransformerConfig, fractions: Mapping[int, float]) ->
     """The research notes' measure: mean number of layers run over the total, heads ignored."""
     _check_fractions(cfg, fractions)
     return sum(frac * exit_layer for exit_layer, frac in fractions.items()) / cfg.n_layers
+
+
+def training_flops_per_token(
+    cfg: TransformerConfig,
+    loss_weights: Sequence[float],
+    context: float,
+    frozen_layers: int = 0,
+    frozen_heads: Sequence[int] = (),
+) -> FlopCount:
+    """One training step's FLOPs per token: forward, backward and the loss, for everything that runs.
+
+    Forward runs the layers up to the deepest exit with a non-zero weight and the head and
+    cross-entropy of every weighted exit. Backward costs twice a part's forward (gradients of
+    inputs and of weights) for trainable layers and heads, and once (inputs only) for a frozen
+    head whose loss still reaches trainable layers below it. The first ``frozen_layers`` layers
+    (and the embedding with them) get no backward at all: nothing below them needs a gradient.
+    ``frozen_heads`` are stage positions of heads that do not train.
+    """
+    if len(loss_weights) != len(cfg.stages):
+        raise ValueError(f"got {len(loss_weights)} loss weights for {len(cfg.stages)} exits {cfg.exit_layers}")
+    trained = [i for i, w in enumerate(loss_weights) if w > 0]
+    deepest = cfg.exit_layers[trained[-1]]
+    layer = layer_flops(cfg, context)
+    head = head_flops(cfg)
+    cross_entropy = FlopCount(elementwise=(SOFTMAX_FLOPS_PER_ELEMENT + 1) * cfg.vocab_size)
+    forward = embedding_flops(cfg) + deepest * layer + len(trained) * (head + cross_entropy)
+    backward = 2 * max(0, deepest - frozen_layers) * layer
+    for i in trained:
+        backward = backward + cross_entropy
+        if i not in frozen_heads:
+            backward = backward + 2 * head
+        elif cfg.exit_layers[i] > frozen_layers:
+            backward = backward + head
+    if frozen_layers == 0:
+        backward = backward + FlopCount(elementwise=cfg.d_model)  # embedding gradient rows
+    return forward + backward
+
+
+def inference_flops_per_token(cfg: TransformerConfig, exit_layer: int, context: float, confidence: str) -> FlopCount:
+    """Scoring tokens at one exit with a confidence measure (threshold calibration, hard-example mining)."""
+    return single_exit_flops(cfg, exit_layer, context) + confidence_flops(cfg, confidence)

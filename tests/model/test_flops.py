@@ -80,3 +80,23 @@ def test_fractions_must_name_exits_and_sum_to_one():
         flops.routed_flops(cfg, {3: 1.0}, 2.0, "max_prob")
     with pytest.raises(ValueError, match="must sum to 1"):
         flops.layers_only_ratio(cfg, {1: 0.5, 2: 0.4})
+
+
+def test_training_flops_against_a_hand_count():
+    cfg = tiny(stages=[Stage((1, 1)), Stage((2, 2))])
+    c = 2.5
+    layer_mm, layer_ew = 1616, 481
+    layer = layer_mm + layer_ew
+    head = 176 + 56
+    ce = 6 * 11  # softmax (5 per element) and the picked log-probability
+    # Both exits trained, nothing frozen: forward 2 layers + 2 heads; backward 2x layers and heads, embedding rows.
+    both = flops.training_flops_per_token(cfg, [0.5, 0.5], c)
+    assert both.total == pytest.approx((8 + 2 * layer + 2 * (head + ce)) + (2 * 2 * layer + 2 * (ce + 2 * head) + 8))
+    # Only exit 1 trained: layer 2 does not run at all.
+    shallow = flops.training_flops_per_token(cfg, [1.0, 0.0], c)
+    assert shallow.total == pytest.approx((8 + layer + head + ce) + (2 * layer + ce + 2 * head + 8))
+    # ASHEM's phase 2: layer 1, embedding and exit 1 frozen, exit 2 trained: no backward below layer 2.
+    phase2 = flops.training_flops_per_token(cfg, [0.0, 1.0], c, frozen_layers=1, frozen_heads=[0])
+    assert phase2.total == pytest.approx((8 + 2 * layer + head + ce) + (2 * layer + ce + 2 * head))
+    with pytest.raises(ValueError, match="got 1 loss weights for 2 exits"):
+        flops.training_flops_per_token(cfg, [1.0], c)

@@ -1,0 +1,99 @@
+"""Evaluate exits once, then sweep routing thresholds offline.
+
+Each token's loss, correctness and confidence at every exit are collected in one pass; any
+threshold's routed perplexity, accuracy, exit fractions and compute then follow without running
+the model again. Single process: for benchmarks, notebooks and figures (validation during
+training uses the module's own DDP-aware metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lego_lightning.data.blocks import unpack_batch
+from lego_lightning.model import flops
+from lego_lightning.model.confidence import get_confidence
+from lego_lightning.model.routing import route
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ExitOutputs:
+    """Per-token results at each exit: ``(n_exits, N)`` tensors, exits in ``exit_layers`` order."""
+
+    exit_layers: tuple[int, ...]
+    nll: Tensor
+    correct: Tensor
+    confidence: Tensor
+    seq_len: int
+
+    def exit_ppl(self, exit_layer: int, mask: Tensor | None = None) -> float:
+        i = self.exit_layers.index(exit_layer)
+        nll = self.nll[i] if mask is None else self.nll[i][mask]
+        return math.exp(nll.mean().item())
+
+    def exit_acc(self, exit_layer: int) -> float:
+        return self.correct[self.exit_layers.index(exit_layer)].float().mean().item()
+
+
+@torch.no_grad()
+def collect_exit_outputs(
+    module: Any, batches: Iterable[Any], exit_layers: Sequence[int] | None = None, confidence: str | None = None
+) -> ExitOutputs:
+    """Run ``module`` (a :class:`~lego_lightning.SupervisedExitLM`) over ``batches`` in eval mode."""
+    exit_layers = tuple(module.eval_exit_layers if exit_layers is None else exit_layers)
+    measure = get_confidence(confidence or module.confidence)
+    was_training = module.training
+    module.eval()
+    nll, correct, conf = [], [], []
+    seq_len = 0
+    for batch in batches:
+        input_ids, targets = (t.to(module.device) for t in unpack_batch(batch))
+        seq_len = input_ids.shape[1]
+        keep = targets.flatten() != IGNORE_INDEX
+        y = targets.flatten()[keep]
+        hidden = module.exit_hidden_states(input_ids, exit_layers)
+        rows = []
+        for k in exit_layers:
+            logits = module.model.head(k)(hidden[k]).flatten(0, 1)[keep].float()
+            rows.append((F.cross_entropy(logits, y, reduction="none"), logits.argmax(-1) == y, measure(logits)))
+        nll.append(torch.stack([r[0] for r in rows]))
+        correct.append(torch.stack([r[1] for r in rows]))
+        conf.append(torch.stack([r[2] for r in rows]))
+    module.train(was_training)
+    return ExitOutputs(
+        exit_layers, torch.cat(nll, 1).cpu(), torch.cat(correct, 1).cpu(), torch.cat(conf, 1).cpu(), seq_len
+    )
+
+
+def routed_metrics(outputs: ExitOutputs, threshold: float, cfg: Any, confidence: str = "max_prob") -> dict[str, Any]:
+    """Routed perplexity, accuracy, exit fractions and compute at one threshold."""
+    position = route(outputs.confidence, threshold)
+    pick = position.unsqueeze(0)
+    fractions = {k: 0.0 for k in cfg.exit_layers}
+    for i, k in enumerate(outputs.exit_layers):
+        fractions[k] = (position == i).float().mean().item()
+    context = flops.mean_context(outputs.seq_len, cfg.causal)
+    return {
+        "threshold": threshold,
+        "ppl": math.exp(outputs.nll.gather(0, pick).mean().item()),
+        "acc": outputs.correct.gather(0, pick).float().mean().item(),
+        "fractions": fractions,
+        "flops_ratio": flops.routed_flops_ratio(cfg, fractions, context, confidence),
+        "layers_ratio": flops.layers_only_ratio(cfg, fractions),
+    }
+
+
+def threshold_sweep(
+    outputs: ExitOutputs, cfg: Any, thresholds: Sequence[float], confidence: str = "max_prob"
+) -> list[dict[str, Any]]:
+    """:func:`routed_metrics` at every threshold."""
+    return [routed_metrics(outputs, t, cfg, confidence) for t in thresholds]
