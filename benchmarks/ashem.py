@@ -1,0 +1,509 @@
+"""ASHEM (SEEDS.md section 2) against the research's figures, its own variant, and the baselines it never ran.
+
+For every seed:
+
+1. **ASHEM as built here** ("ours"): the research's table, each row beside its figure.
+2. **The research's variants**: the shared head trained in phase 2, hard tokens as isolated
+   states without context, and both (the research's own), so each fix's effect is measured.
+3. **Baselines with the same training FLOPs as ours** (phase 1 + calibration + mining +
+   phase 2, everything that runs): a 4-layer model trained normally on all data; a 4-layer
+   model with exits after layers 2 and 4; deep supervision with an exit after every layer.
+   Also the 2-layer model alone (ASHEM's phase 1).
+4. **Threshold sweeps**: routed PPL against the FLOPs ratio (everything counted) for ASHEM and
+   the multi-exit baselines, written as a curve (``ashem_sweep.png``).
+
+Results are written after every run, so an interrupted benchmark still leaves what it measured.
+
+    python -m benchmarks.ashem                                  # research setup, full vocabulary
+    python -m benchmarks.ashem --vocab-cap 8192 --variant-seeds 0   # what fits on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks.common import DEFAULT_DATA, RESULTS, fmt, summary, write_results
+from lego_lightning import ASHEM, Stage, SupervisedExitLM
+from lego_lightning.callbacks import PerplexityEarlyStopping
+from lego_lightning.data import TextDataModule
+from lego_lightning.evaluation import ExitOutputs, collect_exit_outputs, routed_metrics, threshold_sweep
+from lego_lightning.model import flops
+
+SEQ_LEN, BATCH = 32, 64
+
+# SEEDS.md section 2 (vocabulary 69,830; one seed).
+RESEARCH = {
+    "phase1_acc": 0.1630,
+    "phase1_ppl": 975.07,
+    "phase1_best_epoch": 3,
+    "phase1_time_s": 22.4,
+    "threshold": 0.1648,
+    "calibration_hard_frac": 0.5,
+    "calibration_mean_confidence": 0.0764,
+    "phase1_hard_ppl": 2599.93,
+    "phase2_ppl": 823.89,
+    "phase2_hard_ppl": 571.10,
+    "phase2_best_epoch": 8,
+    "phase2_epochs": 11,
+    "phase2_time_s": 74.1,
+    "two_stage_acc": 0.1527,
+    "two_stage_ppl": 823.89,
+    "exit2_frac": 0.72,
+    "exit4_frac": 0.28,
+    "layers_ratio": 0.6398,
+    "phase2_param_frac": 4_600_448 / 9_200_896,
+}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "shared_head_trained": {"head_sharing": "shared", "freeze_shallow_exit": False},
+    "no_context": {"phase2_context": "none"},
+    "research": {"head_sharing": "shared", "freeze_shallow_exit": False, "phase2_context": "none"},
+}
+BASELINES: dict[str, list[Stage]] = {
+    "standard_4_layers": [Stage((1, 4))],
+    "exits_2_and_4": [Stage((1, 2), 0.5), Stage((3, 4), 0.5)],
+    "deep_supervision_4": [Stage((k, k), 0.25) for k in range(1, 5)],
+}
+
+
+class Recorder(Callback):
+    """Validation history, tokens trained per phase, and phase 1's final state when phase 2 begins."""
+
+    def __init__(self, dm: TextDataModule) -> None:
+        self.dm = dm
+        self.history: list[dict[str, Any]] = []
+        self.tokens = {1: 0, 2: 0}
+        self.phase1: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.tokens[getattr(pl_module, "phase", 1)] += batch["input_ids"].numel()
+
+    def on_validation_start(self, trainer, pl_module):
+        self.phase_at_start = getattr(pl_module, "phase", 1)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        # The phase may have just changed: read the accuracy that goes with the val/ppl just logged.
+        deepest = max(k for k in pl_module.config.exit_layers if f"val/exit{k}/acc" in m)
+        acc_key = "val/routed/acc" if "val/routed/acc" in m else f"val/exit{deepest}/acc"
+        entry = {"phase": self.phase_at_start, "epoch": trainer.current_epoch, "ppl": float(m["val/ppl"])}
+        entry.update(acc=float(m[acc_key]), time_s=time.perf_counter() - self.start)
+        self.history.append(entry)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if getattr(pl_module, "phase", 1) == 2 and self.phase1 is None:
+            shallow = pl_module.shallow_exit
+            self.phase1 = {
+                "val": collect_exit_outputs(pl_module, self.dm.val_dataloader(), [shallow]),
+                "calibration": collect_exit_outputs(pl_module, self.dm.calibration_dataloader(), [shallow]),
+                "threshold": pl_module.routing_threshold,
+            }
+
+
+class RecordedASHEM(ASHEM):
+    """ASHEM whose recorder runs after its phase callbacks (so phase 1's snapshot sees the calibrated threshold)."""
+
+    recorder: Recorder
+
+    def configure_callbacks(self):
+        return [*super().configure_callbacks(), self.recorder]
+
+
+def trainer_for(args: argparse.Namespace, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def sweep_thresholds(outputs: ExitOutputs) -> list[float]:
+    """Quantiles of the first exit's confidence, so every curve spans all exit fractions."""
+    qs = torch.linspace(0, 1, 21)
+    return sorted({0.0, 1.0, *(round(v, 5) for v in torch.quantile(outputs.confidence[0], qs).tolist())})
+
+
+def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namespace) -> dict[str, Any]:
+    L.seed_everything(seed, verbose=False)
+    module = RecordedASHEM(
+        vocab_size=dm.vocab_size,
+        max_seq_len=SEQ_LEN,
+        dropout=args.dropout,
+        phase1_max_epochs=args.max_epochs,
+        phase2_max_epochs=args.max_epochs,
+        **VARIANTS[variant],
+    )
+    module.recorder = recorder = Recorder(dm)
+    start = time.perf_counter()
+    trainer_for(args, max_epochs=-1).fit(module, dm)
+    wall = time.perf_counter() - start
+    cfg, shallow, deep = module.config, module.shallow_exit, module.deep_exit
+    final = collect_exit_outputs(module, dm.val_dataloader(), [shallow, deep])
+    threshold = module.routing_threshold
+    two_stage = routed_metrics(final, threshold, cfg)
+    p1 = recorder.phase1
+    hard_val = p1["val"].confidence[0] < threshold
+    phase1_hist = [h for h in recorder.history if h["phase"] == 1]
+    phase2_hist = [h for h in recorder.history if h["phase"] == 2]
+    best1 = min(phase1_hist, key=lambda h: h["ppl"])
+    best2 = min(phase2_hist, key=lambda h: h["ppl"])
+    context = flops.mean_context(SEQ_LEN)
+    frozen_heads = [0] if module.hparams.freeze_shallow_exit else []
+    n_train, n_cal = len(dm.splits["train"]) * SEQ_LEN, len(dm.splits["calibration"]) * SEQ_LEN
+    budget = (
+        recorder.tokens[1] * flops.training_flops_per_token(cfg, [1.0, 0.0], context).total
+        + (n_train + n_cal) * flops.inference_flops_per_token(cfg, shallow, context, module.confidence).total
+        + recorder.tokens[2]
+        * flops.training_flops_per_token(
+            cfg, [0.0, 1.0], context, frozen_layers=shallow, frozen_heads=frozen_heads
+        ).total
+    )
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return {
+        "kind": "ashem",
+        "variant": variant,
+        "seed": seed,
+        "wall_s": wall,
+        "phase1_ppl": best1["ppl"],
+        "phase1_acc": best1["acc"],
+        "phase1_best_epoch": best1["epoch"] + 1,
+        "phase1_time_s": phase1_hist[-1]["time_s"],
+        "threshold": threshold,
+        "calibration_hard_frac": (p1["calibration"].confidence[0] < threshold).float().mean().item(),
+        "calibration_mean_confidence": p1["calibration"].confidence[0].mean().item(),
+        "phase1_hard_ppl": p1["val"].exit_ppl(shallow, hard_val),
+        "phase1_easy_ppl": p1["val"].exit_ppl(shallow, ~hard_val),
+        "phase2_ppl": best2["ppl"],
+        "phase2_best_epoch": best2["epoch"] - phase1_hist[-1]["epoch"],
+        "phase2_epochs": len(phase2_hist),
+        "phase2_time_s": phase2_hist[-1]["time_s"] - phase1_hist[-1]["time_s"],
+        "phase2_hard_ppl": final.exit_ppl(deep, hard_val),
+        "shallow_ppl_after": final.exit_ppl(shallow),
+        "shallow_drift": final.exit_ppl(shallow) / p1["val"].exit_ppl(shallow) - 1,
+        "deep_ppl": final.exit_ppl(deep),
+        "two_stage_ppl": two_stage["ppl"],
+        "two_stage_acc": two_stage["acc"],
+        "exit2_frac": two_stage["fractions"][shallow],
+        "exit4_frac": two_stage["fractions"][deep],
+        "flops_ratio": two_stage["flops_ratio"],
+        "layers_ratio": two_stage["layers_ratio"],
+        "phase2_param_frac": trained / total,
+        "phase2_params": trained,
+        "params": total,
+        "training_flops": budget,
+        "tokens_phase1": recorder.tokens[1],
+        "tokens_phase2": recorder.tokens[2],
+        "two_layer_flops_ratio": flops.single_exit_flops(cfg, shallow, context).total
+        / flops.full_flops(cfg, context).total,
+        "sweep": threshold_sweep(final, cfg, sweep_thresholds(final)),
+    }
+
+
+def run_baseline(name: str, seed: int, budget: float, dm: TextDataModule, args: argparse.Namespace) -> dict[str, Any]:
+    L.seed_everything(seed, verbose=False)
+    stages = BASELINES[name]
+    module = SupervisedExitLM(
+        vocab_size=dm.vocab_size,
+        n_layers=4,
+        d_model=64,
+        n_heads=4,
+        max_seq_len=SEQ_LEN,
+        dropout=args.dropout,
+        stages=stages,
+    )
+    per_token = flops.training_flops_per_token(
+        module.config, [s.loss_weight for s in stages], flops.mean_context(SEQ_LEN)
+    )
+    steps = max(1, int(budget / (per_token.total * BATCH * SEQ_LEN)))
+    keep_best = PerplexityEarlyStopping(patience=10**9, restore_best_weights=True)  # validated every epoch
+    start = time.perf_counter()
+    trainer_for(args, max_steps=steps, max_epochs=-1, callbacks=[keep_best]).fit(module, dm)
+    wall = time.perf_counter() - start
+    final_outputs = collect_exit_outputs(module, dm.val_dataloader())
+    if keep_best.best_weights is not None:
+        best = {k: v.to(module.device) for k, v in keep_best.best_weights.items()}
+        last = final_outputs.exit_ppl(module.config.exit_layers[-1])
+        module.load_state_dict(best)
+        best_outputs = collect_exit_outputs(module, dm.val_dataloader())
+        if best_outputs.exit_ppl(module.config.exit_layers[-1]) < last:
+            final_outputs = best_outputs
+    deepest = module.config.exit_layers[-1]
+    row = {
+        "kind": "baseline",
+        "variant": name,
+        "seed": seed,
+        "wall_s": wall,
+        "steps": steps,
+        "training_flops": steps * BATCH * SEQ_LEN * per_token.total,
+        "deep_ppl": final_outputs.exit_ppl(deepest),
+        "deep_acc": final_outputs.exit_acc(deepest),
+    }
+    if len(stages) > 1:
+        row["sweep"] = threshold_sweep(final_outputs, module.config, sweep_thresholds(final_outputs))
+    return row
+
+
+# ------------------------------------------------------------------------------------------ report
+def _agg(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    values = [r[key] for r in rows if key in r and r[key] is not None and not math.isnan(r[key])]
+    return summary(values) if values else None
+
+
+def _cell(s: dict[str, Any] | None, digits: int = 2, pct: bool = False) -> str:
+    if s is None:
+        return "n/a"
+    if pct:
+        s = {**s, "mean": 100 * s["mean"], "std": 100 * s["std"], "values": [100 * v for v in s["values"]]}
+        return fmt(s, 1) + "%"
+    return fmt(s, digits)
+
+
+def research_table(ours: list[dict[str, Any]]) -> str:
+    rows = [
+        ("Phase 1 best val acc", "phase1_acc", True, 2),
+        ("Phase 1 best val PPL", "phase1_ppl", False, 1),
+        ("Phase 1 best epoch", "phase1_best_epoch", False, 1),
+        ("Phase 1 time (s)", "phase1_time_s", False, 0),
+        ("threshold at ratio 0.5", "threshold", False, 4),
+        ("fraction of calibration tokens below it", "calibration_hard_frac", True, 2),
+        ("mean shallow confidence (calibration)", "calibration_mean_confidence", False, 4),
+        ("Phase 1 PPL on hard tokens", "phase1_hard_ppl", False, 1),
+        ("Phase 2 best val PPL (two-stage)", "phase2_ppl", False, 1),
+        ("Phase 2 PPL on hard tokens (deep exit)", "phase2_hard_ppl", False, 1),
+        ("Phase 2 best epoch", "phase2_best_epoch", False, 1),
+        ("Phase 2 epochs run", "phase2_epochs", False, 1),
+        ("Phase 2 time (s)", "phase2_time_s", False, 0),
+        ("two-stage accuracy", "two_stage_acc", True, 2),
+        ("two-stage PPL", "two_stage_ppl", False, 1),
+        ("tokens leaving at layer 2", "exit2_frac", True, 1),
+        ("tokens leaving at layer 4", "exit4_frac", True, 1),
+        ("compute, layers only (the research's measure)", "layers_ratio", True, 1),
+        ("compute, FLOPs of everything that runs", "flops_ratio", True, 1),
+        ("parameters trained in phase 2", "phase2_param_frac", True, 1),
+    ]
+    lines = ["| row | research | ours (mean ± std over seeds) |", "|---|---|---|"]
+    for label, key, pct, digits in rows:
+        research = RESEARCH.get(key)
+        r = "n/a" if research is None else (f"{100 * research:.2f}%" if pct else f"{research:g}")
+        lines.append(f"| {label} | {r} | {_cell(_agg(ours, key), digits, pct)} |")
+    return "\n".join(lines)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | seeds | PPL at full compute | routed (two-stage) PPL | routed FLOPs ratio | layers-only ratio "
+        "| training FLOPs (1e12) | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ours = [r for r in rows if r["variant"] == "ours"]
+    if ours:
+        two = {"values": [r["phase1_ppl"] for r in ours]}
+        lines.append(
+            f"| 2 layers alone (ASHEM phase 1) | {len(ours)} | {_cell(summary(two['values']))} | n/a | "
+            f"{_cell(_agg(ours, 'two_layer_flops_ratio'), 3)} | 0.500 | n/a | n/a |"
+        )
+    for variant in [*VARIANTS, *BASELINES]:
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
+        label = f"ASHEM, {variant}" if variant in VARIANTS else f"{variant} (same training FLOPs as ours)"
+        flops_cell = _cell(_agg([{"f": r["training_flops"] / 1e12} for r in mine if "training_flops" in r], "f"), 2)
+        lines.append(
+            f"| {label} | {len(mine)} | {_cell(_agg(mine, 'deep_ppl'))} | {_cell(_agg(mine, 'two_stage_ppl'))} "
+            f"| {_cell(_agg(mine, 'flops_ratio'), 3)} | {_cell(_agg(mine, 'layers_ratio'), 3)} "
+            f"| {flops_cell if variant in ('ours', *BASELINES) else 'n/a'} | {_cell(_agg(mine, 'wall_s'), 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def variant_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | seeds | two-stage PPL | two-stage acc | deep exit PPL on hard tokens "
+        "| shallow exit PPL change in phase 2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        mine = [r for r in rows if r["variant"] == variant]
+        if mine:
+            lines.append(
+                f"| {variant} | {len(mine)} | {_cell(_agg(mine, 'two_stage_ppl'))} "
+                f"| {_cell(_agg(mine, 'two_stage_acc'), 2, True)} | {_cell(_agg(mine, 'phase2_hard_ppl'))} "
+                f"| {_cell(_agg(mine, 'shallow_drift'), 2, True)} |"
+            )
+    return "\n".join(lines)
+
+
+def best_ppl_at_ratio(sweep: list[dict[str, Any]], ratio: float) -> float | None:
+    """Lowest routed PPL among thresholds whose FLOPs ratio is at most ``ratio``."""
+    ok = [p["ppl"] for p in sweep if p["flops_ratio"] <= ratio + 1e-9]
+    return min(ok) if ok else None
+
+
+def observations(rows: list[dict[str, Any]]) -> str:
+    out = []
+    ours = [r for r in rows if r["variant"] == "ours"]
+    std4 = [r for r in rows if r["variant"] == "standard_4_layers"]
+    if ours:
+        o = _agg(ours, "two_stage_ppl")["mean"]
+        out.append(
+            f"- ASHEM's routed model costs {_agg(ours, 'flops_ratio')['mean']:.1%} of the 4-layer model's FLOPs when "
+            f"heads and confidence count; the layers-only measure says {_agg(ours, 'layers_ratio')['mean']:.1%}."
+        )
+        if std4:
+            s = _agg(std4, "deep_ppl")["mean"]
+            verdict = "beats" if o < s else "does not beat"
+            out.append(
+                f"- At the same training FLOPs, ASHEM's two-stage PPL ({o:.1f}) {verdict} a 4-layer model trained "
+                f"normally on all tokens ({s:.1f}), which also costs less at inference (ratio 1.0)."
+            )
+        research = [r for r in rows if r["variant"] == "research"]
+        if research:
+            out.append(
+                f"- The research's own variant reaches two-stage PPL {_agg(research, 'two_stage_ppl')['mean']:.1f} "
+                f"against ours {o:.1f}; its shallow exit changes by {_agg(research, 'shallow_drift')['mean']:+.1%} in "
+                f"phase 2 (ours: {_agg(ours, 'shallow_drift')['mean']:+.1%})."
+            )
+    for name in ("exits_2_and_4", "deep_supervision_4"):
+        base = [r for r in rows if r["variant"] == name]
+        if base and ours:
+            for ratio in (0.9, 1.0):
+                theirs = [best_ppl_at_ratio(r["sweep"], ratio) for r in base]
+                mine = [best_ppl_at_ratio(r["sweep"], ratio) for r in ours]
+                if all(v is not None for v in theirs + mine):
+                    out.append(
+                        f"- Best routed PPL at FLOPs ratio <= {ratio}: ASHEM {sum(mine) / len(mine):.1f}, "
+                        f"{name} {sum(theirs) / len(theirs):.1f}."
+                    )
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"ours": "C0", "research": "C3", "exits_2_and_4": "C1", "deep_supervision_4": "C2"}
+    for variant, color in colors.items():
+        for i, r in enumerate(r for r in rows if r["variant"] == variant and "sweep" in r):
+            pts = sorted(r["sweep"], key=lambda p: p["flops_ratio"])
+            ax.plot(
+                [p["flops_ratio"] for p in pts],
+                [p["ppl"] for p in pts],
+                "-o",
+                ms=2,
+                color=color,
+                alpha=0.8,
+                label=None if i else variant,
+            )
+    for r in rows:
+        if r["variant"] == "standard_4_layers":
+            ax.plot(
+                [1.0], [r["deep_ppl"]], "k*", ms=9, label="standard_4_layers" if r["seed"] == rows[0]["seed"] else None
+            )
+    ax.set_xlabel("FLOPs ratio against the 4-layer model (heads and confidence counted)")
+    ax.set_ylabel("routed validation PPL")
+    ax.set_title("Threshold sweeps, WikiText-2 valid")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> None:
+    ours = [r for r in rows if r["variant"] == "ours"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    has_plot = plot(rows, RESULTS / f"{args.name}_sweep.png")
+    vocab = "the full vocabulary (33,279)" if args.vocab_cap is None else f"the vocabulary capped at {args.vocab_cap}"
+    markdown = "\n\n".join(
+        [
+            "# ASHEM (SEEDS.md section 2): the research's table, its variant, and baselines"
+            + ("" if done else " (partial)"),
+            f"Word-level WikiText-2, {args.train_samples} training blocks of {SEQ_LEN} tokens, 2,000 held-out "
+            f"calibration blocks, 2,000 validation blocks, {vocab}, d_model 64, 4 heads, batch {BATCH}, lr 1e-3 "
+            f"(phase 2 0.1x), dropout {args.dropout}, at most {args.max_epochs} epochs per phase, patience 1 and 3. "
+            "The research used a 69,830-word vocabulary and one seed, so absolute perplexities differ; compare "
+            "directions and ratios.",
+            "## The research's table\n\n" + research_table(ours),
+            "## ASHEM against baselines at the same training FLOPs\n\n" + comparison_table(rows),
+            "## What each fix changes (the research's variants)\n\n" + variant_table(rows),
+            "## Threshold sweeps\n\n"
+            + (f"![sweep]({args.name}_sweep.png)\n\n" if has_plot else "(matplotlib missing: no image)\n\n")
+            + "Every point of every curve is in the JSON (`sweep`).",
+            "## What holds and what does not\n\n" + observations(rows),
+        ]
+    )
+    write_results(args.name, [{k: v for k, v in r.items()} for r in rows], markdown, extra={"complete": done})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variant-seeds", type=int, nargs="*", default=None, help="seeds for the non-ours variants")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument("--vocab-cap", type=int, default=None)
+    parser.add_argument("--train-samples", type=int, default=10_000)
+    parser.add_argument("--max-epochs", type=int, default=50)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--name", default="ashem")
+    args = parser.parse_args()
+    torch.set_float32_matmul_precision("high")
+
+    dm = TextDataModule(
+        path=str(args.data),
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        max_train_samples=args.train_samples,
+        max_val_samples=2000,
+        calibration_samples=2000,
+        max_vocab_size=args.vocab_cap,
+    )
+    dm.setup("fit")
+    variant_seeds = args.seeds if args.variant_seeds is None else args.variant_seeds
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        ours = run_ashem("ours", seed, dm, args)
+        rows.append(ours)
+        report(rows, args, done=False)
+        for name in args.baselines:
+            rows.append(run_baseline(name, seed, ours["training_flops"], dm, args))
+            report(rows, args, done=False)
+        for variant in args.variants:
+            if variant != "ours" and seed in variant_seeds:
+                rows.append(run_ashem(variant, seed, dm, args))
+                report(rows, args, done=False)
+    report(rows, args, done=True)
+    print(f"wrote {RESULTS / args.name}.md")
+
+
+if __name__ == "__main__":
+    main()
