@@ -181,16 +181,23 @@ def main() -> None:
     parser.add_argument("--name", default="char_study")
     args = parser.parse_args()
 
-    runs = []
+    runs: list[dict[str, Any]] = []
     for patience in args.patience:
         for method in args.methods:
             for seed in args.seeds:
                 row = run_one(method, seed, patience, args.max_epochs, args.threshold, args.data)
                 print(row, flush=True)
                 runs.append(row)
+                report(runs, args, done=False)  # an interrupted benchmark keeps what it measured
+    report(runs, args, done=True)
+
+
+def report(runs: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> None:
     sections, rows = [], []
     for patience in args.patience:
         agg = aggregate(runs, patience)
+        if not agg:
+            continue
         rows += agg
         rule = (
             "the research's rule: stop at the first epoch without improvement"
@@ -199,7 +206,7 @@ def main() -> None:
         )
         sections.append(f"## Patience {patience} ({rule})\n\n{table(agg, args.threshold)}\n\n{observations(agg)}")
     markdown = (
-        "# Character-level study (SEEDS.md section 4)\n\n"
+        "# Character-level study (SEEDS.md section 4)" + ("" if done else " (partial: still running)") + "\n\n"
         f"Char-level WikiText-2 from `configs/char_*.yaml`: the first 100K training and 10K validation characters, "
         f"d_model 64, 4 heads, 3 layers, seeds {args.seeds}, at most {args.max_epochs} epochs. Each run is evaluated "
         "at its best validation checkpoint. Mean ± sample standard deviation over seeds. "
@@ -208,8 +215,8 @@ def main() -> None:
         "is not defined in its notes (it reports 65% for methods without routing); it is shown for reference only.\n\n"
         + "\n\n".join(sections)
     )
-    path = write_results(args.name, rows, markdown, extra={"runs": runs, "threshold": args.threshold})
-    print(f"wrote {path}")
+    path = write_results(args.name, rows, markdown, extra={"runs": runs, "threshold": args.threshold, "complete": done})
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
