@@ -35,10 +35,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Research-size benchmarks: long on CPU. Results land in benchmarks/results/.
+# Research-size benchmarks: hours on 2 CPU cores, minutes on a GPU. Results land in
+# benchmarks/results/ (markdown, JSON, curves); each module's --help lists smaller settings.
 bench: install
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python -m benchmarks.char_study
 	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.ashem
+	$(BIN)/python -m benchmarks.progressive
+	$(BIN)/python -m benchmarks.phase2_cost
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info

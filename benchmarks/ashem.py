@@ -28,9 +28,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, fmt, summary, write_results
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
 from lego_lightning.callbacks import PerplexityEarlyStopping
 from lego_lightning.data import TextDataModule
@@ -75,34 +74,17 @@ BASELINES: dict[str, list[Stage]] = {
 }
 
 
-class Recorder(Callback):
+class Recorder(ValidationHistory):
     """Validation history, tokens trained per phase, and phase 1's final state when phase 2 begins."""
 
     def __init__(self, dm: TextDataModule) -> None:
+        super().__init__()
         self.dm = dm
-        self.history: list[dict[str, Any]] = []
         self.tokens = {1: 0, 2: 0}
         self.phase1: dict[str, Any] | None = None
 
-    def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.tokens[getattr(pl_module, "phase", 1)] += batch["input_ids"].numel()
-
-    def on_validation_start(self, trainer, pl_module):
-        self.phase_at_start = getattr(pl_module, "phase", 1)
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        m = trainer.callback_metrics
-        # The phase may have just changed: read the accuracy that goes with the val/ppl just logged.
-        deepest = max(k for k in pl_module.config.exit_layers if f"val/exit{k}/acc" in m)
-        acc_key = "val/routed/acc" if "val/routed/acc" in m else f"val/exit{deepest}/acc"
-        entry = {"phase": self.phase_at_start, "epoch": trainer.current_epoch, "ppl": float(m["val/ppl"])}
-        entry.update(acc=float(m[acc_key]), time_s=time.perf_counter() - self.start)
-        self.history.append(entry)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if getattr(pl_module, "phase", 1) == 2 and self.phase1 is None:
@@ -162,8 +144,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
     two_stage = routed_metrics(final, threshold, cfg)
     p1 = recorder.phase1
     hard_val = p1["val"].confidence[0] < threshold
-    phase1_hist = [h for h in recorder.history if h["phase"] == 1]
-    phase2_hist = [h for h in recorder.history if h["phase"] == 2]
+    phase1_hist, phase2_hist = recorder.phase(1), recorder.phase(2)
     best1 = min(phase1_hist, key=lambda h: h["ppl"])
     best2 = min(phase2_hist, key=lambda h: h["ppl"])
     context = flops.mean_context(SEQ_LEN)

@@ -15,13 +15,54 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+class ValidationHistory(Callback):
+    """Records every validation: phase, epoch, val/ppl, its accuracy, seconds since training started.
+
+    The accuracy is the one that goes with the logged ``val/ppl``: the routed model's when
+    routing is on, else the deepest exit reported.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.start = 0.0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self.phase_at_start = getattr(pl_module, "phase", 1)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        m = trainer.callback_metrics
+        # The phase may have just changed: read the accuracy that goes with the val/ppl just logged.
+        deepest = max(k for k in pl_module.config.exit_layers if f"val/exit{k}/acc" in m)
+        acc_key = "val/routed/acc" if "val/routed/acc" in m else f"val/exit{deepest}/acc"
+        self.history.append(
+            {
+                "phase": self.phase_at_start,
+                "epoch": trainer.current_epoch,
+                "ppl": float(m["val/ppl"]),
+                "acc": float(m[acc_key]),
+                "time_s": time.perf_counter() - self.start,
+            }
+        )
+
+    def phase(self, phase: int) -> list[dict[str, Any]]:
+        return [h for h in self.history if h["phase"] == phase]
 
 
 def machine() -> str:
@@ -50,6 +91,10 @@ def git_sha() -> str:
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# Taken when the benchmark starts: a run of hours can outlive later commits.
+GIT_SHA_AT_START = git_sha()
 
 
 def command() -> str:
@@ -81,7 +126,7 @@ def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: d
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": command(),
-        "git_sha": git_sha(),
+        "git_sha": GIT_SHA_AT_START,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "torch": torch.__version__,

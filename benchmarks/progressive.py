@@ -1,0 +1,174 @@
+"""Progressive layer training (SEEDS.md section 3): standard against deep supervision, 3 layers then 4.
+
+Each method is its ``configs/progressive_*.yaml`` run through the ``lego`` CLI classes: train 3
+layers, add a randomly initialised 4th, freeze the embedding and layers 1-3, train layer 4 and
+the head at 0.1x the learning rate. Two stopping rules: the research's (patience 1 in each
+phase) and closer to convergence (patience 3). Every row sits beside the research's figure;
+deep supervision's wall time is reported against standard's (both measured in this run) with
+the training-FLOPs ratio beside it.
+
+    python -m benchmarks.progressive
+    python -m benchmarks.progressive --vocab-cap 8192 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DEFAULT_DATA, REPO, ValidationHistory, fmt, summary, write_results
+from lego_lightning.model import flops
+
+# SEEDS.md section 3: (accuracy, PPL, seconds) per phase; vocabulary 69,830, one seed.
+RESEARCH = {
+    "standard": {1: (0.1635, 978.89, 23.7), 2: (0.1620, 975.51, 27.4)},
+    "deep_supervision": {1: (0.1645, 950.45, 53.1), 2: (0.1626, 968.60, 92.1)},
+}
+
+
+def run_one(method: str, seed: int, patience: int, args: argparse.Namespace) -> dict[str, Any]:
+    from lego_lightning.cli import LegoCLI
+
+    history = ValidationHistory()
+    with tempfile.TemporaryDirectory() as work:
+        cli_args = [
+            "--config",
+            str(REPO / "configs" / f"progressive_{method}.yaml"),
+            "--data.path",
+            str(args.data),
+            "--seed_everything",
+            str(seed),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            work,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--model.phase1_patience",
+            str(patience),
+            "--model.phase2_patience",
+            str(patience),
+            "--model.phase1_max_epochs",
+            str(args.max_epochs),
+            "--model.phase2_max_epochs",
+            str(args.max_epochs),
+        ]
+        if args.vocab_cap:
+            cli_args += ["--data.max_vocab_size", str(args.vocab_cap)]
+        cli = LegoCLI(args=cli_args, run=False)
+        cli.trainer.callbacks.append(history)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    module = cli.model
+    row: dict[str, Any] = {"method": method, "seed": seed, "patience": patience}
+    end_of_phase1 = history.phase(1)[-1]["time_s"]
+    for phase in (1, 2):
+        entries = history.phase(phase)
+        best = min(entries, key=lambda h: h["ppl"])
+        seconds = entries[-1]["time_s"] - (0.0 if phase == 1 else end_of_phase1)
+        row.update({f"phase{phase}_acc": best["acc"], f"phase{phase}_ppl": best["ppl"]})
+        row.update({f"phase{phase}_time_s": seconds, f"phase{phase}_epochs": len(entries)})
+        row[f"phase{phase}_s_per_epoch"] = seconds / len(entries)
+    context = flops.mean_context(cli.datamodule.seq_len)
+    cfg = module.config
+    weights = {1: module.phase_settings[1]["loss_weights"], 2: module.phase_settings[2]["loss_weights"]}
+    row["phase1_train_flops_per_token"] = flops.training_flops_per_token(cfg, weights[1], context).total
+    row["phase2_train_flops_per_token"] = flops.training_flops_per_token(
+        cfg, weights[2], context, frozen_layers=module.phase1_layers
+    ).total
+    return row
+
+
+def table(rows: list[dict[str, Any]], patience: int) -> str:
+    lines = [
+        "| model | phase 1 acc / PPL / s (research) | phase 1 acc / PPL / s (ours) | phase 2 acc / PPL / s (research) "
+        "| phase 2 acc / PPL / s (ours) | epochs (phase 1, 2) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in RESEARCH:
+        mine = [r for r in rows if r["method"] == method and r["patience"] == patience]
+        if not mine:
+            continue
+        cells = [method]
+        for phase in (1, 2):
+            acc, ppl, sec = RESEARCH[method][phase]
+            cells.append(f"{acc:.2%} / {ppl:.2f} / {sec}")
+            ours = [summary([r[f"phase{phase}_{k}"] for r in mine]) for k in ("acc", "ppl", "time_s")]
+            ours[0] = {**ours[0], "mean": 100 * ours[0]["mean"], "std": 100 * ours[0]["std"]}
+            cells.append(f"{fmt(ours[0], 2)}% / {fmt(ours[1], 1)} / {fmt(ours[2], 0)}")
+        cells.append(", ".join(fmt(summary([r[f"phase{p}_epochs"] for r in mine]), 1) for p in (1, 2)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def observations(rows: list[dict[str, Any]], patience: int) -> str:
+    std = [r for r in rows if r["method"] == "standard" and r["patience"] == patience]
+    ds = [r for r in rows if r["method"] == "deep_supervision" and r["patience"] == patience]
+    out = []
+    if not (std and ds):
+        return ""
+    for phase in (1, 2):
+        time_ratio = sum(r[f"phase{phase}_s_per_epoch"] for r in ds) / sum(r[f"phase{phase}_s_per_epoch"] for r in std)
+        flops_ratio = ds[0][f"phase{phase}_train_flops_per_token"] / std[0][f"phase{phase}_train_flops_per_token"]
+        research = RESEARCH["deep_supervision"][phase][2] / RESEARCH["standard"][phase][2]
+        out.append(
+            f"- Phase {phase}: deep supervision takes {time_ratio:.2f}x standard's time per epoch (training FLOPs "
+            f"{flops_ratio:.2f}x); the research reported {research:.2f}x for the whole phase."
+        )
+    for phase in (1, 2):
+        s = summary([r[f"phase{phase}_ppl"] for r in std])
+        d = summary([r[f"phase{phase}_ppl"] for r in ds])
+        gap = d["mean"] - s["mean"]
+        spread = max(s["std"], d["std"])
+        verdict = "within one standard deviation" if abs(gap) <= spread else ("lower" if gap < 0 else "higher")
+        out.append(f"- Phase {phase}: deep supervision's PPL is {gap:+.1f} against standard's ({verdict}).")
+    gains = [r["phase2_ppl"] - r["phase1_ppl"] for r in std + ds]
+    out.append(
+        f"- Adding the 4th layer changed the best PPL by {sum(gains) / len(gains):+.1f} on average "
+        "(negative is better)."
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--patience", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--max-epochs", type=int, default=50)
+    parser.add_argument("--vocab-cap", type=int, default=None)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--name", default="progressive")
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    for patience in args.patience:
+        for method in RESEARCH:
+            for seed in args.seeds:
+                rows.append(run_one(method, seed, patience, args))
+                print(rows[-1], flush=True)
+                write_results(args.name, rows, markdown(rows, args, done=False), extra={"complete": False})
+    write_results(args.name, rows, markdown(rows, args, done=True), extra={"complete": True})
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> str:
+    vocab = "the full vocabulary (33,279)" if args.vocab_cap is None else f"the vocabulary capped at {args.vocab_cap}"
+    parts = [
+        "# Progressive layer training (SEEDS.md section 3)" + ("" if done else " (partial: still running)"),
+        f"`configs/progressive_standard.yaml` and `configs/progressive_deep_supervision.yaml`: word-level WikiText-2, "
+        f"10K training blocks of 32, {vocab}, d_model 64, 4 heads; 3 layers, then a random 4th with layers 1-3 frozen "
+        f"at 0.1x lr; at most {args.max_epochs} epochs per phase; seeds {args.seeds}. Best validation accuracy and "
+        "PPL per phase, and the phase's wall time. The research used a 69,830-word vocabulary, one seed and a GPU: "
+        "compare directions and ratios, not absolute values.",
+    ]
+    for patience in args.patience:
+        if any(r["patience"] == patience for r in rows):
+            rule = "the research's patience" if patience == 1 else "closer to convergence"
+            parts.append(f"## Patience {patience} in each phase ({rule})\n\n{table(rows, patience)}")
+            parts.append(observations(rows, patience))
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
