@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lego_lightning.data.blocks import unpack_batch
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.routing import route
@@ -55,8 +54,8 @@ def collect_exit_outputs(
     module.eval()
     nll, correct, conf = [], [], []
     seq_len = 0
-    for batch in batches:
-        input_ids, targets = (t.to(module.device) for t in unpack_batch(batch))
+    for batch_idx, batch in enumerate(batches):
+        input_ids, targets = (t.to(module.device) for t in module.model_inputs(batch, batch_idx))
         seq_len = input_ids.shape[1]
         keep = targets.flatten() != IGNORE_INDEX
         y = targets.flatten()[keep]

@@ -21,6 +21,7 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
 from lego_lightning.data.blocks import unpack_batch
+from lego_lightning.data.masking import mask_tokens
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, TransformerConfig, as_stage
@@ -30,6 +31,7 @@ from lego_lightning.modules.metrics import ExitMetrics
 from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrainable_stages, param_groups
 
 IGNORE_INDEX = -100  # targets with this value count in no loss and no metric
+OBJECTIVES = ("causal", "masked")
 
 # Config fields that fix the shape of the weights; a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = (
@@ -73,6 +75,12 @@ class SupervisedExitLM(L.LightningModule):
         lr, weight_decay, betas: AdamW; norms, biases and embeddings get no weight decay.
         scheduler, warmup_steps, min_lr_ratio: the learning-rate schedule, stepped every
             optimizer step; per-stage ``lr_scale`` multiplies it.
+        objective: ``causal`` (next token) or ``masked`` (masked words, BERT-style): attention
+            sees both directions, ``mask_prob`` of the tokens are chosen (80% become a
+            ``<mask>`` input, 10% a random token, 10% stay) and loss and metrics cover the
+            chosen tokens only. The ``<mask>`` input gets id ``vocab_size``, one past the data's
+            vocabulary. Validation masks the same positions every epoch. Exits and routing
+            work as in the causal case.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
     ``val/ppl``, and with routing ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}``
@@ -102,8 +110,14 @@ class SupervisedExitLM(L.LightningModule):
         scheduler: Schedule = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
+        objective: str = "causal",
+        mask_prob: float = 0.15,
     ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         check_threshold(routing_threshold, "routing_threshold")
         get_confidence(confidence)  # raises for an unknown name
         if not lr > 0:
@@ -112,8 +126,9 @@ class SupervisedExitLM(L.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         WarmupSchedule(scheduler, warmup_steps, None if scheduler == "constant" else warmup_steps + 1, min_lr_ratio)
         self._save_plain_hyperparameters(inspect.currentframe())
+        self.objective, self.mask_prob, self.data_vocab_size = objective, mask_prob, vocab_size
         self.config = TransformerConfig(
-            vocab_size=vocab_size,
+            vocab_size=vocab_size + (1 if objective == "masked" else 0),  # the <mask> input id
             n_layers=n_layers,
             d_model=d_model,
             n_heads=n_heads,
@@ -123,6 +138,7 @@ class SupervisedExitLM(L.LightningModule):
             positions=positions,  # type: ignore[arg-type]
             head_sharing=head_sharing,  # type: ignore[arg-type]
             tie_embeddings=tie_embeddings,
+            causal=objective == "causal",
             stages=tuple(as_stage(s) for s in stages or ()),
         )
         self.model = ExitTransformer(self.config)
@@ -200,6 +216,14 @@ class SupervisedExitLM(L.LightningModule):
         h = self.exit_hidden_states(input_ids, [exit_layer])[exit_layer]
         return get_confidence(self.confidence)(self.model.head(exit_layer)(h))
 
+    def model_inputs(self, batch: Any, batch_idx: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(input_ids, targets)`` for the objective; ``batch_idx`` fixes the masking (evaluation)."""
+        input_ids, targets = unpack_batch(batch)
+        if self.objective == "causal":
+            return input_ids, targets
+        generator = None if batch_idx is None else torch.Generator().manual_seed(batch_idx)
+        return mask_tokens(input_ids, self.data_vocab_size, self.data_vocab_size, self.mask_prob, generator)
+
     # -------------------------------------------------------------------------------- training
     def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
         """Mean cross-entropy at every exit with a non-zero weight; other exits run no head."""
@@ -209,7 +233,7 @@ class SupervisedExitLM(L.LightningModule):
         return {k: masked_cross_entropy(self.model.head(k)(h).flatten(0, 1), flat_targets) for k, h in hidden.items()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        input_ids, targets = unpack_batch(batch)
+        input_ids, targets = self.model_inputs(batch)
         losses = self.exit_losses(input_ids, targets)
         weights = dict(zip(self.config.exit_layers, self.exit_loss_weights))
         loss = sum(weights[k] * v for k, v in losses.items())
@@ -219,8 +243,8 @@ class SupervisedExitLM(L.LightningModule):
         return loss  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: Any, metrics: ExitMetrics) -> None:
-        input_ids, targets = unpack_batch(batch)
+    def _evaluate(self, batch: Any, batch_idx: int, metrics: ExitMetrics) -> None:
+        input_ids, targets = self.model_inputs(batch, batch_idx)
         self._eval_seq_len = input_ids.shape[1]
         targets = targets.flatten()
         keep = targets != IGNORE_INDEX
@@ -263,13 +287,13 @@ class SupervisedExitLM(L.LightningModule):
         return values
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self._evaluate(batch, batch_idx, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval(self.val_metrics, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, batch_idx, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval(self.test_metrics, "test")
@@ -283,9 +307,9 @@ class SupervisedExitLM(L.LightningModule):
                 f"data.seq_len={seq_len} is larger than the model's context model.max_seq_len={self.config.max_seq_len}"
             )
         data_vocab = getattr(datamodule, "vocab_size", None)
-        if data_vocab is not None and data_vocab != self.config.vocab_size:
+        if data_vocab is not None and data_vocab != self.data_vocab_size:
             raise ValueError(
-                f"model.vocab_size={self.config.vocab_size} but the data has vocab_size={data_vocab}; "
+                f"model.vocab_size={self.data_vocab_size} but the data has vocab_size={data_vocab}; "
                 "the lego CLI links them, set them equal when building the module yourself"
             )
         if stage == "fit":

@@ -218,3 +218,25 @@ def test_set_exit_loss_weights_checks_its_input():
         lm.set_exit_loss_weights([0.5, 0.5])
     with pytest.raises(ValueError, match="not all 0"):
         lm.set_exit_loss_weights([0, 0, 0])
+
+
+def test_masked_objective_attends_both_ways_and_scores_masked_tokens_only(tmp_path):
+    torch.manual_seed(0)
+    lm = tiny_lm(objective="masked", stages=THREE_EXITS, routing_threshold=0.5)
+    assert not lm.config.causal and lm.config.vocab_size == 65  # one extra input id for <mask>
+    dm = data()
+    batch = next(iter(dm.val_dataloader()))
+    inputs, targets = lm.model_inputs(batch, batch_idx=0)
+    again, _ = lm.model_inputs(batch, batch_idx=0)
+    assert torch.equal(inputs, again)  # validation masks the same positions every epoch
+    chosen = targets != -100
+    assert 0.05 < chosen.float().mean() < 0.3 and (inputs == 64).any()
+    losses = lm.exit_losses(inputs, targets)
+    logits = lm.model(inputs)[3]
+    assert_close(losses[3], F.cross_entropy(logits[chosen], batch["input_ids"][chosen]))
+    trainer = quiet_trainer(tmp_path, max_steps=3)
+    trainer.fit(lm, dm)
+    (metrics,) = trainer.validate(lm, dm, verbose=False)
+    assert {"val/exit1/ppl", "val/exit3/acc", "val/routed/ppl"} <= set(metrics)
+    with pytest.raises(ValueError, match=r"objective='mlm' is not one of \('causal', 'masked'\)"):
+        tiny_lm(objective="mlm")
