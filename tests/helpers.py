@@ -72,3 +72,46 @@ class RankStateDump(Callback):
         masks = [cb.hard_mask for cb in trainer.callbacks if getattr(cb, "hard_mask", None) is not None]
         if masks:
             torch.save(masks[0], self.out_dir / f"rank{rank}_hard_mask.pt")
+
+
+class Regression(L.LightningModule):
+    """A plain LightningModule that is not ours: linear regression, SGD, a torch scheduler.
+
+    ``schedule`` is ``constant``, ``linear`` (LinearLR) or ``cosine`` (CosineAnnealingLR, which
+    computes each lr from the group's current one); ``loss_factor`` multiplies the loss value
+    without changing its gradient's direction; ``nan_at_step`` adds a NaN to the loss *value*
+    at that step (a detached constant: the gradient stays finite).
+    """
+
+    def __init__(self, schedule: str = "constant", lrs: tuple[float, ...] = (0.05,), total_steps: int = 8,
+                 loss_factor: float = 1.0, nan_at_step: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+        self.extra = torch.nn.Linear(4, 1)
+        self.schedule, self.lrs, self.total_steps = schedule, lrs, total_steps
+        self.loss_factor, self.nan_at_step = loss_factor, nan_at_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_factor * ((self.net(x) + self.extra(x) - y) ** 2).mean()
+        if self.nan_at_step is not None and self.global_step == self.nan_at_step:
+            loss = loss + torch.tensor(float("nan"))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": self.net.parameters(), "lr": self.lrs[0]}]
+        groups.append({"params": self.extra.parameters(), "lr": self.lrs[-1]})
+        optimizer = torch.optim.SGD(groups, lr=self.lrs[0])
+        if self.schedule == "constant":
+            return optimizer
+        if self.schedule == "linear":
+            scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=self.total_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train_dataloader(self) -> Any:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g)
+        y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(64, 1, generator=g)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)

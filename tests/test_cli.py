@@ -70,12 +70,14 @@ def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_p
     phased = model_spec["class_path"] != "lego_lightning.SupervisedExitLM"
     extra = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1"] if phased else []
     data_spec = yaml.safe_load((REPO / "configs" / spec["data"]).read_text())
+    if model_spec["init_args"].get("warmup_steps"):
+        extra += ["--model.warmup_steps", "1"]  # the tiny run has 4 steps
     if data_spec["init_args"].get("calibration_samples"):
         extra += ["--data.calibration_samples", "4"]  # the tiny corpus has a few dozen blocks
     cli = run("fit", config, corpus, tmp_path, *extra)
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == 4
-    assert model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed
+    assert model.data_vocab_size == cli.datamodule.vocab_size  # linked, never typed
     assert model.config.exit_layers == expected_exits(model_spec)
     if phased:
         assert model.phase == 2

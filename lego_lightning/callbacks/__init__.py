@@ -5,6 +5,7 @@ from lego_lightning.callbacks.exit_weight_schedule import ExitWeightSchedule
 from lego_lightning.callbacks.hard_example_mining import HardExampleMining
 from lego_lightning.callbacks.layer_expansion import LayerExpansion
 from lego_lightning.callbacks.layer_freeze import LayerFreeze
+from lego_lightning.callbacks.loss_scaled_lr import LossScaledLR
 from lego_lightning.callbacks.perplexity_early_stopping import PerplexityEarlyStopping
 from lego_lightning.callbacks.quantile_threshold_calibration import QuantileThresholdCalibration
 
@@ -14,6 +15,7 @@ __all__ = [
     "HardExampleMining",
     "LayerExpansion",
     "LayerFreeze",
+    "LossScaledLR",
     "PerplexityEarlyStopping",
     "QuantileThresholdCalibration",
 ]
