@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python -m benchmarks.ashem
 	$(BIN)/python -m benchmarks.progressive
 	$(BIN)/python -m benchmarks.phase2_cost
+	$(BIN)/python -m benchmarks.sd_study
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info

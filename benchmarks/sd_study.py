@@ -1,0 +1,272 @@
+"""The research's SD/SD2 grid (SEEDS.md section 5): {constant, linear, cosine} x {none, SD, SD2}.
+
+AdamW on word-level WikiText-2 (the shared files), for the masked-word objective and the causal
+one, several seeds, a fixed number of epochs (no early stopping, so overfitting shows): final
+train loss, best validation loss and PPL, the epoch of the best validation loss, and curves.
+For every schedule and objective it also trains, without the callback, at the base lr that
+SD2's mean scale implies (lr x mean L^(1/3)), so a reader can tell a real effect of SD2 from a
+plain change of learning rate.
+
+    python -m benchmarks.sd_study
+    python -m benchmarks.sd_study --vocab-cap 8192 --train-samples 2000 --epochs 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, fmt, summary, write_results
+from lego_lightning import SupervisedExitLM
+from lego_lightning.callbacks import LossScaledLR
+from lego_lightning.data import TextDataModule
+
+SCHEDULES = ("constant", "linear", "cosine")
+MODES = ("none", "sd", "sd2")
+OBJECTIVES = ("masked", "causal")
+
+
+class TrainLoss(Callback):
+    """Mean training loss per epoch (the loss itself, not scaled), and the applied lr scale per step."""
+
+    def __init__(self, loss_scaler: LossScaledLR | None) -> None:
+        self.loss_scaler, self.epochs, self.scales, self._losses = loss_scaler, [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._losses.append(float(outputs["loss"]))
+        if self.loss_scaler is not None:
+            self.scales.append(self.loss_scaler.last_scale)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append(statistics.fmean(self._losses))
+        self._losses = []
+
+
+def run_one(objective: str, schedule: str, mode: str, seed: int, lr: float, dm: TextDataModule, args) -> dict[str, Any]:
+    L.seed_everything(seed, verbose=False)
+    module = SupervisedExitLM(
+        vocab_size=dm.vocab_size,
+        n_layers=3,
+        d_model=64,
+        n_heads=4,
+        max_seq_len=dm.seq_len,
+        dropout=args.dropout,
+        objective=objective,
+        lr=lr,
+        scheduler=schedule,
+        warmup_steps=args.warmup_steps,
+    )
+    scaler = LossScaledLR(mode=mode) if mode != "none" else None
+    train, history = TrainLoss(scaler), ValidationHistory()
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[*([scaler] if scaler else []), train, history],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    val_losses = [math.log(h["ppl"]) for h in history.history]
+    best = min(range(len(val_losses)), key=val_losses.__getitem__)
+    return {
+        "objective": objective,
+        "schedule": schedule,
+        "mode": mode,
+        "seed": seed,
+        "lr": lr,
+        "final_train_loss": train.epochs[-1],
+        "best_val_loss": val_losses[best],
+        "best_val_ppl": math.exp(val_losses[best]),
+        "best_epoch": best + 1,
+        "final_val_loss": val_losses[-1],
+        "train_curve": train.epochs,
+        "val_curve": val_losses,
+        "mean_scale": statistics.fmean(train.scales) if train.scales else 1.0,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def label(row: dict[str, Any], base_lr: float) -> str:
+    return row["mode"] if row["mode"] != "none" or row["lr"] == base_lr else "none @ SD2-implied lr"
+
+
+def table(rows: list[dict[str, Any]], objective: str, base_lr: float) -> str:
+    lines = [
+        "| schedule | method | lr | final train loss | best val loss | best val PPL | best epoch | mean lr scale |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for schedule in SCHEDULES:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["objective"] == objective and r["schedule"] == schedule:
+                groups.setdefault(label(r, base_lr), []).append(r)
+        for name, mine in groups.items():
+            cells = [schedule, name, f"{mine[0]['lr']:.2e}"]
+            cells += [fmt(summary([r[k] for r in mine]), d) for k, d in (("final_train_loss", 3), ("best_val_loss", 3))]
+            cells += [
+                fmt(summary([r["best_val_ppl"] for r in mine]), 1),
+                fmt(summary([r["best_epoch"] for r in mine]), 1),
+            ]
+            cells.append(fmt(summary([r["mean_scale"] for r in mine]), 3))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
+    out = []
+    for objective in OBJECTIVES:
+        for schedule in SCHEDULES:
+            pick = {
+                m: [
+                    r
+                    for r in rows
+                    if (r["objective"], r["schedule"], r["mode"], r["lr"]) == (objective, schedule, m, base_lr)
+                ]
+                for m in MODES
+            }
+            implied = [
+                r
+                for r in rows
+                if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "none") and r["lr"] != base_lr
+            ]
+            if not all(pick.values()):
+                continue
+            none, sd, sd2 = (pick[m] for m in MODES)
+            spread = max(summary([r["best_val_loss"] for r in g])["std"] for g in pick.values())
+            line = (
+                f"- {objective}, {schedule}: final train loss none {_mean(none, 'final_train_loss'):.3f}, "
+                f"SD {_mean(sd, 'final_train_loss'):.3f}, SD2 {_mean(sd2, 'final_train_loss'):.3f}; best val loss "
+                f"none {_mean(none, 'best_val_loss'):.3f}, SD {_mean(sd, 'best_val_loss'):.3f}, "
+                f"SD2 {_mean(sd2, 'best_val_loss'):.3f} (largest seed spread {spread:.3f}); best epoch none "
+                f"{_mean(none, 'best_epoch'):.1f}, SD2 {_mean(sd2, 'best_epoch'):.1f}."
+            )
+            if implied:
+                line += (
+                    f" Without the callback at SD2's implied lr ({implied[0]['lr']:.2e}): final train loss "
+                    f"{_mean(implied, 'final_train_loss'):.3f}, best val loss {_mean(implied, 'best_val_loss'):.3f}."
+                )
+            out.append(line)
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], base_lr: float, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    objectives = [o for o in OBJECTIVES if any(r["objective"] == o for r in rows)]
+    fig, axes = plt.subplots(len(objectives), len(SCHEDULES), figsize=(13, 3.5 * len(objectives)), squeeze=False)
+    colors = {"none": "C0", "sd": "C1", "sd2": "C2", "none @ SD2-implied lr": "C3"}
+    for i, objective in enumerate(objectives):
+        for j, schedule in enumerate(SCHEDULES):
+            ax = axes[i][j]
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for r in rows:
+                if r["objective"] == objective and r["schedule"] == schedule:
+                    groups.setdefault(label(r, base_lr), []).append(r)
+            for name, mine in groups.items():
+                epochs = range(1, len(mine[0]["val_curve"]) + 1)
+                val = [statistics.fmean(c) for c in zip(*(r["val_curve"] for r in mine))]
+                train = [statistics.fmean(c) for c in zip(*(r["train_curve"] for r in mine))]
+                ax.plot(epochs, val, "-", color=colors[name], label=f"{name} (val)")
+                ax.plot(epochs, train, "--", color=colors[name], alpha=0.6, label=f"{name} (train)")
+            ax.set_title(f"{objective}, {schedule}")
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("loss (mean over seeds)")
+            if i == len(objectives) - 1:
+                ax.set_xlabel("epoch")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    has_plot = plot(rows, args.lr, RESULTS / f"{args.name}_curves.png")
+    vocab = "the full vocabulary (33,279)" if args.vocab_cap is None else f"the vocabulary capped at {args.vocab_cap}"
+    parts = [
+        "# SD and SD2: the loss-scaled learning rate (SEEDS.md section 5)"
+        + ("" if done else " (partial: still running)"),
+        f"Word-level WikiText-2 (the shared files), {args.train_samples} training and {args.val_samples} validation "
+        f"blocks of 32 words, {vocab}; 3 layers, d_model 64, 4 heads, dropout {args.dropout}; AdamW at base lr "
+        f"{args.lr:g} (warm-up {args.warmup_steps} steps), {args.epochs} epochs without early stopping; seeds "
+        f"{args.seeds}. SD divides each step's lr by the cube root of the step's loss, SD2 multiplies (LossScaledLR, "
+        "clamped to [0.1, 10]). The research fine-tuned bert-base-cased at lr 2e-5; here small models train from "
+        "scratch, so compare directions. Masked: 15% of words, loss on those only.",
+    ]
+    for objective in OBJECTIVES:
+        if any(r["objective"] == objective for r in rows):
+            parts.append(f"## {objective} objective\n\n{table(rows, objective, args.lr)}")
+    parts.append(
+        "## Curves\n\n" + (f"![curves]({args.name}_curves.png)" if has_plot else "(matplotlib missing: no image)")
+    )
+    parts.append("## What holds\n\n" + observations(rows, args.lr))
+    write_results(args.name, rows, "\n\n".join(parts), extra={"complete": done})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--train-samples", type=int, default=2000)
+    parser.add_argument("--val-samples", type=int, default=500)
+    parser.add_argument("--vocab-cap", type=int, default=None)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--name", default="sd_study")
+    args = parser.parse_args()
+    torch.set_float32_matmul_precision("high")
+    dm = TextDataModule(
+        path=str(args.data),
+        seq_len=32,
+        batch_size=64,
+        max_train_samples=args.train_samples,
+        max_val_samples=args.val_samples,
+        max_vocab_size=args.vocab_cap,
+    )
+    dm.setup("fit")
+    rows: list[dict[str, Any]] = []
+    for objective in args.objectives:
+        for schedule in SCHEDULES:
+            for mode in MODES:
+                for seed in args.seeds:
+                    rows.append(run_one(objective, schedule, mode, seed, args.lr, dm, args))
+                    print({k: v for k, v in rows[-1].items() if "curve" not in k}, flush=True)
+                    report(rows, args, done=False)
+            sd2 = [r for r in rows if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "sd2")]
+            implied_lr = args.lr * statistics.fmean(r["mean_scale"] for r in sd2)
+            for seed in args.seeds:
+                rows.append(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
+                report(rows, args, done=False)
+    report(rows, args, done=True)
+
+
+if __name__ == "__main__":
+    main()
