@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lego_lightning.model.transformer import GrowInit
 from lego_lightning.modules.progressive import ProgressiveExitLM
-from lego_lightning.modules.supervised_exit import IGNORE_INDEX, masked_cross_entropy
+from lego_lightning.modules.supervised_exit import IGNORE_INDEX
 
 CONTEXTS = ("full", "none")
 
@@ -169,7 +169,7 @@ class ASHEM(ProgressiveExitLM):
         flat_targets = targets.flatten()
         hard = flat_targets != IGNORE_INDEX
         deep = self._deep_without_context(shallow[hard])
-        return {self.deep_exit: masked_cross_entropy(self.model.head(self.deep_exit)(deep), flat_targets[hard])}
+        return {self.deep_exit: self.exit_loss(self.deep_exit, deep, flat_targets[hard])}
 
     # ---------------------------------------------------------------------------- checkpoints, report
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from lego_lightning.data.masking import mask_tokens
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, TransformerConfig, as_stage
+from lego_lightning.model.lean_loss import linear_cross_entropy
 from lego_lightning.model.routing import check_threshold, route
 from lego_lightning.model.transformer import ExitTransformer
 from lego_lightning.modules.metrics import ExitMetrics
@@ -81,6 +82,9 @@ class SupervisedExitLM(L.LightningModule):
             chosen tokens only. The ``<mask>`` input gets id ``vocab_size``, one past the data's
             vocabulary. Validation masks the same positions every epoch. Exits and routing
             work as in the causal case.
+        loss_chunk_size: training computes each exit's cross-entropy over chunks of this many
+            tokens, so no exit ever holds a full ``tokens x vocab`` logit tensor (deep
+            supervision's memory stays near standard training's); ``None`` uses the plain loss.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
     ``val/ppl``, and with routing ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}``
@@ -112,8 +116,11 @@ class SupervisedExitLM(L.LightningModule):
         min_lr_ratio: float = 0.0,
         objective: str = "causal",
         mask_prob: float = 0.15,
+        loss_chunk_size: int | None = 1024,
     ) -> None:
         super().__init__()
+        if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
+            raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
         if not 0.0 < mask_prob < 1.0:
@@ -127,6 +134,7 @@ class SupervisedExitLM(L.LightningModule):
         WarmupSchedule(scheduler, warmup_steps, None if scheduler == "constant" else warmup_steps + 1, min_lr_ratio)
         self._save_plain_hyperparameters(inspect.currentframe())
         self.objective, self.mask_prob, self.data_vocab_size = objective, mask_prob, vocab_size
+        self.loss_chunk_size = loss_chunk_size
         self.config = TransformerConfig(
             vocab_size=vocab_size + (1 if objective == "masked" else 0),  # the <mask> input id
             n_layers=n_layers,
@@ -225,12 +233,19 @@ class SupervisedExitLM(L.LightningModule):
         return mask_tokens(input_ids, self.data_vocab_size, self.data_vocab_size, self.mask_prob, generator)
 
     # -------------------------------------------------------------------------------- training
+    def exit_loss(self, exit_layer: int, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of one exit over ``(..., D)`` hidden states and matching targets."""
+        head = self.model.head(exit_layer)
+        if self.loss_chunk_size is None:
+            return masked_cross_entropy(head(hidden).flatten(0, -2), targets.flatten())
+        normed = head.norm(hidden).flatten(0, -2)
+        return linear_cross_entropy(normed, head.proj.weight, targets.flatten(), self.loss_chunk_size)
+
     def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
         """Mean cross-entropy at every exit with a non-zero weight; other exits run no head."""
         weighted = [k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0]
         hidden = self.exit_hidden_states(input_ids, weighted)
-        flat_targets = targets.flatten()
-        return {k: masked_cross_entropy(self.model.head(k)(h).flatten(0, 1), flat_targets) for k, h in hidden.items()}
+        return {k: self.exit_loss(k, h, targets) for k, h in hidden.items()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         input_ids, targets = self.model_inputs(batch)
