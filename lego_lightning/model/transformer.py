@@ -33,9 +33,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, hd)
-        T = x.shape[-2]
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Rotate ``x`` ``(B, H, T, hd)``; ``positions`` ``(B, T)`` gives each token's position (default 0..T-1)."""
+        if positions is None:
+            T = x.shape[-2]
+            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        else:
+            cos, sin = self.cos[positions].unsqueeze(1).to(x.dtype), self.sin[positions].unsqueeze(1).to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -186,16 +190,16 @@ class ExitTransformer(nn.Module):
             yield stage, name, param
 
     # -------------------------------------------------------------------------------- forward
-    def embed(self, idx: Tensor) -> Tensor:
-        """Token (and learned position) embeddings: ``(B, T) -> (B, T, D)``."""
+    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
+        """Token (and learned position) embeddings: ``(B, T) -> (B, T, D)``, positions from ``start``."""
         T = idx.shape[1]
-        if self.config.max_seq_len < T:
+        if self.config.max_seq_len < start + T:
             raise ValueError(
-                f"sequence length {T} is larger than the model's context max_seq_len={self.config.max_seq_len}"
+                f"sequence length {start + T} is larger than the model's context max_seq_len={self.config.max_seq_len}"
             )
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         return self.drop(x)
 
     def hidden_states(self, idx: Tensor, exit_layers: Sequence[int] | None = None) -> dict[int, Tensor]:

@@ -1,0 +1,299 @@
+"""Early exit that skips work: routed teacher-forced scoring and greedy generation with a KV cache.
+
+A token that leaves at an exit does no further work. Deeper layers still need keys and values
+at its position for the tokens that continue, so its hidden state is carried upward unchanged
+and only its key/value projections run there (state propagation, as in CALM). Queries,
+attention and MLPs of deeper layers run only for the tokens that continue.
+
+With nobody leaving (threshold 1) this is the full model; with everybody leaving at the first
+exit (threshold 0) it is that exit. In between, the continuing tokens attend to propagated keys
+and values where the simulated routing of ``SupervisedExitLM`` evaluation used the deeper
+layers' own, so perplexities can differ slightly; the benchmarks report the difference.
+
+Plain PyTorch, inference only (``torch.no_grad``), the model in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lego_lightning.model.confidence import get_confidence
+from lego_lightning.model.routing import check_threshold
+from lego_lightning.model.transformer import Block, ExitTransformer
+
+# A confidence from a hidden state, for measures that need no logits: (exit_layer, (N, D)) -> (N,)
+HiddenConfidence = Callable[[int, Tensor], Tensor]
+
+
+def _to_heads(t: Tensor, n_heads: int) -> Tensor:  # (B, S, D) -> (B, H, S, hd)
+    B, S, D = t.shape
+    return t.view(B, S, n_heads, D // n_heads).transpose(1, 2)
+
+
+def _from_heads(t: Tensor) -> Tensor:  # (B, H, S, hd) -> (B, S, D)
+    B, H, S, hd = t.shape
+    return t.transpose(1, 2).reshape(B, S, H * hd)
+
+
+def _qkv_weights(block: Block) -> tuple[tuple[Tensor, Tensor], ...]:
+    """``((Wq, bq), (Wk, bk), (Wv, bv))`` of a block's fused projection."""
+    w, b = block.attn.qkv.weight, block.attn.qkv.bias
+    D = w.shape[1]
+    return tuple((w[i * D : (i + 1) * D], b[i * D : (i + 1) * D]) for i in range(3))  # type: ignore[return-value]
+
+
+def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, active: Tensor) -> Tensor:
+    """One layer where only ``active`` ``(B, T)`` tokens run; the others only give keys and values.
+
+    Active tokens are packed per row (``M`` = most active tokens in a row), so queries,
+    attention and the MLP cost ``B x M`` tokens instead of ``B x T``.
+    """
+    B, T, D = x.shape
+    H = model.config.n_heads
+    (wq, bq), (wk, bk), (wv, bv) = _qkv_weights(block)
+    h = block.ln1(x)
+    k, v = _to_heads(F.linear(h, wk, bk), H), _to_heads(F.linear(h, wv, bv), H)
+    counts = active.sum(dim=1)
+    M = int(counts.max())
+    # Positions of each row's active tokens first, in order (a stable sort of "inactive" flags).
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :M]  # (B, M)
+    valid = torch.arange(M, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, M)
+    index = order.unsqueeze(-1).expand(B, M, D)
+    x_act, h_act = x.gather(1, index), h.gather(1, index)
+    q = _to_heads(F.linear(h_act, wq, bq), H)
+    if model.rotary is not None:
+        q, k = model.rotary(q, order), model.rotary(k)
+    if model.config.causal:
+        allowed = torch.arange(T, device=x.device).view(1, 1, T) <= order.unsqueeze(-1)  # (B, M, T)
+    else:
+        allowed = torch.ones(B, M, T, dtype=torch.bool, device=x.device)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))
+    x_act = x_act + block.attn.proj(_from_heads(y))
+    x_act = x_act + block.mlp(block.ln2(x_act))
+    # Padding slots (beyond a row's count) hold inactive positions: write their old state back.
+    x_act = torch.where(valid.unsqueeze(-1), x_act, x.gather(1, index))
+    return x.scatter(1, index, x_act)
+
+
+@dataclass
+class RoutedScores:
+    """Where each token left and what it scored there."""
+
+    exit_position: Tensor  # (B, T) index into the model's exit_layers
+    nll: Tensor | None  # (B, T) negative log-likelihood of the targets, when targets were given
+    logits: Tensor | None  # (B, T, V) the logits of each token's exit, when no targets were given
+
+
+@torch.no_grad()
+def routed_forward(
+    model: ExitTransformer,
+    idx: Tensor,
+    threshold: float,
+    confidence: str = "max_prob",
+    targets: Tensor | None = None,
+    hidden_confidence: HiddenConfidence | None = None,
+) -> RoutedScores:
+    """Score ``idx`` ``(B, T)`` with every token leaving at its first exit whose confidence reaches ``threshold``.
+
+    With ``hidden_confidence`` (a learned exit classifier) a token that continues runs no head
+    at a non-final exit; otherwise ``confidence`` is computed from the exit's logits.
+    """
+    check_threshold(threshold, "threshold")
+    cfg = model.config
+    B, T = idx.shape
+    measure = get_confidence(confidence)
+    x = model.embed(idx)
+    active = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+    exit_position = torch.full((B, T), len(cfg.stages) - 1, dtype=torch.long, device=idx.device)
+    nll = torch.zeros(B, T, device=idx.device) if targets is not None else None
+    logits_out = None if targets is not None else torch.zeros(B, T, cfg.vocab_size, device=idx.device)
+
+    def record(rows: Tensor, cols: Tensor, logits: Tensor) -> None:
+        if nll is not None:
+            nll[rows, cols] = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
+        else:
+            logits_out[rows, cols] = logits.to(logits_out.dtype)
+
+    for s, stage in enumerate(cfg.stages):
+        first, last = stage.layers
+        for block in model.blocks[first - 1 : last]:
+            x = block(x, model.rotary) if bool(active.all()) else _block_for_active(model, block, x, active)
+        rows, cols = active.nonzero(as_tuple=True)
+        head = model.head(last)
+        h = x[rows, cols]
+        if s == len(cfg.stages) - 1:
+            record(rows, cols, head(h))
+            break
+        if hidden_confidence is not None:
+            leave = (
+                hidden_confidence(last, h) >= threshold if threshold < 1 else torch.zeros_like(rows, dtype=torch.bool)
+            )
+            record(rows[leave], cols[leave], head(h[leave]))
+        else:
+            logits = head(h)
+            leave = measure(logits) >= threshold if threshold < 1 else torch.zeros_like(rows, dtype=torch.bool)
+            record(rows[leave], cols[leave], logits[leave])
+        exit_position[rows[leave], cols[leave]] = s
+        active[rows[leave], cols[leave]] = False
+        if not bool(active.any()):
+            break
+    return RoutedScores(exit_position, nll, logits_out)
+
+
+# --------------------------------------------------------------------------------------- generation
+@dataclass
+class Generation:
+    tokens: Tensor  # (B, P + N): the prompt and the generated tokens
+    exit_position: Tensor  # (B, N): the exit each generated token came from
+
+
+def _attend_cached(
+    model: ExitTransformer, block: Block, x: Tensor, cache_k: Tensor, cache_v: Tensor, position: int, rows: Tensor
+) -> Tensor:
+    """One decoding step of one layer: every row writes its key/value; ``rows`` also attend and run the MLP."""
+    H = model.config.n_heads
+    (wq, bq), (wk, bk), (wv, bv) = _qkv_weights(block)
+    h = block.ln1(x)  # (B, 1, D)
+    k, v = _to_heads(F.linear(h, wk, bk), H), _to_heads(F.linear(h, wv, bv), H)
+    pos = torch.full((x.shape[0], 1), position, dtype=torch.long, device=x.device)
+    if model.rotary is not None:
+        k = model.rotary(k, pos)
+    cache_k[:, :, position : position + 1] = k
+    cache_v[:, :, position : position + 1] = v
+    if len(rows) == 0:
+        return x
+    q = _to_heads(F.linear(h[rows], wq, bq), H)
+    if model.rotary is not None:
+        q = model.rotary(q, pos[rows])
+    y = F.scaled_dot_product_attention(q, cache_k[rows, :, : position + 1], cache_v[rows, :, : position + 1])
+    x_rows = x[rows] + block.attn.proj(_from_heads(y))
+    x_rows = x_rows + block.mlp(block.ln2(x_rows))
+    x = x.clone()
+    x[rows] = x_rows
+    return x
+
+
+def _prefill(model: ExitTransformer, prompt: Tensor, caches: list[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
+    """All layers over the prompt, keys and values cached; hidden states at every exit, last position."""
+    x = model.embed(prompt)
+    H = model.config.n_heads
+    P = prompt.shape[1]
+    at_exits = {}
+    for i, block in enumerate(model.blocks, start=1):
+        h = block.ln1(x)
+        q, k, v = (_to_heads(t, H) for t in block.attn.qkv(h).split(x.shape[-1], dim=-1))
+        if model.rotary is not None:
+            q, k = model.rotary(q), model.rotary(k)
+        caches[i - 1][0][:, :, :P] = k
+        caches[i - 1][1][:, :, :P] = v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=model.config.causal)
+        x = x + block.attn.proj(_from_heads(y))
+        x = x + block.mlp(block.ln2(x))
+        if i in model.exit_layers:
+            at_exits[i] = x[:, -1]
+    return at_exits
+
+
+@torch.no_grad()
+def generate(
+    model: ExitTransformer,
+    prompt: Tensor,
+    max_new_tokens: int,
+    threshold: float | None = None,
+    confidence: str = "max_prob",
+    hidden_confidence: HiddenConfidence | None = None,
+) -> Generation:
+    """Greedy decoding with a KV cache; each sequence picks its exit at every step by the routing rule.
+
+    The prompt runs through every layer. A sequence whose confidence reaches ``threshold`` at
+    an exit takes that exit's token; the layers it skips still get its key and value for this
+    position, from the state carried up from its exit. ``threshold=None`` decodes at full depth
+    and gives exactly the tokens of plain greedy decoding without a cache.
+    """
+    if threshold is not None:
+        check_threshold(threshold, "threshold")
+    if not model.config.causal:
+        raise ValueError("generate() needs a causal model; this one attends both ways (the masked objective)")
+    B, P = prompt.shape
+    total = P + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(
+            f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}"
+        )
+    cfg, dev = model.config, prompt.device
+    hd, H = cfg.head_dim, cfg.n_heads
+    ref = next(model.parameters())
+    caches = [
+        tuple(torch.zeros(B, H, total, hd, device=dev, dtype=ref.dtype) for _ in "kv") for _ in range(cfg.n_layers)
+    ]
+    measure = get_confidence(confidence)
+    exits = cfg.exit_layers
+    tokens = torch.cat([prompt, torch.zeros(B, max_new_tokens, dtype=prompt.dtype, device=dev)], dim=1)
+    exit_position = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+
+    at_exits = _prefill(model, prompt, caches)
+    decided = torch.zeros(B, dtype=torch.bool, device=dev)
+    next_token = torch.zeros(B, dtype=prompt.dtype, device=dev)
+    for s, e in enumerate(exits):
+        rows = (~decided).nonzero(as_tuple=True)[0]
+        token, leave = _exit_decision(
+            model, e, at_exits[e][rows], s == len(exits) - 1, threshold, measure, hidden_confidence
+        )
+        next_token[rows[leave]] = token[leave]
+        exit_position[rows[leave], 0] = s
+        decided[rows[leave]] = True
+    tokens[:, P] = next_token
+    for step in range(1, max_new_tokens):
+        position = P + step - 1
+        x = model.embed(tokens[:, position : position + 1], start=position)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        next_token = torch.zeros(B, dtype=prompt.dtype, device=dev)
+        for s, stage in enumerate(cfg.stages):
+            first, last = stage.layers
+            for layer in range(first, last + 1):
+                rows = active.nonzero(as_tuple=True)[0]
+                k_cache, v_cache = caches[layer - 1]
+                x = _attend_cached(model, model.blocks[layer - 1], x, k_cache, v_cache, position, rows)
+            rows = active.nonzero(as_tuple=True)[0]
+            if len(rows) == 0:
+                continue  # every row has left; deeper layers still wrote their keys and values
+            token, leave = _exit_decision(
+                model, last, x[rows, 0], s == len(exits) - 1, threshold, measure, hidden_confidence
+            )
+            next_token[rows[leave]] = token[leave]
+            exit_position[rows[leave], step] = s
+            active[rows[leave]] = False
+        tokens[:, position + 1] = next_token
+    return Generation(tokens, exit_position)
+
+
+def _exit_decision(
+    model: ExitTransformer,
+    exit_layer: int,
+    h: Tensor,
+    final: bool,
+    threshold: float | None,
+    measure,
+    hidden_confidence: HiddenConfidence | None,
+) -> tuple[Tensor, Tensor]:
+    """Greedy token of every row at this exit (only rows that leave run the head) and which rows leave."""
+    head = model.head(exit_layer)
+    if final:
+        return head(h).argmax(-1), torch.ones(len(h), dtype=torch.bool, device=h.device)
+    if threshold is None or threshold >= 1:
+        return torch.zeros(len(h), dtype=torch.long, device=h.device), torch.zeros(
+            len(h), dtype=torch.bool, device=h.device
+        )
+    token = torch.zeros(len(h), dtype=torch.long, device=h.device)
+    if hidden_confidence is not None:
+        leave = hidden_confidence(exit_layer, h) >= threshold
+        if leave.any():
+            token[leave] = head(h[leave]).argmax(-1)
+        return token, leave
+    logits = head(h)
+    return logits.argmax(-1), measure(logits) >= threshold
