@@ -41,6 +41,9 @@ class ASHEM(ProgressiveExitLM):
         phase1_layers: depth of the shallow model (research: 2).
         phase2_layers: depth after growth (research: 4).
         hard_ratio: fraction of held-out tokens below the calibrated threshold (research: 0.5).
+        confidence: ``max_prob`` (research), any registered measure, or ``learned``: a small
+            classifier on the shallow exit's hidden state, trained when phase 1 ends, so tokens
+            that continue to the deep exit skip the shallow head.
         calibration_bins: histogram resolution of the threshold.
         grow_init: ``identity`` (phase 2 starts from phase 1's best outputs), ``copy``, ``random``.
         freeze_shallow_exit: freeze the shallow exit's head in phase 2 (needs separate heads).
@@ -132,9 +135,15 @@ class ASHEM(ProgressiveExitLM):
         return self.config.n_layers
 
     def configure_callbacks(self) -> list[Callback]:
-        from lego_lightning.callbacks import HardExampleMining, QuantileThresholdCalibration
+        from lego_lightning.callbacks import ExitClassifierTraining, HardExampleMining, QuantileThresholdCalibration
 
+        early_stopping, *growth = super().configure_callbacks()
+        # With confidence="learned" the shallow exit's classifier learns, from the phase-1 model,
+        # whether that exit's top token is right (there is no deeper exit yet to agree with).
+        learned = [ExitClassifierTraining(target="correct", at_phase=2)] if self.exit_classifier is not None else []
         return [
+            early_stopping,  # ends phase 1; the callbacks below act right after it, in this order
+            *learned,
             QuantileThresholdCalibration(
                 self.hard_ratio,
                 exit_layer=self.shallow_exit,
@@ -143,7 +152,7 @@ class ASHEM(ProgressiveExitLM):
                 log_prefix="ashem",
             ),
             HardExampleMining(exit_layer=self.shallow_exit, at_phase=2, log_prefix="ashem"),
-            *super().configure_callbacks(),
+            *growth,
         ]
 
     # ------------------------------------------------------------- the research's no-context variant
