@@ -47,9 +47,13 @@ class ExitOutputs:
 def collect_exit_outputs(
     module: Any, batches: Iterable[Any], exit_layers: Sequence[int] | None = None, confidence: str | None = None
 ) -> ExitOutputs:
-    """Run ``module`` (a :class:`~lego_lightning.SupervisedExitLM`) over ``batches`` in eval mode."""
+    """Run ``module`` (a :class:`~lego_lightning.SupervisedExitLM`) over ``batches`` in eval mode.
+
+    Confidences are the module's own (its learned classifier with ``confidence="learned"``)
+    unless ``confidence`` names another measure.
+    """
     exit_layers = tuple(module.eval_exit_layers if exit_layers is None else exit_layers)
-    measure = get_confidence(confidence or module.confidence)
+    measure = None if confidence is None else get_confidence(confidence)
     was_training = module.training
     module.eval()
     nll, correct, conf = [], [], []
@@ -62,8 +66,10 @@ def collect_exit_outputs(
         hidden = module.exit_hidden_states(input_ids, exit_layers)
         rows = []
         for k in exit_layers:
-            logits = module.model.head(k)(hidden[k]).flatten(0, 1)[keep].float()
-            rows.append((F.cross_entropy(logits, y, reduction="none"), logits.argmax(-1) == y, measure(logits)))
+            h = hidden[k].flatten(0, 1)[keep]
+            logits = module.model.head(k)(h).float()
+            confidence_k = module.exit_confidence(k, h, logits) if measure is None else measure(logits)
+            rows.append((F.cross_entropy(logits, y, reduction="none"), logits.argmax(-1) == y, confidence_k))
         nll.append(torch.stack([r[0] for r in rows]))
         correct.append(torch.stack([r[1] for r in rows]))
         conf.append(torch.stack([r[2] for r in rows]))

@@ -1,6 +1,7 @@
 """Callbacks usable in any Lightning project that meets each one's documented contract."""
 
 from lego_lightning.callbacks.checkpoint import BestAndLastCheckpoint
+from lego_lightning.callbacks.exit_classifier_training import ExitClassifierTraining
 from lego_lightning.callbacks.exit_weight_schedule import ExitWeightSchedule
 from lego_lightning.callbacks.hard_example_mining import HardExampleMining
 from lego_lightning.callbacks.layer_expansion import LayerExpansion
@@ -11,6 +12,7 @@ from lego_lightning.callbacks.quantile_threshold_calibration import QuantileThre
 
 __all__ = [
     "BestAndLastCheckpoint",
+    "ExitClassifierTraining",
     "ExitWeightSchedule",
     "HardExampleMining",
     "LayerExpansion",

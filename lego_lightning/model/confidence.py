@@ -28,17 +28,22 @@ class ConfidenceMeasure:
         name: the name used in configs (``confidence: max_prob``).
         fn: ``logits (..., V) -> confidence (...)`` in ``[0, 1]``.
         flops_per_element: FLOPs per vocabulary element per token, softmax included.
+        reads_hidden: the measure reads the exit's hidden state, not its logits (a learned exit
+            classifier): a token that does not leave runs no head at that exit. Its cost is
+            ``flops_per_hidden`` FLOPs per model dimension.
     """
 
     name: str
     fn: Callable[[Tensor], Tensor]
-    flops_per_element: float
+    flops_per_element: float = 0.0
+    reads_hidden: bool = False
+    flops_per_hidden: float = 0.0
 
     def __call__(self, logits: Tensor) -> Tensor:
         return self.fn(logits)
 
-    def flops_per_token(self, vocab_size: int) -> float:
-        return self.flops_per_element * vocab_size
+    def flops_per_token(self, vocab_size: int, d_model: int = 0) -> float:
+        return self.flops_per_element * vocab_size + self.flops_per_hidden * d_model
 
 
 def _max_prob(logits: Tensor) -> Tensor:
@@ -80,6 +85,15 @@ def get_confidence(name: str) -> ConfidenceMeasure:
         raise ValueError(f"confidence={name!r} is not a known measure; allowed: {available_confidences()}") from None
 
 
+def _needs_classifier(logits: Tensor) -> Tensor:
+    raise TypeError(
+        "confidence='learned' reads hidden states through a trained ExitClassifier, not logits; "
+        "use a module built with confidence='learned' (it owns the classifier)"
+    )
+
+
 register_confidence(ConfidenceMeasure("max_prob", _max_prob, SOFTMAX_FLOPS_PER_ELEMENT + 1))
 register_confidence(ConfidenceMeasure("margin", _margin, SOFTMAX_FLOPS_PER_ELEMENT + 2))
 register_confidence(ConfidenceMeasure("entropy", _entropy, SOFTMAX_FLOPS_PER_ELEMENT + 3))
+# A layer norm (7 per element), a dot product (2 per element) and a sigmoid: see exit_classifier.py.
+register_confidence(ConfidenceMeasure("learned", _needs_classifier, reads_hidden=True, flops_per_hidden=9 + 4))

@@ -97,7 +97,7 @@ def head_flops(cfg: TransformerConfig) -> FlopCount:
 
 def confidence_flops(cfg: TransformerConfig, confidence: str) -> FlopCount:
     """The named confidence measure over one exit's logits."""
-    return FlopCount(elementwise=get_confidence(confidence).flops_per_token(cfg.vocab_size))
+    return FlopCount(elementwise=get_confidence(confidence).flops_per_token(cfg.vocab_size, cfg.d_model))
 
 
 def single_exit_flops(cfg: TransformerConfig, exit_layer: int, context: float) -> FlopCount:
@@ -115,15 +115,18 @@ def routed_exit_flops(
 ) -> FlopCount:
     """A token that leaves at ``exit_layer`` of a routed model.
 
-    It ran every layer up to its exit, and at every exit it reached the head and, except at
-    the deepest exit where no decision is left to make, the confidence measure. Deeper layers
-    still compute its key and value when ``kv_propagation`` is on.
+    It ran every layer up to its exit, and at every exit it reached the confidence measure
+    (except at the deepest exit, where no decision is left to make). A measure computed from
+    logits needs the head at every exit reached; one that reads the hidden state (a learned exit
+    classifier) needs the head only where the token leaves. Deeper layers still compute its key
+    and value when ``kv_propagation`` is on.
     """
     exits = [e for e in cfg.exit_layers if e <= exit_layer]
     if not exits or exits[-1] != exit_layer:
         raise ValueError(f"exit_layer={exit_layer} is not an exit; exits are after layers {cfg.exit_layers}")
     n_confidences = len(exits) - (1 if exit_layer == cfg.n_layers else 0)
-    cost = embedding_flops(cfg) + exit_layer * layer_flops(cfg, context) + len(exits) * head_flops(cfg)
+    n_heads = 1 if get_confidence(confidence).reads_hidden else len(exits)
+    cost = embedding_flops(cfg) + exit_layer * layer_flops(cfg, context) + n_heads * head_flops(cfg)
     cost = cost + n_confidences * confidence_flops(cfg, confidence)
     if kv_propagation:
         cost = cost + (cfg.n_layers - exit_layer) * kv_flops(cfg)

@@ -25,6 +25,7 @@ from lego_lightning.data.masking import mask_tokens
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, TransformerConfig, as_stage
+from lego_lightning.model.exit_classifier import ExitClassifier
 from lego_lightning.model.lean_loss import linear_cross_entropy
 from lego_lightning.model.routing import check_threshold, route
 from lego_lightning.model.transformer import ExitTransformer
@@ -72,7 +73,10 @@ class SupervisedExitLM(L.LightningModule):
             leaves at the first exit whose confidence reaches the threshold, and ``val/ppl`` is
             the routed perplexity. Tokens below the threshold at the first exit are "hard":
             every exit's perplexity is also reported on hard and easy tokens.
-        confidence: a registered confidence measure (``max_prob``, ``margin``, ``entropy``).
+        confidence: a registered confidence measure (``max_prob``, ``margin``, ``entropy``), or
+            ``learned``: an :class:`~lego_lightning.model.exit_classifier.ExitClassifier` on each
+            non-final exit's hidden state, trained with the model frozen by the
+            :class:`~lego_lightning.callbacks.ExitClassifierTraining` callback.
         lr, weight_decay, betas: AdamW; norms, biases and embeddings get no weight decay.
         scheduler, warmup_steps, min_lr_ratio: the learning-rate schedule, stepped every
             optimizer step; per-stage ``lr_scale`` multiplies it.
@@ -152,6 +156,13 @@ class SupervisedExitLM(L.LightningModule):
         self.model = ExitTransformer(self.config)
         freeze_untrainable_stages(self.model)
         self.confidence = confidence
+        # Trained apart from the model (its own optimizer, the model frozen), so DDP and the
+        # main optimizer never see it as trainable.
+        self.exit_classifier = (
+            ExitClassifier(d_model, self.config.exit_layers[:-1]).requires_grad_(False)
+            if confidence == "learned"
+            else None
+        )
         self._routing_threshold = routing_threshold
         self.optim_settings = dict(
             lr=lr,
@@ -214,6 +225,20 @@ class SupervisedExitLM(L.LightningModule):
         """The exits validation reports (all of them here; a phased module reports the trained ones)."""
         return self.config.exit_layers
 
+    def exit_confidence(self, exit_layer: int, hidden: Tensor, logits: Tensor | None = None) -> Tensor:
+        """Confidence of tokens at an exit: from ``logits`` (computed here if not given), or from
+        ``hidden`` alone with ``confidence="learned"``; the deepest exit decides nothing (ones)."""
+        if exit_layer == self.config.exit_layers[-1] and self.exit_classifier is not None:
+            return torch.ones(hidden.shape[:-1], device=hidden.device)
+        if self.exit_classifier is not None:
+            return self.exit_classifier(exit_layer, hidden)
+        return get_confidence(self.confidence)(self.model.head(exit_layer)(hidden) if logits is None else logits)
+
+    @property
+    def hidden_confidence(self) -> ExitClassifier | None:
+        """The learned classifier, for :func:`~lego_lightning.model.early_exit.routed_forward` and ``generate``."""
+        return self.exit_classifier
+
     @torch.no_grad()
     def token_confidence(self, input_ids: Tensor, exit_layer: int | None = None) -> Tensor:
         """Confidence ``(B, T)`` of every token at ``exit_layer`` (default: the first exit).
@@ -222,7 +247,7 @@ class SupervisedExitLM(L.LightningModule):
         """
         exit_layer = self.config.exit_layers[0] if exit_layer is None else exit_layer
         h = self.exit_hidden_states(input_ids, [exit_layer])[exit_layer]
-        return get_confidence(self.confidence)(self.model.head(exit_layer)(h))
+        return self.exit_confidence(exit_layer, h)
 
     def model_inputs(self, batch: Any, batch_idx: int | None = None) -> tuple[Tensor, Tensor]:
         """``(input_ids, targets)`` for the objective; ``batch_idx`` fixes the masking (evaluation)."""
@@ -265,15 +290,15 @@ class SupervisedExitLM(L.LightningModule):
         keep = targets != IGNORE_INDEX
         targets = targets[keep]
         threshold = self.routing_threshold
-        measure = get_confidence(self.confidence)
         nlls, corrects, confidences = [], [], []
         exits = self.eval_exit_layers
         for k, h in self.exit_hidden_states(input_ids, exits).items():
-            logits = self.model.head(k)(h).flatten(0, 1)[keep].float()
+            h = h.flatten(0, 1)[keep]
+            logits = self.model.head(k)(h).float()
             nlls.append(F.cross_entropy(logits, targets, reduction="none"))
             corrects.append(logits.argmax(dim=-1) == targets)
             if threshold is not None:
-                confidences.append(measure(logits))
+                confidences.append(self.exit_confidence(k, h, logits))
         hard = confidences[0] < threshold if threshold is not None else None
         for k, nll, correct in zip(exits, nlls, corrects):
             metrics.update_exit(k, nll, correct, hard)

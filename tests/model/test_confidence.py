@@ -35,7 +35,7 @@ def test_every_measure_is_in_unit_interval_and_ranks_a_peaked_distribution_highe
 def test_unknown_name_lists_the_allowed_ones():
     with pytest.raises(
         ValueError,
-        match=r"confidence='maxprob' is not a known measure; allowed: \('entropy', 'margin', 'max_prob'",
+        match=r"confidence='maxprob' is not a known measure; allowed: \('entropy', 'learned', 'margin', 'max_prob'",
     ):
         get_confidence("maxprob")
 
