@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
 from lego_lightning.model.exit_classifier import Target, train_exit_classifier
@@ -68,15 +69,17 @@ class ExitClassifierTraining(PhaseTriggeredCallback):
 
         classifier = pl_module.exit_classifier
         classifier.requires_grad_(True)
-        self.stats = train_exit_classifier(
-            pl_module.model,
-            classifier,
-            Shard(),
-            self.target,
-            self.lr,
-            epochs=self.epochs,
-            reduce_gradients=lambda g: trainer.strategy.reduce(g, reduce_op="mean"),
-        )
+        # A phase starts at a validation's end, which Lightning runs in inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            self.stats = train_exit_classifier(
+                pl_module.model,
+                classifier,
+                Shard(),
+                self.target,
+                self.lr,
+                epochs=self.epochs,
+                reduce_gradients=lambda g: trainer.strategy.reduce(g, reduce_op="mean"),
+            )
         classifier.requires_grad_(False)
         metrics = {}
         for k, v in self.stats.items():

@@ -44,12 +44,19 @@ class PhaseTriggeredCallback(Callback):
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def maybe_apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.applied and current_phase(pl_module) >= self.at_phase:
             self.apply(trainer, pl_module)
             self.applied = True
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.maybe_apply(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.maybe_apply(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied": self.applied}

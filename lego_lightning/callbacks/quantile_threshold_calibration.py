@@ -108,11 +108,9 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
                 module = type(pl_module).__name__
                 raise TypeError(f"QuantileThresholdCalibration needs a LightningModule with {name}; {module} has none")
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def maybe_apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_validation:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            super().maybe_apply(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_validation:

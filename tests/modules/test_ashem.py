@@ -176,6 +176,12 @@ def test_checkpoints_of_both_phases_load_with_weights_only(tmp_path):
         state = torch.load(path, weights_only=True)
         phases[state["epoch"]] = state["phase"]["phase"]
     assert phases == {0: 1, 1: 2, 2: 2, 3: 2}  # epoch 1 ends phase 1; its checkpoint already says phase 2
+    # ...and already holds phase 2's model: calibrated, mined, grown (identity) and frozen.
+    boundary = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
+    assert boundary["routing_threshold"] is not None
+    applied = {key.split("{")[0]: value.get("applied") for key, value in boundary["callbacks"].items()}
+    assert applied["HardExampleMining"] and applied["LayerExpansion"] and applied["LayerFreeze"]
+    assert boundary["state_dict"]["model.blocks.2.mlp.proj.weight"].abs().sum() == 0
 
 
 def run_to_end(tmp_path, max_epochs, ckpt_path=None):
