@@ -65,6 +65,33 @@ class ValidationHistory(Callback):
         return [h for h in self.history if h["phase"] == phase]
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(field)
+
+
+def peak_memory_during(fn: Any) -> int:
+    """Peak resident memory while ``fn()`` runs, above what was resident just before (bytes, Linux).
+
+    Reads ``VmHWM`` after resetting it through ``/proc/self/clear_refs``. (``ru_maxrss``
+    survives fork and exec, so in a child process it reports the parent's peak.) On a GPU the
+    peak of ``torch.cuda.max_memory_allocated`` is what counts instead.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - before
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - before
+
+
 def machine() -> str:
     """CPU model and cores, or the GPU's name when one is used."""
     import torch

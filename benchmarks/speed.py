@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, fmt, peak_memory_during, summary, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
     "research": dict(n_layers=3, d_model=64, n_heads=4, batch_size=64, ds_stages=[(1, 1), (2, 2), (3, 3)]),
@@ -152,15 +151,8 @@ def memory_child(size: str, method: str, data: str, steps: int) -> None:
     dm = make_data(Path(data), SIZES[size]["batch_size"], SIZES[size]["batch_size"] * steps)
     model = make_model(size, method, dm.vocab_size)
     loader = dm.train_dataloader()
-    rss_before = _current_rss()
-    plain_loop(model, loader, steps, warmup=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_bytes": peak - rss_before}))
-
-
-def _current_rss() -> int:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
+    peak = peak_memory_during(lambda: plain_loop(model, loader, steps, warmup=0))
+    print(json.dumps({"peak_bytes": peak}))
 
 
 def deep_supervision_vs_standard(data: Path, sizes: list[str], rounds: int, steps: int, warmup: int):
@@ -231,8 +223,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "## Deep supervision (3 exits) against standard",
         "",
         "Step time from the plain loop (forward, backward, AdamW step); peak memory from a fresh process per model "
-        "(peak RSS during training minus RSS before the first step, so it includes optimizer state, activations, "
-        "logits and allocator slack).",
+        "(peak resident memory during training above what was resident before the first step, so it includes "
+        "optimizer state, activations, logits and allocator slack).",
         "",
         "| size | exits | standard s/step | deep supervision s/step | step-time ratio | standard peak MiB "
         "| deep supervision peak MiB | memory ratio |",

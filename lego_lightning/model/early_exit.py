@@ -64,7 +64,7 @@ def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, active: T
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :M]  # (B, M)
     valid = torch.arange(M, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, M)
     index = order.unsqueeze(-1).expand(B, M, D)
-    x_act, h_act = x.gather(1, index), h.gather(1, index)
+    x_old, h_act = x.gather(1, index), h.gather(1, index)
     q = _to_heads(F.linear(h_act, wq, bq), H)
     if model.rotary is not None:
         q, k = model.rotary(q, order), model.rotary(k)
@@ -73,10 +73,10 @@ def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, active: T
     else:
         allowed = torch.ones(B, M, T, dtype=torch.bool, device=x.device)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))
-    x_act = x_act + block.attn.proj(_from_heads(y))
+    x_act = x_old + block.attn.proj(_from_heads(y))
     x_act = x_act + block.mlp(block.ln2(x_act))
-    # Padding slots (beyond a row's count) hold inactive positions: write their old state back.
-    x_act = torch.where(valid.unsqueeze(-1), x_act, x.gather(1, index))
+    if not bool(valid.all()):  # padding slots (beyond a row's count) hold inactive positions: keep their state
+        x_act = torch.where(valid.unsqueeze(-1), x_act, x_old)
     return x.scatter(1, index, x_act)
 
 
@@ -111,7 +111,7 @@ def routed_forward(
     active = torch.ones(B, T, dtype=torch.bool, device=idx.device)
     exit_position = torch.full((B, T), len(cfg.stages) - 1, dtype=torch.long, device=idx.device)
     nll = torch.zeros(B, T, device=idx.device) if targets is not None else None
-    logits_out = None if targets is not None else torch.zeros(B, T, cfg.vocab_size, device=idx.device)
+    logits_out = None if targets is not None else torch.empty(B, T, cfg.vocab_size, device=idx.device)  # all written
 
     def record(rows: Tensor, cols: Tensor, logits: Tensor) -> None:
         if nll is not None:
