@@ -1,4 +1,4 @@
-"""The ``lego`` command: LightningCLI with a TensorBoard logger, LR monitor and checkpointing by default.
+"""The ``lego`` command: LightningCLI with TensorBoard, an LR monitor, exit diagnostics and checkpoints by default.
 
     lego fit --config configs/deep_supervision.yaml
     lego validate --config configs/deep_supervision.yaml --ckpt_path <checkpoint>
@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lego_lightning.callbacks.checkpoint import BestAndLastCheckpoint
+from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.modules import SupervisedExitLM
 
 
@@ -104,6 +105,7 @@ class LegoCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitorIfLogging, "lr_monitor")
+        parser.add_lightning_class_args(ExitDiagnostics, "exit_diagnostics")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def after_fit(self) -> None:

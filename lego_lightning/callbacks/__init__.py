@@ -2,6 +2,7 @@
 
 from lego_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from lego_lightning.callbacks.exit_classifier_training import ExitClassifierTraining
+from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.callbacks.exit_weight_schedule import ExitWeightSchedule
 from lego_lightning.callbacks.hard_example_mining import HardExampleMining
 from lego_lightning.callbacks.layer_expansion import LayerExpansion
@@ -13,6 +14,7 @@ from lego_lightning.callbacks.quantile_threshold_calibration import QuantileThre
 __all__ = [
     "BestAndLastCheckpoint",
     "ExitClassifierTraining",
+    "ExitDiagnostics",
     "ExitWeightSchedule",
     "HardExampleMining",
     "LayerExpansion",
