@@ -379,40 +379,20 @@ def observations(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Seed 0's sweeps of ASHEM and the multi-exit baselines, and each 4-layer baseline's single point."""
     try:
-        import matplotlib
+        from lego_lightning import viz
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        first = min(r["seed"] for r in rows)
+        curves = {r["variant"]: r["sweep"] for r in rows if r["seed"] == first and "sweep" in r}
+        points = {
+            f"standard_4_layers, seed {r['seed']}": (1.0, r["deep_ppl"])
+            for r in rows
+            if r["variant"] == "standard_4_layers"
+        }
+        viz.save(viz.sweep_curve(curves, points, title=f"Threshold sweeps, WikiText-2 valid (seed {first})"), path)
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"ours": "C0", "research": "C3", "exits_2_and_4": "C1", "deep_supervision_4": "C2"}
-    for variant, color in colors.items():
-        for i, r in enumerate(r for r in rows if r["variant"] == variant and "sweep" in r):
-            pts = sorted(r["sweep"], key=lambda p: p["flops_ratio"])
-            ax.plot(
-                [p["flops_ratio"] for p in pts],
-                [p["ppl"] for p in pts],
-                "-o",
-                ms=2,
-                color=color,
-                alpha=0.8,
-                label=None if i else variant,
-            )
-    for r in rows:
-        if r["variant"] == "standard_4_layers":
-            ax.plot(
-                [1.0], [r["deep_ppl"]], "k*", ms=9, label="standard_4_layers" if r["seed"] == rows[0]["seed"] else None
-            )
-    ax.set_xlabel("FLOPs ratio against the 4-layer model (heads and confidence counted)")
-    ax.set_ylabel("routed validation PPL")
-    ax.set_title("Threshold sweeps, WikiText-2 valid")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

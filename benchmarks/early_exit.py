@@ -356,24 +356,12 @@ def learned_against_max_prob(data: Path, vocab_cap: int, steps: int) -> dict[str
 
 def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     try:
-        import matplotlib
+        from lego_lightning import viz
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        named = {f"confidence: {name}": points for name, points in curves.items()}
+        viz.save(viz.sweep_curve(named, title="Exit after layer 2 of 4, WikiText-2 valid"), path)
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, points in curves.items():
-        pts = sorted(points, key=lambda p: p["flops_ratio"])
-        ax.plot([p["flops_ratio"] for p in pts], [p["ppl"] for p in pts], "-o", ms=3, label=f"confidence: {name}")
-    ax.set_xlabel("FLOPs ratio against the full model (heads and confidence counted)")
-    ax.set_ylabel("routed validation PPL")
-    ax.set_title("Exit after layer 2 of 4, WikiText-2 valid")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

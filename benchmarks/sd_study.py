@@ -168,38 +168,32 @@ def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
 
 def plot(rows: list[dict[str, Any]], base_lr: float, path: Path) -> bool:
     try:
-        import matplotlib
+        from lego_lightning import viz
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = viz._pyplot()
     except ImportError:
         return False
     objectives = [o for o in OBJECTIVES if any(r["objective"] == o for r in rows)]
     fig, axes = plt.subplots(len(objectives), len(SCHEDULES), figsize=(13, 3.5 * len(objectives)), squeeze=False)
-    colors = {"none": "C0", "sd": "C1", "sd2": "C2", "none @ SD2-implied lr": "C3"}
     for i, objective in enumerate(objectives):
         for j, schedule in enumerate(SCHEDULES):
-            ax = axes[i][j]
             groups: dict[str, list[dict[str, Any]]] = {}
             for r in rows:
                 if r["objective"] == objective and r["schedule"] == schedule:
                     groups.setdefault(label(r, base_lr), []).append(r)
+            series, styles = {}, {}
             for name, mine in groups.items():
-                epochs = range(1, len(mine[0]["val_curve"]) + 1)
-                val = [statistics.fmean(c) for c in zip(*(r["val_curve"] for r in mine))]
-                train = [statistics.fmean(c) for c in zip(*(r["train_curve"] for r in mine))]
-                ax.plot(epochs, val, "-", color=colors[name], label=f"{name} (val)")
-                ax.plot(epochs, train, "--", color=colors[name], alpha=0.6, label=f"{name} (train)")
-            ax.set_title(f"{objective}, {schedule}")
-            ax.grid(alpha=0.3)
-            if j == 0:
-                ax.set_ylabel("loss (mean over seeds)")
-            if i == len(objectives) - 1:
-                ax.set_xlabel("epoch")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                for kind in ("val", "train"):
+                    curve = [statistics.fmean(c) for c in zip(*(r[f"{kind}_curve"] for r in mine))]
+                    series[f"{name} ({kind})"] = list(enumerate(curve, start=1))
+                    styles[f"{name} ({kind})"] = "-" if kind == "val" else "--"
+            viz.metric_curves(
+                series, title=f"{objective}, {schedule}", ylabel="loss (mean over seeds)", styles=styles, ax=axes[i][j]
+            )
+            axes[i][j].set_xlabel("epoch")
+            if (i, j) != (0, 0):
+                axes[i][j].get_legend().remove()
+    viz.save(fig, path, dpi=110)
     return True
 
 
