@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA, REPO, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, config_cli, fmt, summary, write_results
 
 # SEEDS.md section 4: method -> (config, research PPL, research compute %), in the research's rank order.
 METHODS: dict[str, tuple[str, float, float]] = {
@@ -37,31 +37,9 @@ METHODS: dict[str, tuple[str, float, float]] = {
 
 def run_one(method: str, seed: int, patience: int, max_epochs: int, threshold: float, data: Path) -> dict[str, Any]:
     from lego_lightning.callbacks import PerplexityEarlyStopping
-    from lego_lightning.cli import LegoCLI
 
-    config = REPO / "configs" / f"{METHODS[method][0]}.yaml"
     with tempfile.TemporaryDirectory() as work:
-        cli = LegoCLI(
-            args=[
-                "--config",
-                str(config),
-                "--data.path",
-                str(data),
-                "--seed_everything",
-                str(seed),
-                "--trainer.max_epochs",
-                str(max_epochs),
-                "--trainer.logger",
-                "false",
-                "--trainer.default_root_dir",
-                work,
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_model_summary",
-                "false",
-            ],
-            run=False,
-        )
+        cli = config_cli(METHODS[method][0], data, seed, work, "--trainer.max_epochs", str(max_epochs))
         trainer, model = cli.trainer, cli.model
         stopper = next(cb for cb in trainer.callbacks if isinstance(cb, PerplexityEarlyStopping))
         stopper.patience = patience

@@ -92,6 +92,35 @@ def peak_memory_during(fn: Any) -> int:
     return _status_bytes("VmHWM") - before
 
 
+QUIET_TRAINER = (
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+)
+
+
+def config_cli(config: str, data: Path, seed: int, work: str, *overrides: str) -> Any:
+    """A committed config through the ``lego`` CLI classes, not run: no logger, quiet, files under ``work``."""
+    from lego_lightning.cli import LegoCLI
+
+    args = [
+        "--config",
+        str(REPO / "configs" / f"{config}.yaml"),
+        "--data.path",
+        str(data),
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        work,
+        *QUIET_TRAINER,
+        *overrides,
+    ]
+    return LegoCLI(args=args, run=False)
+
+
 def machine() -> str:
     """CPU model and cores, or the GPU's name when one is used."""
     import torch

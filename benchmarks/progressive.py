@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DEFAULT_DATA, REPO, ValidationHistory, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, ValidationHistory, config_cli, fmt, summary, write_results
 from lego_lightning.model import flops
 
 # SEEDS.md section 3: (accuracy, PPL, seconds) per phase; vocabulary 69,830, one seed.
@@ -29,29 +29,11 @@ RESEARCH = {
 
 
 def run_one(method: str, seed: int, patience: int, args: argparse.Namespace) -> dict[str, Any]:
-    from lego_lightning.cli import LegoCLI
-
     history = ValidationHistory()
     with tempfile.TemporaryDirectory() as work:
-        cli_args = [
-            "--config",
-            str(REPO / "configs" / f"progressive_{method}.yaml"),
-            "--data.path",
-            str(args.data),
-            "--seed_everything",
-            str(seed),
-            "--trainer.logger",
-            "false",
-            "--trainer.default_root_dir",
-            work,
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--model.phase1_patience",
-            str(patience),
-            "--model.phase2_patience",
-            str(patience),
+        overrides = [f"--model.{name}" for name in ("phase1_patience", "phase2_patience")]
+        cli_args = [overrides[0], str(patience), overrides[1], str(patience)]
+        cli_args += [
             "--model.phase1_max_epochs",
             str(args.max_epochs),
             "--model.phase2_max_epochs",
@@ -59,7 +41,7 @@ def run_one(method: str, seed: int, patience: int, args: argparse.Namespace) -> 
         ]
         if args.vocab_cap:
             cli_args += ["--data.max_vocab_size", str(args.vocab_cap)]
-        cli = LegoCLI(args=cli_args, run=False)
+        cli = config_cli(f"progressive_{method}", args.data, seed, work, *cli_args)
         cli.trainer.callbacks.append(history)
         cli.trainer.fit(cli.model, cli.datamodule)
     module = cli.model

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +36,77 @@ def tiny_lm(vocab_size: int = 64, **kwargs: Any) -> SupervisedExitLM:
     return SupervisedExitLM(**{**defaults, **kwargs})
 
 
+# A phased module small enough for a test: two epochs per phase, phases ended by their limit.
+TINY_PHASED: dict[str, Any] = dict(
+    vocab_size=64,
+    d_model=32,
+    n_heads=2,
+    max_seq_len=16,
+    lr=3e-3,
+    phase1_max_epochs=2,
+    phase2_max_epochs=2,
+    phase1_patience=5,
+    phase2_patience=5,
+)
+
+
 def tiny_ashem(**kwargs: Any) -> ASHEM:
-    defaults: dict[str, Any] = dict(
-        vocab_size=64,
-        d_model=32,
-        n_heads=2,
-        max_seq_len=16,
-        lr=3e-3,
-        phase1_max_epochs=2,
-        phase2_max_epochs=2,
-        phase1_patience=5,
-        phase2_patience=5,
-    )
-    return ASHEM(**{**defaults, **kwargs})
+    return ASHEM(**{**TINY_PHASED, **kwargs})
 
 
 def synthetic(**kwargs: Any) -> SyntheticDataModule:
     defaults: dict[str, Any] = dict(vocab_size=64, seq_len=16, batch_size=16, n_train=64, n_val=32, n_calibration=32)
     return SyntheticDataModule(**{**defaults, **kwargs})
+
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER_VARS = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment, the repo importable, without Lightning's launcher variables.
+
+    An in-process DDP run leaves LOCAL_RANK and friends behind; a child that inherits
+    LOCAL_RANK waits for an external launcher instead of starting rank 1.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def two_rank_fit(config: str, corpus: Path, tmp_path: Path, strategy: str, *extra: str) -> list[dict[str, Any]]:
+    """``lego fit`` on 2 CPU processes with :class:`RankStateDump`; every rank's state, weights and hard set."""
+    out = tmp_path / "ranks"
+    args = (
+        f"--data.batch_size 4 --trainer.accelerator cpu --trainer.strategy {strategy} --trainer.devices 2 "
+        "--trainer.limit_train_batches 3 --trainer.limit_val_batches 3 --trainer.enable_progress_bar false"
+    ).split()
+    cmd = [
+        sys.executable,
+        "-m",
+        "lego_lightning.cli",
+        "fit",
+        "--config",
+        str(REPO / "configs" / config),
+        "--data.path",
+        str(corpus),
+        *args,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.callbacks+=tests.helpers.RankStateDump",
+        f"--trainer.callbacks.out_dir={out}",
+        *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = []
+    for r in (0, 1):
+        state = json.loads((out / f"rank{r}.json").read_text())
+        state["weights"] = torch.load(out / f"rank{r}.pt", weights_only=True)
+        mask = out / f"rank{r}_hard_mask.pt"
+        state["hard_mask"] = torch.load(mask, weights_only=True) if mask.exists() else None
+        ranks.append(state)
+    return ranks
 
 
 class RankStateDump(Callback):
@@ -83,8 +139,14 @@ class Regression(L.LightningModule):
     at that step (a detached constant: the gradient stays finite).
     """
 
-    def __init__(self, schedule: str = "constant", lrs: tuple[float, ...] = (0.05,), total_steps: int = 8,
-                 loss_factor: float = 1.0, nan_at_step: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        schedule: str = "constant",
+        lrs: tuple[float, ...] = (0.05,),
+        total_steps: int = 8,
+        loss_factor: float = 1.0,
+        nan_at_step: int | None = None,
+    ) -> None:
         super().__init__()
         self.net = torch.nn.Linear(4, 1)
         self.extra = torch.nn.Linear(4, 1)

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -7,14 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.conftest import REPO
-
-LAUNCHER_VARS = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+from tests.helpers import REPO, subprocess_env
 
 
 def test_both_ranks_apply_the_scale_of_the_mean_loss_and_keep_equal_weights(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     script = REPO / "tests/scripts/loss_scaled_lr_ddp.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip

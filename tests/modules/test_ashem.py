@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lego_lightning import ASHEM
 from lego_lightning.callbacks import HardExampleMining
-from tests.helpers import quiet_trainer, synthetic, tiny_ashem
+from tests.helpers import TINY_PHASED, quiet_trainer, synthetic, tiny_ashem
 
 FROZEN = ("model.tok_emb.", "model.pos_emb.", "model.blocks.0.", "model.blocks.1.", "model.heads.0.")
 
@@ -71,19 +71,8 @@ class ProbedASHEM(ASHEM):
 
 
 def probed(dm, **kwargs):
-    defaults = dict(
-        vocab_size=64,
-        d_model=32,
-        n_heads=2,
-        max_seq_len=16,
-        lr=3e-3,
-        phase1_max_epochs=3,
-        phase2_max_epochs=2,
-        phase1_patience=5,
-        phase2_patience=5,
-    )
     probe = PhaseProbe(dm)
-    return ProbedASHEM(probe=probe, **{**defaults, **kwargs}), probe
+    return ProbedASHEM(probe=probe, **{**TINY_PHASED, "phase1_max_epochs": 3, **kwargs}), probe
 
 
 def test_one_fit_runs_both_phases_with_growth_freezing_and_a_lower_lr(tmp_path):

@@ -2,22 +2,11 @@ import pytest
 import torch
 
 from lego_lightning import ProgressiveExitLM, Stage
-from tests.helpers import quiet_trainer, synthetic
+from tests.helpers import TINY_PHASED, quiet_trainer, synthetic
 
 
 def progressive(**kwargs):
-    defaults = dict(
-        vocab_size=64,
-        d_model=32,
-        n_heads=2,
-        max_seq_len=16,
-        lr=3e-3,
-        phase1_max_epochs=2,
-        phase2_max_epochs=2,
-        phase1_patience=5,
-        phase2_patience=5,
-    )
-    return ProgressiveExitLM(**{**defaults, **kwargs})
+    return ProgressiveExitLM(**{**TINY_PHASED, **kwargs})
 
 
 def test_standard_progressive_grows_freezes_and_lowers_the_lr(tmp_path):
