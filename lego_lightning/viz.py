@@ -20,10 +20,9 @@ Series = Sequence[tuple[int, float]]  # (step, value)
 
 
 def _pyplot() -> Any:
+    # No backend is forced: matplotlib takes Agg on a machine without a display, and a
+    # notebook keeps its inline backend (forcing Agg here hid every figure in notebooks).
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("lego_lightning.viz needs matplotlib: pip install 'lego-lightning[viz]'") from err
