@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, fmt, summary, write_results
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
-from lego_lightning.callbacks import PerplexityEarlyStopping
+from lego_lightning.callbacks import HardExampleMining, PerplexityEarlyStopping
 from lego_lightning.data import TextDataModule
 from lego_lightning.evaluation import ExitOutputs, collect_exit_outputs, routed_metrics, threshold_sweep
 from lego_lightning.model import flops
@@ -136,8 +136,10 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
     )
     module.recorder = recorder = Recorder(dm)
     start = time.perf_counter()
-    trainer_for(args, max_epochs=-1).fit(module, dm)
+    trainer = trainer_for(args, max_epochs=-1)
+    trainer.fit(module, dm)
     wall = time.perf_counter() - start
+    mining = next(cb for cb in trainer.callbacks if isinstance(cb, HardExampleMining))
     cfg, shallow, deep = module.config, module.shallow_exit, module.deep_exit
     final = collect_exit_outputs(module, dm.val_dataloader(), [shallow, deep])
     threshold = module.routing_threshold
@@ -172,6 +174,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
         "threshold": threshold,
         "calibration_hard_frac": (p1["calibration"].confidence[0] < threshold).float().mean().item(),
         "calibration_mean_confidence": p1["calibration"].confidence[0].mean().item(),
+        "train_hard_frac": mining.hard_frac,
         "phase1_hard_ppl": p1["val"].exit_ppl(shallow, hard_val),
         "phase1_easy_ppl": p1["val"].exit_ppl(shallow, ~hard_val),
         "phase2_ppl": best2["ppl"],
@@ -268,6 +271,7 @@ def research_table(ours: list[dict[str, Any]]) -> str:
         ("threshold at ratio 0.5", "threshold", False, 4),
         ("fraction of calibration tokens below it", "calibration_hard_frac", True, 2),
         ("mean shallow confidence (calibration)", "calibration_mean_confidence", False, 4),
+        ("fraction of training tokens mined (the threshold on data phase 1 trained on)", "train_hard_frac", True, 2),
         ("Phase 1 PPL on hard tokens", "phase1_hard_ppl", False, 1),
         ("Phase 2 best val PPL (two-stage)", "phase2_ppl", False, 1),
         ("Phase 2 PPL on hard tokens (deep exit)", "phase2_hard_ppl", False, 1),
