@@ -155,18 +155,35 @@ class Generation:
 def _attend_cached(
     model: ExitTransformer, block: Block, x: Tensor, cache_k: Tensor, cache_v: Tensor, position: int, rows: Tensor
 ) -> Tensor:
-    """One decoding step of one layer: every row writes its key/value; ``rows`` also attend and run the MLP."""
+    """One decoding step of one layer: every row writes its key/value; ``rows`` also attend and run the MLP.
+
+    Few operations per step matter as much as few FLOPs at decode time (each is a tiny matrix
+    product): with every row active this is the plain layer, one fused q/k/v projection and no
+    gathers; rows that left pay one fused k/v projection.
+    """
+    B, _, D = x.shape
     H = model.config.n_heads
-    (wq, bq), (wk, bk), (wv, bv) = _qkv_weights(block)
     h = block.ln1(x)  # (B, 1, D)
-    k, v = _to_heads(F.linear(h, wk, bk), H), _to_heads(F.linear(h, wv, bv), H)
-    pos = torch.full((x.shape[0], 1), position, dtype=torch.long, device=x.device)
+    everyone = len(rows) == B
+    if everyone:
+        q, k, v = (_to_heads(t, H) for t in block.attn.qkv(h).split(D, dim=-1))
+    else:
+        kv = F.linear(h, block.attn.qkv.weight[D:], block.attn.qkv.bias[D:])
+        k, v = (_to_heads(t, H) for t in kv.split(D, dim=-1))
+    pos = torch.full((B, 1), position, dtype=torch.long, device=x.device)
     if model.rotary is not None:
         k = model.rotary(k, pos)
     cache_k[:, :, position : position + 1] = k
     cache_v[:, :, position : position + 1] = v
     if len(rows) == 0:
         return x
+    if everyone:
+        if model.rotary is not None:
+            q = model.rotary(q, pos)
+        y = F.scaled_dot_product_attention(q, cache_k[:, :, : position + 1], cache_v[:, :, : position + 1])
+        x = x + block.attn.proj(_from_heads(y))
+        return x + block.mlp(block.ln2(x))
+    (wq, bq), _, _ = _qkv_weights(block)
     q = _to_heads(F.linear(h[rows], wq, bq), H)
     if model.rotary is not None:
         q = model.rotary(q, pos[rows])
@@ -255,11 +272,10 @@ def generate(
         next_token = torch.zeros(B, dtype=prompt.dtype, device=dev)
         for s, stage in enumerate(cfg.stages):
             first, last = stage.layers
+            rows = active.nonzero(as_tuple=True)[0]  # fixed within a stage: rows leave only at exits
             for layer in range(first, last + 1):
-                rows = active.nonzero(as_tuple=True)[0]
                 k_cache, v_cache = caches[layer - 1]
                 x = _attend_cached(model, model.blocks[layer - 1], x, k_cache, v_cache, position, rows)
-            rows = active.nonzero(as_tuple=True)[0]
             if len(rows) == 0:
                 continue  # every row has left; deeper layers still wrote their keys and values
             token, leave = _exit_decision(
