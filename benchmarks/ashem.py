@@ -16,6 +16,7 @@ Results are written after every run, so an interrupted benchmark still leaves wh
 
     python -m benchmarks.ashem                                  # research setup, full vocabulary
     python -m benchmarks.ashem --vocab-cap 8192 --variant-seeds 0   # what fits on 2 CPU cores
+    python -m benchmarks.ashem --vocab-cap 8192 --resume            # after an interruption
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, earlier_runs, fmt, summary, write_results
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
 from lego_lightning.callbacks import HardExampleMining, PerplexityEarlyStopping
 from lego_lightning.data import TextDataModule
@@ -423,7 +424,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
             "## What holds and what does not\n\n" + observations(rows),
         ]
     )
-    write_results(args.name, [{k: v for k, v in r.items()} for r in rows], markdown, extra={"complete": done})
+    write_results(
+        args.name,
+        [{k: v for k, v in r.items()} for r in rows],
+        markdown,
+        extra={"complete": done, "resumed_from": args.resumed_from},
+    )
 
 
 def main() -> None:
@@ -440,6 +446,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--name", default="ashem")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
 
@@ -454,16 +461,23 @@ def main() -> None:
     )
     dm.setup("fit")
     variant_seeds = args.seeds if args.variant_seeds is None else args.variant_seeds
-    rows: list[dict[str, Any]] = []
+    rows, args.resumed_from = earlier_runs(args.name, "rows") if args.resume else ([], [])
+
+    def measured(variant: str, seed: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["variant"] == variant and r["seed"] == seed), None)
+
     for seed in args.seeds:
-        ours = run_ashem("ours", seed, dm, args)
-        rows.append(ours)
-        report(rows, args, done=False)
-        for name in args.baselines:
-            rows.append(run_baseline(name, seed, ours["training_flops"], dm, args))
+        ours = measured("ours", seed)
+        if ours is None:
+            ours = run_ashem("ours", seed, dm, args)
+            rows.append(ours)
             report(rows, args, done=False)
+        for name in args.baselines:
+            if measured(name, seed) is None:
+                rows.append(run_baseline(name, seed, ours["training_flops"], dm, args))
+                report(rows, args, done=False)
         for variant in args.variants:
-            if variant != "ours" and seed in variant_seeds:
+            if variant != "ours" and seed in variant_seeds and measured(variant, seed) is None:
                 rows.append(run_ashem(variant, seed, dm, args))
                 report(rows, args, done=False)
     report(rows, args, done=True)

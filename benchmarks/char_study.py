@@ -8,6 +8,7 @@ ratio (everything that runs) and the research's layers-only ratio.
 
     python -m benchmarks.char_study                      # 3 seeds, patience 0 and 3
     python -m benchmarks.char_study --seeds 0 --patience 0 --methods standard deed
+    python -m benchmarks.char_study --resume   # after an interruption: run only what is missing
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA, config_cli, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, config_cli, earlier_runs, fmt, summary, write_results
 
 # SEEDS.md section 4: method -> (config, research PPL, research compute %), in the research's rank order.
 METHODS: dict[str, tuple[str, float, float]] = {
@@ -157,12 +158,16 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--name", default="char_study")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
     args = parser.parse_args()
 
-    runs: list[dict[str, Any]] = []
+    runs, args.resumed_from = earlier_runs(args.name, "runs") if args.resume else ([], [])
+    done_before = {(r["method"], r["seed"], r["patience"]) for r in runs}
     for patience in args.patience:
         for method in args.methods:
             for seed in args.seeds:
+                if (method, seed, patience) in done_before:
+                    continue
                 row = run_one(method, seed, patience, args.max_epochs, args.threshold, args.data)
                 print(row, flush=True)
                 runs.append(row)
@@ -193,7 +198,12 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
         "is not defined in its notes (it reports 65% for methods without routing); it is shown for reference only.\n\n"
         + "\n\n".join(sections)
     )
-    path = write_results(args.name, rows, markdown, extra={"runs": runs, "threshold": args.threshold, "complete": done})
+    path = write_results(
+        args.name,
+        rows,
+        markdown,
+        extra={"runs": runs, "threshold": args.threshold, "complete": done, "resumed_from": args.resumed_from},
+    )
     print(f"wrote {path}", flush=True)
 
 

@@ -174,8 +174,27 @@ def fmt(s: dict[str, Any], digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def earlier_runs(name: str, key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """For ``--resume``: the runs an earlier, interrupted invocation wrote to ``<name>.json``.
+
+    Returns those runs (the list stored under ``key``) and where they came from: every earlier
+    invocation's command, git sha and date, so the results say which runs a later command
+    did not measure itself.
+    """
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    runs = data.get(key, [])
+    origin = {k: data[k] for k in ("command", "git_sha", "date")} | {"runs": len(runs)}
+    return runs, [*data.get("resumed_from", []), origin]
+
+
 def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``<name>.json`` and ``<name>.md`` under ``benchmarks/results/``."""
+    """Write ``<name>.json`` and ``<name>.md`` under ``benchmarks/results/``.
+
+    ``extra["resumed_from"]`` (from :func:`earlier_runs`) is listed in the header.
+    """
     import lightning
     import torch
 
@@ -194,6 +213,13 @@ def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: d
         f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
         f"torch {meta['torch']}, lightning {meta['lightning']}, git {meta['git_sha']}, {meta['date']}\n\n"
     )
+    for earlier in (extra or {}).get("resumed_from", []):
+        header += (
+            f"Resumed: {earlier['runs']} runs measured earlier by `{earlier['command']}` "
+            f"(git {earlier['git_sha']}, finished {earlier['date']}).  \n"
+        )
+    if (extra or {}).get("resumed_from"):
+        header += "\n"
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown.strip() + "\n")
     return path
