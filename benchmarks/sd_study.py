@@ -9,6 +9,7 @@ plain change of learning rate.
 
     python -m benchmarks.sd_study
     python -m benchmarks.sd_study --vocab-cap 8192 --train-samples 2000 --epochs 12
+    python -m benchmarks.sd_study --vocab-cap 8192 --resume   # after an interruption
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, fmt, summary, write_results
+from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, earlier_runs, fmt, summary, write_results
 from lego_lightning import SupervisedExitLM
 from lego_lightning.callbacks import LossScaledLR
 from lego_lightning.data import TextDataModule
@@ -218,7 +219,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
         "## Curves\n\n" + (f"![curves]({args.name}_curves.png)" if has_plot else "(matplotlib missing: no image)")
     )
     parts.append("## What holds\n\n" + observations(rows, args.lr))
-    write_results(args.name, rows, "\n\n".join(parts), extra={"complete": done})
+    write_results(args.name, rows, "\n\n".join(parts), extra={"complete": done, "resumed_from": args.resumed_from})
 
 
 def main() -> None:
@@ -235,6 +236,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--name", default="sd_study")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
     dm = TextDataModule(
@@ -246,19 +248,29 @@ def main() -> None:
         max_vocab_size=args.vocab_cap,
     )
     dm.setup("fit")
-    rows: list[dict[str, Any]] = []
+    rows, args.resumed_from = earlier_runs(args.name, "rows") if args.resume else ([], [])
+
+    def measured(objective: str, schedule: str, mode: str, seed: int, at_base_lr: bool) -> bool:
+        return any(
+            (r["objective"], r["schedule"], r["mode"], r["seed"]) == (objective, schedule, mode, seed)
+            and (r["lr"] == args.lr) == at_base_lr
+            for r in rows
+        )
+
     for objective in args.objectives:
         for schedule in SCHEDULES:
             for mode in MODES:
                 for seed in args.seeds:
-                    rows.append(run_one(objective, schedule, mode, seed, args.lr, dm, args))
-                    print({k: v for k, v in rows[-1].items() if "curve" not in k}, flush=True)
-                    report(rows, args, done=False)
+                    if not measured(objective, schedule, mode, seed, at_base_lr=True):
+                        rows.append(run_one(objective, schedule, mode, seed, args.lr, dm, args))
+                        print({k: v for k, v in rows[-1].items() if "curve" not in k}, flush=True)
+                        report(rows, args, done=False)
             sd2 = [r for r in rows if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "sd2")]
             implied_lr = args.lr * statistics.fmean(r["mean_scale"] for r in sd2)
             for seed in args.seeds:
-                rows.append(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
-                report(rows, args, done=False)
+                if not measured(objective, schedule, "none", seed, at_base_lr=False):
+                    rows.append(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
+                    report(rows, args, done=False)
     report(rows, args, done=True)
 
 
