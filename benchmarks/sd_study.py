@@ -151,11 +151,13 @@ def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
                 continue
             none, sd, sd2 = (pick[m] for m in MODES)
             spread = max(summary([r["best_val_loss"] for r in g])["std"] for g in pick.values())
+            # One seed has no spread to report: say so rather than print 0.
+            spread_text = f"largest seed spread {spread:.3f}" if len(none) > 1 else "one seed, no spread"
             line = (
                 f"- {objective}, {schedule}: final train loss none {_mean(none, 'final_train_loss'):.3f}, "
                 f"SD {_mean(sd, 'final_train_loss'):.3f}, SD2 {_mean(sd2, 'final_train_loss'):.3f}; best val loss "
                 f"none {_mean(none, 'best_val_loss'):.3f}, SD {_mean(sd, 'best_val_loss'):.3f}, "
-                f"SD2 {_mean(sd2, 'best_val_loss'):.3f} (largest seed spread {spread:.3f}); best epoch none "
+                f"SD2 {_mean(sd2, 'best_val_loss'):.3f} ({spread_text}); best epoch none "
                 f"{_mean(none, 'best_epoch'):.1f}, SD2 {_mean(sd2, 'best_epoch'):.1f}."
             )
             if implied:
