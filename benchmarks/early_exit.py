@@ -40,6 +40,7 @@ from lego_lightning.callbacks import ExitClassifierTraining
 from lego_lightning.data import TextDataModule
 from lego_lightning.evaluation import collect_exit_outputs, routed_metrics, threshold_sweep
 from lego_lightning.model import flops
+from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.early_exit import generate, routed_forward
 from lego_lightning.model.exit_classifier import ExitClassifier
 
@@ -91,6 +92,11 @@ def routed_inference(size: str, repeats: int) -> list[dict[str, Any]]:
     }
     full = timed(lambda: model(idx, [last]), repeats)
     simulated = timed(lambda: model(idx), repeats)  # every layer for every token, every head
+    # FLOPs count a softmax as 5 per logit against 2 x d_model for the head's matmul; time says otherwise
+    # when d_model is small, because each pass over the (tokens x vocab) logits is bound by memory.
+    shallow_logits = model.head(first)(hidden)
+    head_s = timed(lambda: model.head(first)(hidden), repeats)
+    max_prob_s = timed(lambda: get_confidence("max_prob")(shallow_logits), repeats)
     context = flops.mean_context(s["seq"])
     rows = []
     for name, conf in confidences.items():
@@ -114,6 +120,8 @@ def routed_inference(size: str, repeats: int) -> list[dict[str, Any]]:
                     "wall_ratio": wall / full,
                     "flops_ratio": flops_ratio,
                     "saving_realised": (1 - wall / full) / (1 - flops_ratio) if flops_ratio < 1 else None,
+                    "max_prob_over_head_time": max_prob_s / head_s,
+                    "max_prob_over_head_flops": get_confidence("max_prob").flops_per_element / (2 * s["d_model"]),
                 }
             )
     return rows
@@ -469,6 +477,14 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, has_plot: bool) 
             f"- At the research size the head dominates: with max-prob confidence the routed model runs up to "
             f"{worst:.0%} of the full model's FLOPs (every token pays the shallow head and its softmax), so early exit "
             "costs more than it saves there; the learned classifier removes the shallow head for tokens that continue."
+        )
+        r = small[0]
+        lines.append(
+            f"- Wall time exceeds FLOPs there because the logits are wide and d_model is small: computing max-prob "
+            f"from the shallow logits takes {r['max_prob_over_head_time']:.2f}x the time of the head's matrix product, "
+            f"though it is {r['max_prob_over_head_flops']:.0%} of its FLOPs. Every pass over the tokens x vocabulary "
+            "logits (the confidence, copying each token's logits into the output at the exit it takes) is bound by "
+            "memory, and FLOPs do not count memory traffic."
         )
     if big:
         realised = [r["saving_realised"] for r in big]
