@@ -256,7 +256,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(
             f"- {r['size']} size: deep supervision takes {r['step_time_ratio']['mean']:.2f}x the step time and "
             f"{r['memory_ratio']:.2f}x the peak memory of standard training; each extra exit runs the "
-            f"{r['vocab_size']}-word head and keeps its logits for the backward pass."
+            f"{r['vocab_size']}-word head forward and backward; the chunked exit loss keeps none of its logits."
         )
     return "\n".join(lines)
 
