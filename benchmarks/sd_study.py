@@ -31,6 +31,8 @@ from lego_lightning.callbacks import LossScaledLR
 from lego_lightning.data import TextDataModule
 
 SCHEDULES = ("constant", "linear", "cosine")
+# Two losses closer than this (nats) count as the same in the written verdicts.
+SAME_LOSS = 0.03
 MODES = ("none", "sd", "sd2")
 OBJECTIVES = ("masked", "causal")
 
@@ -166,7 +168,64 @@ def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
                     f"{_mean(implied, 'final_train_loss'):.3f}, best val loss {_mean(implied, 'best_val_loss'):.3f}."
                 )
             out.append(line)
-    return "\n".join(out)
+    return "\n".join(verdicts(rows, base_lr) + out)
+
+
+def verdicts(rows: list[dict[str, Any]], base_lr: float) -> list[str]:
+    """The research's three claims, each checked per objective across the three schedules."""
+    out = []
+    for objective in OBJECTIVES:
+        groups = []
+        for schedule in SCHEDULES:
+            at = {
+                m: [
+                    r
+                    for r in rows
+                    if (r["objective"], r["schedule"], r["mode"], r["lr"]) == (objective, schedule, m, base_lr)
+                ]
+                for m in MODES
+            }
+            implied = [
+                r
+                for r in rows
+                if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "none") and r["lr"] != base_lr
+            ]
+            if all(at.values()) and implied:
+                groups.append((at["none"], at["sd"], at["sd2"], implied))
+        if not groups:
+            continue
+        n = len(groups)
+        sd_val = [_mean(sd, "best_val_loss") - _mean(none, "best_val_loss") for none, sd, _, _ in groups]
+        sd2_train = sum(_mean(sd2, "final_train_loss") < _mean(none, "final_train_loss") for none, _, sd2, _ in groups)
+        sd2_earlier = sum(_mean(sd2, "best_epoch") < _mean(none, "best_epoch") for none, _, sd2, _ in groups)
+        sd2_val = [_mean(sd2, "best_val_loss") - _mean(none, "best_val_loss") for none, _, sd2, _ in groups]
+        plain = [
+            max(
+                abs(_mean(sd2, "final_train_loss") - _mean(imp, "final_train_loss")),
+                abs(_mean(sd2, "best_val_loss") - _mean(imp, "best_val_loss")),
+            )
+            for _, _, sd2, imp in groups
+        ]
+        # The same test for each claim: does a difference exceed what one would call no change?
+        sd_helps = min(sd_val) < -SAME_LOSS
+        sd2_vs_plain = statistics.fmean(
+            _mean(sd2, "best_val_loss") - _mean(imp, "best_val_loss") for _, _, sd2, imp in groups
+        )
+        out.append(
+            f"- **{objective}, base lr {base_lr:g}.** SD {'helps in some schedule' if sd_helps else 'does not help'}: "
+            f"its best val loss differs from no scaling by {min(sd_val):+.3f} to {max(sd_val):+.3f} across {n} "
+            f"schedules (negative is better). SD2 lowers the final train loss in {sd2_train} of {n} schedules and "
+            f"reaches its best val loss earlier in {sd2_earlier} of {n}; its best val loss differs from no scaling by "
+            f"{min(sd2_val):+.3f} to {max(sd2_val):+.3f}. "
+            + (
+                f"Plain training at SD2's implied lr lands within {max(plain):.3f} of SD2 on both losses: here SD2 "
+                "does what a higher learning rate does."
+                if max(plain) <= SAME_LOSS
+                else f"Plain training at SD2's implied lr differs from SD2 by up to {max(plain):.3f} (SD2's best val "
+                f"loss {sd2_vs_plain:+.3f} on average against it): SD2 is not just a higher learning rate here."
+            )
+        )
+    return out
 
 
 def plot(rows: list[dict[str, Any]], base_lr: float, path: Path) -> bool:
