@@ -9,6 +9,7 @@ the training-FLOPs ratio beside it.
 
     python -m benchmarks.progressive
     python -m benchmarks.progressive --vocab-cap 8192 --seeds 0 1 2
+    python -m benchmarks.progressive --vocab-cap 8192 --resume   # after an interruption
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DEFAULT_DATA, ValidationHistory, config_cli, fmt, summary, write_results
+from benchmarks.common import (
+    DEFAULT_DATA,
+    ValidationHistory,
+    config_cli,
+    earlier_runs,
+    fmt,
+    summary,
+    write_results,
+)
 from lego_lightning.model import flops
 
 # SEEDS.md section 3: (accuracy, PPL, seconds) per phase; vocabulary 69,830, one seed.
@@ -123,15 +132,21 @@ def main() -> None:
     parser.add_argument("--vocab-cap", type=int, default=None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--name", default="progressive")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    rows, resumed_from = earlier_runs(args.name, "rows") if args.resume else ([], [])
+    done_before = {(r["method"], r["seed"], r["patience"]) for r in rows}
     for patience in args.patience:
         for method in RESEARCH:
             for seed in args.seeds:
+                if (method, seed, patience) in done_before:
+                    continue
                 rows.append(run_one(method, seed, patience, args))
                 print(rows[-1], flush=True)
-                write_results(args.name, rows, markdown(rows, args, done=False), extra={"complete": False})
-    write_results(args.name, rows, markdown(rows, args, done=True), extra={"complete": True})
+                extra = {"complete": False, "resumed_from": resumed_from}
+                write_results(args.name, rows, markdown(rows, args, done=False), extra=extra)
+    extra = {"complete": True, "resumed_from": resumed_from}
+    write_results(args.name, rows, markdown(rows, args, done=True), extra=extra)
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> str:
