@@ -397,7 +397,12 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, has_plot: bool) 
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["routed"]:
-        realised = "n/a (costs more)" if r["saving_realised"] is None else f"{r['saving_realised']:.2f}"
+        if r["saving_realised"] is None:
+            realised = "n/a (costs more)"
+        elif r["flops_ratio"] > 0.95:  # a share of a saving this small is noise divided by almost nothing
+            realised = f"n/a (saves {1 - r['flops_ratio']:.1%} of FLOPs)"
+        else:
+            realised = f"{r['saving_realised']:.2f}"
         lines.append(
             f"| {r['size']} | {r['confidence']} | {r['leave_first']:.0%} | {r['wall_ratio']:.3f} "
             f"| {r['flops_ratio']:.3f} | {realised} | {r['simulated_s'] / r['full_s']:.2f} |"
@@ -468,7 +473,11 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, has_plot: bool) 
         lines.append(
             f"| {r['leave_first']:.0%} | {r['simulated_ppl']:.2f} | {r['skipping_ppl']:.2f} | {r['difference']:+.2%} |"
         )
-    big = [r for r in results["routed"] if r["size"] == "layers_dominate" and r["saving_realised"] is not None]
+    big = [
+        r
+        for r in results["routed"]
+        if r["size"] == "layers_dominate" and r["saving_realised"] is not None and r["flops_ratio"] <= 0.95
+    ]
     small = [r for r in results["routed"] if r["size"] == "research"]
     lines += ["", "## What this shows", ""]
     if small:
