@@ -259,7 +259,7 @@ def _cell(s: dict[str, Any] | None, digits: int = 2, pct: bool = False) -> str:
         return "n/a"
     if pct:
         s = {**s, "mean": 100 * s["mean"], "std": 100 * s["std"], "values": [100 * v for v in s["values"]]}
-        return fmt(s, 1) + "%"
+        return fmt(s, digits) + "%"
     return fmt(s, digits)
 
 
@@ -347,6 +347,8 @@ def best_ppl_at_ratio(sweep: list[dict[str, Any]], ratio: float) -> float | None
 
 def observations(rows: list[dict[str, Any]]) -> str:
     out = []
+    if len({r["seed"] for r in rows}) == 1:
+        out.append("- One seed: differences of about a PPL point between rows are not established.")
     ours = [r for r in rows if r["variant"] == "ours"]
     std4 = [r for r in rows if r["variant"] == "standard_4_layers"]
     if ours:
@@ -354,6 +356,14 @@ def observations(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"- ASHEM's routed model costs {_agg(ours, 'flops_ratio')['mean']:.1%} of the 4-layer model's FLOPs when "
             f"heads and confidence count; the layers-only measure says {_agg(ours, 'layers_ratio')['mean']:.1%}."
+        )
+        p1 = _agg(ours, "phase1_ppl")["mean"]
+        out.append(
+            f"- Phase 2 {'improves on' if o < p1 else 'does not improve on'} phase 1: two-stage PPL {o:.1f} against "
+            f"{p1:.1f} for the 2-layer model alone (which costs {_agg(ours, 'two_layer_flops_ratio')['mean']:.0%} of "
+            f"the 4-layer model's FLOPs); on the hard tokens the deep exit scores "
+            f"{_agg(ours, 'phase2_hard_ppl')['mean']:.1f} against the shallow exit's "
+            f"{_agg(ours, 'phase1_hard_ppl')['mean']:.1f}."
         )
         if std4:
             s = _agg(std4, "deep_ppl")["mean"]
@@ -366,8 +376,9 @@ def observations(rows: list[dict[str, Any]]) -> str:
         if research:
             out.append(
                 f"- The research's own variant reaches two-stage PPL {_agg(research, 'two_stage_ppl')['mean']:.1f} "
-                f"against ours {o:.1f}; its shallow exit changes by {_agg(research, 'shallow_drift')['mean']:+.1%} in "
-                f"phase 2 (ours: {_agg(ours, 'shallow_drift')['mean']:+.1%})."
+                f"against ours {o:.1f} (its phase 1: {_agg(research, 'phase1_ppl')['mean']:.1f}); its shallow exit "
+                f"changes by {_agg(research, 'shallow_drift')['mean']:+.2%} in phase 2 (ours: "
+                f"{_agg(ours, 'shallow_drift')['mean']:+.2%})."
             )
     for name in ("exits_2_and_4", "deep_supervision_4"):
         base = [r for r in rows if r["variant"] == name]

@@ -186,8 +186,11 @@ def earlier_runs(name: str, key: str) -> tuple[list[dict[str, Any]], list[dict[s
         return [], []
     data = json.loads(path.read_text())
     runs = data.get(key, [])
-    origin = {k: data[k] for k in ("command", "git_sha", "date")} | {"runs": len(runs)}
-    return runs, [*data.get("resumed_from", []), origin]
+    earlier = data.get("resumed_from", [])
+    measured = len(runs) - sum(e["runs"] for e in earlier)  # by the invocation that wrote the file itself
+    if measured == 0:  # it only rewrote the report
+        return runs, earlier
+    return runs, [*earlier, {k: data[k] for k in ("command", "git_sha", "date")} | {"runs": measured}]
 
 
 def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: dict[str, Any] | None = None) -> Path:
