@@ -218,7 +218,8 @@ def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: d
     )
     for earlier in (extra or {}).get("resumed_from", []):
         header += (
-            f"Resumed: {earlier['runs']} runs measured earlier by `{earlier['command']}` "
+            f"Resumed: {earlier['runs']} run{'s' if earlier['runs'] != 1 else ''} measured earlier by "
+            f"`{earlier['command']}` "
             f"(git {earlier['git_sha']}, finished {earlier['date']}).  \n"
         )
     if (extra or {}).get("resumed_from"):
