@@ -439,7 +439,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
         args.name,
         [{k: v for k, v in r.items()} for r in rows],
         markdown,
-        extra={"complete": done, "resumed_from": args.resumed_from},
+        extra={"complete": done, "resumed_from": args.resumed_from, "settings": args.settings},
     )
 
 
@@ -472,7 +472,8 @@ def main() -> None:
     )
     dm.setup("fit")
     variant_seeds = args.seeds if args.variant_seeds is None else args.variant_seeds
-    rows, args.resumed_from = earlier_runs(args.name, "rows") if args.resume else ([], [])
+    args.settings = {k: getattr(args, k) for k in ("vocab_cap", "train_samples", "max_epochs", "dropout", "precision")}
+    rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings) if args.resume else ([], [])
 
     def measured(variant: str, seed: int) -> dict[str, Any] | None:
         return next((r for r in rows if r["variant"] == variant and r["seed"] == seed), None)

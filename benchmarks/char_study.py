@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
     args = parser.parse_args()
 
-    runs, args.resumed_from = earlier_runs(args.name, "runs") if args.resume else ([], [])
+    args.settings = {"max_epochs": args.max_epochs, "threshold": args.threshold}
+    runs, args.resumed_from = earlier_runs(args.name, "runs", args.settings) if args.resume else ([], [])
     done_before = {(r["method"], r["seed"], r["patience"]) for r in runs}
     for patience in args.patience:
         for method in args.methods:
@@ -202,7 +203,13 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
         args.name,
         rows,
         markdown,
-        extra={"runs": runs, "threshold": args.threshold, "complete": done, "resumed_from": args.resumed_from},
+        extra={
+            "runs": runs,
+            "threshold": args.threshold,
+            "complete": done,
+            "resumed_from": args.resumed_from,
+            "settings": args.settings,
+        },
     )
     print(f"wrote {path}", flush=True)
 

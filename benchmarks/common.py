@@ -174,17 +174,26 @@ def fmt(s: dict[str, Any], digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def earlier_runs(name: str, key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def earlier_runs(name: str, key: str, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """For ``--resume``: the runs an earlier, interrupted invocation wrote to ``<name>.json``.
 
     Returns those runs (the list stored under ``key``) and where they came from: every earlier
     invocation's command, git sha and date, so the results say which runs a later command
-    did not measure itself.
+    did not measure itself. ``settings`` are the options every run must share (sizes, epochs);
+    runs measured under others are refused rather than mixed in. Write them back with
+    ``extra={"settings": settings}``.
     """
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return [], []
     data = json.loads(path.read_text())
+    stored = data.get("settings")
+    if stored is not None and stored != settings:
+        differ = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+        raise SystemExit(
+            f"--resume: {path} was measured with other settings (earlier, now): {differ}; "
+            "rerun without --resume or with the earlier settings"
+        )
     runs = data.get(key, [])
     earlier = data.get("resumed_from", [])
     measured = len(runs) - sum(e["runs"] for e in earlier)  # by the invocation that wrote the file itself

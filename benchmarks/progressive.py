@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--name", default="progressive")
     parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
     args = parser.parse_args()
-    rows, resumed_from = earlier_runs(args.name, "rows") if args.resume else ([], [])
+    settings = {"max_epochs": args.max_epochs, "vocab_cap": args.vocab_cap}
+    rows, resumed_from = earlier_runs(args.name, "rows", settings) if args.resume else ([], [])
     done_before = {(r["method"], r["seed"], r["patience"]) for r in rows}
     for patience in args.patience:
         for method in RESEARCH:
@@ -143,9 +144,9 @@ def main() -> None:
                     continue
                 rows.append(run_one(method, seed, patience, args))
                 print(rows[-1], flush=True)
-                extra = {"complete": False, "resumed_from": resumed_from}
+                extra = {"complete": False, "resumed_from": resumed_from, "settings": settings}
                 write_results(args.name, rows, markdown(rows, args, done=False), extra=extra)
-    extra = {"complete": True, "resumed_from": resumed_from}
+    extra = {"complete": True, "resumed_from": resumed_from, "settings": settings}
     write_results(args.name, rows, markdown(rows, args, done=True), extra=extra)
 
 

@@ -280,7 +280,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
         "## Curves\n\n" + (f"![curves]({args.name}_curves.png)" if has_plot else "(matplotlib missing: no image)")
     )
     parts.append("## What holds\n\n" + observations(rows, args.lr))
-    write_results(args.name, rows, "\n\n".join(parts), extra={"complete": done, "resumed_from": args.resumed_from})
+    write_results(
+        args.name,
+        rows,
+        "\n\n".join(parts),
+        extra={"complete": done, "resumed_from": args.resumed_from, "settings": args.settings},
+    )
 
 
 def main() -> None:
@@ -309,7 +314,11 @@ def main() -> None:
         max_vocab_size=args.vocab_cap,
     )
     dm.setup("fit")
-    rows, args.resumed_from = earlier_runs(args.name, "rows") if args.resume else ([], [])
+    args.settings = {
+        k: getattr(args, k)
+        for k in ("lr", "warmup_steps", "epochs", "train_samples", "val_samples", "vocab_cap", "dropout")
+    }
+    rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings) if args.resume else ([], [])
 
     def measured(objective: str, schedule: str, mode: str, seed: int, at_base_lr: bool) -> bool:
         return any(
