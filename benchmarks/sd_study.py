@@ -132,23 +132,21 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
+def runs_of(
+    rows: list[dict[str, Any]], objective: str, schedule: str, base_lr: float
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """One grid cell's runs: each mode at the base lr, and plain training at SD2's implied lr."""
+    cell = [r for r in rows if (r["objective"], r["schedule"]) == (objective, schedule)]
+    at_base = {m: [r for r in cell if r["mode"] == m and r["lr"] == base_lr] for m in MODES}
+    implied = [r for r in cell if r["mode"] == "none" and r["lr"] != base_lr]
+    return at_base, implied
+
+
 def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
     out = []
     for objective in OBJECTIVES:
         for schedule in SCHEDULES:
-            pick = {
-                m: [
-                    r
-                    for r in rows
-                    if (r["objective"], r["schedule"], r["mode"], r["lr"]) == (objective, schedule, m, base_lr)
-                ]
-                for m in MODES
-            }
-            implied = [
-                r
-                for r in rows
-                if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "none") and r["lr"] != base_lr
-            ]
+            pick, implied = runs_of(rows, objective, schedule, base_lr)
             if not all(pick.values()):
                 continue
             none, sd, sd2 = (pick[m] for m in MODES)
@@ -177,19 +175,7 @@ def verdicts(rows: list[dict[str, Any]], base_lr: float) -> list[str]:
     for objective in OBJECTIVES:
         groups = []
         for schedule in SCHEDULES:
-            at = {
-                m: [
-                    r
-                    for r in rows
-                    if (r["objective"], r["schedule"], r["mode"], r["lr"]) == (objective, schedule, m, base_lr)
-                ]
-                for m in MODES
-            }
-            implied = [
-                r
-                for r in rows
-                if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "none") and r["lr"] != base_lr
-            ]
+            at, implied = runs_of(rows, objective, schedule, base_lr)
             if all(at.values()) and implied:
                 groups.append((at["none"], at["sd"], at["sd2"], implied))
         if not groups:
