@@ -4,8 +4,8 @@ AdamW on word-level WikiText-2 (the shared files), for the masked-word objective
 one, several seeds, a fixed number of epochs (no early stopping, so overfitting shows): final
 train loss, best validation loss and PPL, the epoch of the best validation loss, and curves.
 For every schedule and objective it also trains, without the callback, at the base lr that
-SD2's mean scale implies (lr x mean L^(1/3)), so a reader can tell a real effect of SD2 from a
-plain change of learning rate.
+SD2's mean scale implies (lr x mean L^(1/3), from the same seed's SD2 run), so a reader can
+tell a real effect of SD2 from a plain change of learning rate.
 
     python -m benchmarks.sd_study
     python -m benchmarks.sd_study --vocab-cap 8192 --train-samples 2000 --epochs 12
@@ -117,7 +117,7 @@ def table(rows: list[dict[str, Any]], objective: str, base_lr: float) -> str:
             if r["objective"] == objective and r["schedule"] == schedule:
                 groups.setdefault(label(r, base_lr), []).append(r)
         for name, mine in groups.items():
-            cells = [schedule, name, f"{mine[0]['lr']:.2e}"]
+            cells = [schedule, name, f"{statistics.fmean(r['lr'] for r in mine):.2e}"]  # implied lr: seeds' mean
             cells += [fmt(summary([r[k] for r in mine]), d) for k, d in (("final_train_loss", 3), ("best_val_loss", 3))]
             cells += [
                 fmt(summary([r["best_val_ppl"] for r in mine]), 1),
@@ -162,7 +162,7 @@ def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
             )
             if implied:
                 line += (
-                    f" Without the callback at SD2's implied lr ({implied[0]['lr']:.2e}): final train loss "
+                    f" Without the callback at SD2's implied lr ({_mean(implied, 'lr'):.2e}): final train loss "
                     f"{_mean(implied, 'final_train_loss'):.3f}, best val loss {_mean(implied, 'best_val_loss'):.3f}."
                 )
             out.append(line)
@@ -321,11 +321,16 @@ def main() -> None:
                         rows.append(run_one(objective, schedule, mode, seed, args.lr, dm, args))
                         print({k: v for k, v in rows[-1].items() if "curve" not in k}, flush=True)
                         report(rows, args, done=False)
-            sd2 = [r for r in rows if (r["objective"], r["schedule"], r["mode"]) == (objective, schedule, "sd2")]
-            implied_lr = args.lr * statistics.fmean(r["mean_scale"] for r in sd2)
             for seed in args.seeds:
                 if not measured(objective, schedule, "none", seed, at_base_lr=False):
-                    rows.append(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
+                    # Each seed's own SD2 run sets its lr, so a resumed seed gets the lr a full run gives it.
+                    (sd2,) = [
+                        r
+                        for r in rows
+                        if (r["objective"], r["schedule"], r["mode"], r["seed"]) == (objective, schedule, "sd2", seed)
+                        and r["lr"] == args.lr
+                    ]
+                    rows.append(run_one(objective, schedule, "none", seed, args.lr * sd2["mean_scale"], dm, args))
                     report(rows, args, done=False)
     report(rows, args, done=True)
 
