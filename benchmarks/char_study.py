@@ -125,7 +125,9 @@ def observations(rows: list[dict[str, Any]]) -> str:
         f"- Ranking by final-exit PPL (best first): {', '.join(ours)}.",
         f"- The research's ranking: {', '.join(research)}.",
     ]
-    if "standard" in std:
+    if "standard" in std and len(std["standard"]["final_exit_ppl"]["values"]) < 2:
+        out.append("- One seed: no spread to tell a method's PPL from standard's.")
+    elif "standard" in std:
         s = std["standard"]["final_exit_ppl"]
         beats = [
             r["method"]
@@ -178,7 +180,8 @@ def main() -> None:
 
 def report(runs: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> None:
     sections, rows = [], []
-    for patience in args.patience:
+    # Every patience measured so far, also those an earlier invocation ran and this one did not ask for.
+    for patience in sorted({r["patience"] for r in runs} | set(args.patience)):
         agg = aggregate(runs, patience)
         if not agg:
             continue
@@ -188,11 +191,14 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
             if patience == 0
             else "trained to convergence"
         )
-        sections.append(f"## Patience {patience} ({rule})\n\n{table(agg, args.threshold)}\n\n{observations(agg)}")
+        seeds = sorted({r["seed"] for r in runs if r["patience"] == patience})
+        sections.append(
+            f"## Patience {patience} ({rule}; seeds {seeds})\n\n{table(agg, args.threshold)}\n\n{observations(agg)}"
+        )
     markdown = (
         "# Character-level study (SEEDS.md section 4)" + ("" if done else " (partial: still running)") + "\n\n"
         f"Char-level WikiText-2 from `configs/char_*.yaml`: the first 100K training and 10K validation characters, "
-        f"d_model 64, 4 heads, 3 layers, seeds {args.seeds}, at most {args.max_epochs} epochs. Each run is evaluated "
+        f"d_model 64, 4 heads, 3 layers, at most {args.max_epochs} epochs. Each run is evaluated "
         "at its best validation checkpoint. Mean ± sample standard deviation over seeds. "
         f"Routed columns: every method with trained intermediate exits, max-prob routing at {args.threshold}; "
         "the discriminative-lr configs train only the final exit, so they have none. The research's compute column "
