@@ -47,37 +47,62 @@ def _qkv_weights(block: Block) -> tuple[tuple[Tensor, Tensor], ...]:
     return tuple((w[i * D : (i + 1) * D], b[i * D : (i + 1) * D]) for i in range(3))  # type: ignore[return-value]
 
 
-def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, active: Tensor) -> Tensor:
-    """One layer where only ``active`` ``(B, T)`` tokens run; the others only give keys and values.
+@dataclass
+class _Packing:
+    """Where the tokens that continue sit, computed once per stage (the set changes only at exits).
 
-    Active tokens are packed per row (``M`` = most active tokens in a row), so queries,
-    attention and the MLP cost ``B x M`` tokens instead of ``B x T``.
+    Per-token work (the query projection, the output projection, the MLP) runs on the ``N``
+    active tokens packed flat, with no padding. Attention needs each row's keys, so queries
+    go back to a per-row layout: ``(B, M)`` slots (``M`` = most active tokens in a row, padded
+    where rows differ) with an explicit mask, or, for a causal model where that would cost
+    more than the full model's attention (``M > T / 2``), all ``T`` positions with the causal
+    kernel, which skips the masked half.
     """
+
+    token: Tensor  # (N,) each active token's index into the flattened (B * T) sequence
+    query: Tensor  # (N,) its index into the flattened query layout: (B * M) slots or (B * T) positions
+    slots: int  # M, or T in the full layout
+    positions: Tensor | None  # (B, M) the position of each slot (padding points at 0); None in the full layout
+    mask: Tensor | None  # (B, 1, M, T) keys each slot may attend to; None when every key is allowed
+
+    @classmethod
+    def of(cls, active: Tensor, causal: bool) -> _Packing:
+        B, T = active.shape
+        rows, cols = active.nonzero(as_tuple=True)  # row-major: each row's tokens in order
+        token = rows * T + cols
+        M = int(active.sum(dim=1).max())
+        if causal and 2 * M > T:
+            return cls(token, token, T, None, None)
+        slots = (active.cumsum(dim=1) - 1)[rows, cols]
+        positions = torch.zeros(B, M, dtype=torch.long, device=active.device)
+        positions[rows, slots] = cols
+        mask = None
+        if causal:
+            mask = (torch.arange(T, device=active.device).view(1, 1, T) <= positions.unsqueeze(-1)).unsqueeze(1)
+        return cls(token, rows * M + slots, M, positions, mask)
+
+
+def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, pack: _Packing) -> Tensor:
+    """One layer where only the packed active tokens run; the others only give keys and values."""
     B, T, D = x.shape
     H = model.config.n_heads
-    (wq, bq), (wk, bk), (wv, bv) = _qkv_weights(block)
+    (wq, bq), _, _ = _qkv_weights(block)
+    flat = x.reshape(B * T, D)
     h = block.ln1(x)
-    k, v = _to_heads(F.linear(h, wk, bk), H), _to_heads(F.linear(h, wv, bv), H)
-    counts = active.sum(dim=1)
-    M = int(counts.max())
-    # Positions of each row's active tokens first, in order (a stable sort of "inactive" flags).
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :M]  # (B, M)
-    valid = torch.arange(M, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, M)
-    index = order.unsqueeze(-1).expand(B, M, D)
-    x_old, h_act = x.gather(1, index), h.gather(1, index)
-    q = _to_heads(F.linear(h_act, wq, bq), H)
+    # Every token's key and value, in one product with the fused projection's k/v rows.
+    k, v = (_to_heads(t, H) for t in F.linear(h, block.attn.qkv.weight[D:], block.attn.qkv.bias[D:]).split(D, -1))
+    q_act = F.linear(h.reshape(B * T, D).index_select(0, pack.token), wq, bq)
+    q = _to_heads(x.new_zeros(B * pack.slots, D).index_copy(0, pack.query, q_act).view(B, pack.slots, D), H)
     if model.rotary is not None:
-        q, k = model.rotary(q, order), model.rotary(k)
-    if model.config.causal:
-        allowed = torch.arange(T, device=x.device).view(1, 1, T) <= order.unsqueeze(-1)  # (B, M, T)
+        q, k = model.rotary(q, pack.positions), model.rotary(k)
+    if pack.positions is None:  # the full layout: positions 0..T-1, the causal kernel
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        allowed = torch.ones(B, M, T, dtype=torch.bool, device=x.device)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))
-    x_act = x_old + block.attn.proj(_from_heads(y))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.mask)
+    y = _from_heads(y).reshape(B * pack.slots, D).index_select(0, pack.query)
+    x_act = flat.index_select(0, pack.token) + block.attn.proj(y)
     x_act = x_act + block.mlp(block.ln2(x_act))
-    if not bool(valid.all()):  # padding slots (beyond a row's count) hold inactive positions: keep their state
-        x_act = torch.where(valid.unsqueeze(-1), x_act, x_old)
-    return x.scatter(1, index, x_act)
+    return flat.index_copy(0, pack.token, x_act).view(B, T, D)
 
 
 @dataclass
@@ -106,43 +131,52 @@ def routed_forward(
     check_threshold(threshold, "threshold")
     cfg = model.config
     B, T = idx.shape
+    dev = idx.device
     measure = get_confidence(confidence)
     x = model.embed(idx)
-    active = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-    exit_position = torch.full((B, T), len(cfg.stages) - 1, dtype=torch.long, device=idx.device)
-    nll = torch.zeros(B, T, device=idx.device) if targets is not None else None
-    logits_out = None if targets is not None else torch.empty(B, T, cfg.vocab_size, device=idx.device)  # all written
+    # Per-token bookkeeping on the flattened (B * T) sequence: 1-D index_select/index_copy_ are
+    # cheap where 2-D advanced indexing into (B, T, V) logits is not.
+    active = torch.ones(B * T, dtype=torch.bool, device=dev)
+    exit_position = torch.full((B * T,), len(cfg.stages) - 1, dtype=torch.long, device=dev)
+    nll = torch.zeros(B * T, device=dev) if targets is not None else None
+    logits_out = None if targets is not None else torch.empty(B * T, cfg.vocab_size, device=dev)  # all written
 
-    def record(rows: Tensor, cols: Tensor, logits: Tensor) -> None:
+    def record(token: Tensor, logits: Tensor) -> None:
         if nll is not None:
-            nll[rows, cols] = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
+            target = targets.reshape(-1).index_select(0, token)
+            nll.index_copy_(0, token, F.cross_entropy(logits.float(), target, reduction="none"))
         else:
-            logits_out[rows, cols] = logits.to(logits_out.dtype)
+            logits_out.index_copy_(0, token, logits.to(logits_out.dtype))
 
     for s, stage in enumerate(cfg.stages):
         first, last = stage.layers
+        pack = None if bool(active.all()) else _Packing.of(active.view(B, T), cfg.causal)
         for block in model.blocks[first - 1 : last]:
-            x = block(x, model.rotary) if bool(active.all()) else _block_for_active(model, block, x, active)
-        rows, cols = active.nonzero(as_tuple=True)
+            x = block(x, model.rotary) if pack is None else _block_for_active(model, block, x, pack)
+        token = active.nonzero(as_tuple=True)[0]
         head = model.head(last)
-        h = x[rows, cols]
+        h = x.reshape(B * T, -1).index_select(0, token)
         if s == len(cfg.stages) - 1:
-            record(rows, cols, head(h))
+            record(token, head(h))
             break
-        if hidden_confidence is not None:
-            leave = (
-                hidden_confidence(last, h) >= threshold if threshold < 1 else torch.zeros_like(rows, dtype=torch.bool)
-            )
-            record(rows[leave], cols[leave], head(h[leave]))
+        if threshold >= 1:  # nobody leaves before the last exit; no head, no confidence
+            leave = torch.zeros_like(token, dtype=torch.bool)
+        elif hidden_confidence is not None:
+            leave = hidden_confidence(last, h) >= threshold
+            record(token[leave], head(h[leave]))
         else:
             logits = head(h)
-            leave = measure(logits) >= threshold if threshold < 1 else torch.zeros_like(rows, dtype=torch.bool)
-            record(rows[leave], cols[leave], logits[leave])
-        exit_position[rows[leave], cols[leave]] = s
-        active[rows[leave], cols[leave]] = False
+            leave = measure(logits) >= threshold
+            record(token[leave], logits[leave])
+        exit_position[token[leave]] = s
+        active[token[leave]] = False
         if not bool(active.any()):
             break
-    return RoutedScores(exit_position, nll, logits_out)
+    return RoutedScores(
+        exit_position.view(B, T),
+        None if nll is None else nll.view(B, T),
+        None if logits_out is None else logits_out.view(B, T, -1),
+    )
 
 
 # --------------------------------------------------------------------------------------- generation

@@ -9,11 +9,11 @@ from lego_lightning.model.early_exit import generate, routed_forward
 V = 40
 
 
-def model_for(seed, positions="learned", head_sharing="separate", stages=None):
+def model_for(seed, positions="learned", head_sharing="separate", stages=None, causal=True):
     torch.manual_seed(seed)
     stages = stages or [Stage((1, 1)), Stage((2, 3)), Stage((4, 4))]
     cfg = TransformerConfig(vocab_size=V, n_layers=4, d_model=16, n_heads=2, max_seq_len=24, positions=positions,
-                            head_sharing=head_sharing, stages=stages)  # fmt: skip
+                            head_sharing=head_sharing, stages=stages, causal=causal)  # fmt: skip
     return ExitTransformer(cfg).eval()
 
 
@@ -34,15 +34,30 @@ def test_threshold_one_is_the_full_model_and_zero_the_first_exit(seed, positions
 
 
 @pytest.mark.parametrize(("seed", "positions", "heads"), CASES)
-def test_rows_leaving_at_different_depths_match_each_row_alone(seed, positions, heads):
+@pytest.mark.parametrize("leaving", [0.25, 0.75])  # most continue (all positions attend) or few (packed queries)
+def test_rows_leaving_at_different_depths_match_each_row_alone(seed, positions, heads, leaving):
     model = model_for(seed, positions, heads)
     idx = torch.randint(0, V, (4, 20))
     conf = torch.softmax(model(idx)[1], -1).amax(-1)
-    threshold = conf.median().item()
+    threshold = conf.quantile(1 - leaving).item()
     batched = routed_forward(model, idx, threshold)
     assert len(batched.exit_position.unique()) > 1  # a real mix of depths
     assert (batched.exit_position != batched.exit_position[0, 0]).any(dim=1).any()
     for row in range(4):
+        alone = routed_forward(model, idx[row : row + 1], threshold)
+        assert torch.equal(alone.exit_position, batched.exit_position[row : row + 1])
+        assert_close(alone.logits, batched.logits[row : row + 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_model_that_attends_both_ways_routes_like_each_row_alone(seed):
+    model = model_for(seed, causal=False)
+    idx = torch.randint(0, V, (3, 16))
+    assert_close(routed_forward(model, idx, 1.0).logits, model(idx)[4])
+    threshold = torch.softmax(model(idx)[1], -1).amax(-1).median().item()
+    batched = routed_forward(model, idx, threshold)
+    assert len(batched.exit_position.unique()) > 1
+    for row in range(3):
         alone = routed_forward(model, idx[row : row + 1], threshold)
         assert torch.equal(alone.exit_position, batched.exit_position[row : row + 1])
         assert_close(alone.logits, batched.logits[row : row + 1])
@@ -62,12 +77,13 @@ def test_tokens_that_left_give_only_keys_and_values_to_deeper_layers():
     model = model_for(0)
     idx = torch.randint(0, V, (2, 12))
     calls = []
-    model.blocks[3].mlp.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+    model.blocks[3].mlp.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     threshold = torch.softmax(model(idx)[1], -1).amax(-1).quantile(0.25).item()
     calls.clear()
     routed = routed_forward(model, idx, threshold)
-    continuing = (routed.exit_position == 2).sum(dim=1).max().item()
-    assert calls == [continuing] and continuing < 12  # layer 4's MLP ran on the packed continuing tokens only
+    continuing = int((routed.exit_position == 2).sum())
+    # Layer 4's MLP ran once, on the continuing tokens of both rows packed flat: no padding where rows differ.
+    assert calls == [continuing] and continuing < 24
 
 
 def test_a_hidden_state_confidence_runs_no_head_for_tokens_that_continue():
