@@ -19,6 +19,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
         n_valid = (targets != IGNORE_INDEX).sum()
+        all_valid = bool(n_valid == targets.numel())  # one sync, and no masking pass over the logits below
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -32,10 +33,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
             total += ((logsumexp - picked) * valid).sum()
             if need_x or need_w:
-                grad = torch.exp(logits - logsumexp.unsqueeze(1))  # softmax, in place of the logits
+                # The softmax written over the logits: no second (chunk x vocab) tensor to allocate.
+                grad = logits.sub_(logsumexp.unsqueeze(1)).exp_()
                 grad[torch.arange(len(safe), device=grad.device), safe] -= 1.0
-                grad *= valid.unsqueeze(1)
-                del logits
+                if not all_valid:
+                    grad *= valid.unsqueeze(1)
                 if need_x:
                     grad_x[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(x.dtype)
                 if need_w:
