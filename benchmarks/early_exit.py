@@ -1,12 +1,13 @@
 """Early exit that saves real time (issue 5): every speed figure is a ratio measured within this run.
 
-1. **Routed inference against the full model**: wall time of ``routed_forward`` (exited tokens
-   skip queries, attention and MLPs; deeper layers compute only their keys and values) against
-   the full model, beside the FLOPs ratio of everything that runs, at the research size
-   (d_model 64, WikiText-2's 33,279 words: the head dominates) and where layers dominate
-   (d_model 512, 8 layers, exit after layer 4). Also the "simulated" routing that evaluation
-   uses (every layer for every token), and, on a trained model, the PPL difference between
-   skipping with state propagation and the simulated routing.
+1. **Routed inference against the full model**: wall time of teacher-forced scoring (every
+   token's NLL) with ``routed_forward`` (exited tokens skip queries, attention and MLPs; deeper
+   layers compute only their keys and values) against the full model, beside the FLOPs ratio
+   of everything that runs, at the research size (d_model 64, WikiText-2's 33,279 words: the
+   head dominates) and where layers dominate (d_model 512, 8 layers, exit after layer 4). Also
+   the "simulated" routing that evaluation uses (every layer for every token), and, on a
+   trained model, the PPL difference between skipping with state propagation and the
+   simulated routing.
 2. **Generation**: tokens/s of ``generate`` with early exit against our full-depth generation
    and Hugging Face ``transformers`` GPT-2 with the same sizes and a KV cache (random weights).
 3. **Training throughput**: our model against GPT-2 with the same sizes, data and batch, a
@@ -103,8 +104,14 @@ def routed_inference(size: str, repeats: int) -> list[dict[str, Any]]:
     model = build(size)
     classifier = ExitClassifier(s["d_model"], [s["exits"][0]]).eval()
     idx = torch.randint(0, s["vocab"], (s["batch"], s["seq"]))
+    targets = torch.randint(0, s["vocab"], (s["batch"], s["seq"]))
     first, last = s["exits"]
     hidden = model.hidden_states(idx, [first])[first]
+
+    def full_scores() -> torch.Tensor:  # teacher-forced scoring with the full model: every token's NLL
+        logits = model(idx, [last])[last]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+
     confidences = {
         "max_prob": torch.softmax(model.head(first)(hidden), -1).amax(-1).flatten(),
         "learned": classifier(first, hidden).flatten(),
@@ -125,8 +132,10 @@ def routed_inference(size: str, repeats: int) -> list[dict[str, Any]]:
             out = routed_forward(model, idx, threshold, hidden_confidence=hidden_confidence)
             measured = (out.exit_position == 0).float().mean().item()
             wall_ratio, wall = timed_ratio(
-                lambda t=threshold, hc=hidden_confidence: routed_forward(model, idx, t, hidden_confidence=hc),
-                lambda: model(idx, [last]),
+                lambda t=threshold, hc=hidden_confidence: routed_forward(
+                    model, idx, t, targets=targets, hidden_confidence=hc
+                ),
+                full_scores,
                 repeats,
             )
             flops_ratio = flops.routed_flops_ratio(model.config, {first: measured, last: 1 - measured}, context, name)
@@ -409,11 +418,13 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, has_plot: bool) 
         "",
         "## Routed inference against the full model",
         "",
-        "`routed_forward` (exited tokens give only keys and values to deeper layers) against the full model's "
-        "forward to its last exit, on one batch, the two timed back to back in each round (wall ratio: median of "
-        "the per-round ratios). FLOPs ratio: everything that runs, as `lego_lightning.model.flops` "
-        "counts it. Realised saving: (1 - wall ratio) / (1 - FLOPs ratio), the share of the FLOPs saving that shows "
-        "up as time (target at the larger size: at least 0.85). Simulated routing is what validation uses.",
+        "Teacher-forced scoring (every token's NLL) of one batch: `routed_forward` (exited tokens give only keys and "
+        "values to deeper layers) against the full model's forward to its last exit and its cross-entropy, the two "
+        "timed back to back in each round (wall ratio: median of the per-round ratios). FLOPs ratio: everything "
+        "that runs, as `lego_lightning.model.flops` counts it. Realised saving: (1 - wall ratio) / (1 - FLOPs "
+        "ratio), the share of the FLOPs saving that shows up as time (target at the larger size: at least 0.85). "
+        "Simulated routing is what validation uses (its column: a forward through every layer and head against "
+        "the full forward to the last exit).",
         "",
         "| size | confidence | tokens leaving early | wall ratio | FLOPs ratio | realised saving | simulated / full |",
         "|---|---|---|---|---|---|---|",
@@ -514,7 +525,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, has_plot: bool) 
             f"- Wall time exceeds FLOPs there because the logits are wide and d_model is small: computing max-prob "
             f"from the shallow logits takes {r['max_prob_over_head_time']:.2f}x the time of the head's matrix product, "
             f"though it is {r['max_prob_over_head_flops']:.0%} of its FLOPs. Every pass over the tokens x vocabulary "
-            "logits (the confidence, copying each token's logits into the output at the exit it takes) is bound by "
+            "logits (the confidence, the softmax of each exit's scores) is bound by "
             "memory, and FLOPs do not count memory traffic."
         )
     if big:
