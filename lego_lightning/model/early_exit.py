@@ -92,7 +92,7 @@ def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, pack: _Pa
     # Every token's key and value, in one product with the fused projection's k/v rows.
     k, v = (_to_heads(t, H) for t in F.linear(h, block.attn.qkv.weight[D:], block.attn.qkv.bias[D:]).split(D, -1))
     q_act = F.linear(h.reshape(B * T, D).index_select(0, pack.token), wq, bq)
-    q = _to_heads(x.new_zeros(B * pack.slots, D).index_copy(0, pack.query, q_act).view(B, pack.slots, D), H)
+    q = _to_heads(q_act.new_zeros(B * pack.slots, D).index_copy(0, pack.query, q_act).view(B, pack.slots, D), H)
     if model.rotary is not None:
         q, k = model.rotary(q, pack.positions), model.rotary(k)
     if pack.positions is None:  # the full layout: positions 0..T-1, the causal kernel

@@ -63,6 +63,23 @@ def test_a_model_that_attends_both_ways_routes_like_each_row_alone(seed):
         assert_close(alone.logits, batched.logits[row : row + 1])
 
 
+@pytest.mark.parametrize("leaving", [0.25, 0.75])
+def test_routed_scoring_runs_under_bf16_autocast_and_matches_float32(leaving):
+    model = model_for(0, "rotary", stages=[Stage((1, 2)), Stage((3, 4))])
+    idx, targets = torch.randint(0, V, (3, 20)), torch.randint(0, V, (3, 20))
+    leave = torch.rand(60, generator=torch.Generator().manual_seed(1)) < leaving
+
+    def fixed(exit_layer, h):  # the same tokens leave in both precisions: row-major order at the only early exit
+        return leave.float()
+
+    full = routed_forward(model, idx, 0.5, targets=targets, hidden_confidence=fixed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = routed_forward(model, idx, 0.5, targets=targets, hidden_confidence=fixed)
+    assert torch.equal(half.exit_position, full.exit_position)
+    assert torch.equal(full.exit_position.flatten() == 0, leave)
+    assert_close(half.nll, full.nll, rtol=0.05, atol=0.05)
+
+
 def test_scores_are_the_cross_entropy_of_the_routed_logits():
     model = model_for(0)
     idx, targets = torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))
