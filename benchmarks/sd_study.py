@@ -278,6 +278,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=12)
@@ -314,7 +315,7 @@ def main() -> None:
         )
 
     for objective in args.objectives:
-        for schedule in SCHEDULES:
+        for schedule in args.schedules:
             for mode in MODES:
                 for seed in args.seeds:
                     if not measured(objective, schedule, mode, seed, at_base_lr=True):
