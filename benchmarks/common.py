@@ -174,7 +174,9 @@ def fmt(s: dict[str, Any], digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def earlier_runs(name: str, key: str, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def earlier_runs(
+    name: str, key: str, settings: dict[str, Any], merge: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """For ``--resume``: the runs an earlier, interrupted invocation wrote to ``<name>.json``.
 
     Returns those runs (the list stored under ``key``) and where they came from: every earlier
@@ -182,9 +184,24 @@ def earlier_runs(name: str, key: str, settings: dict[str, Any]) -> tuple[list[di
     did not measure itself. ``settings`` are the options every run must share (sizes, epochs);
     runs measured under others are refused rather than mixed in. Write them back with
     ``extra={"settings": settings}``.
+
+    ``merge`` names other results files, written by invocations that ran part of the same grid
+    in parallel (``--name``); their runs join these under the same checks.
     """
+    runs, earlier = _stored_runs(name, key, settings, must_exist=False)
+    for other in merge:
+        more, their = _stored_runs(other, key, settings, must_exist=True)
+        runs, earlier = runs + more, earlier + their
+    return runs, earlier
+
+
+def _stored_runs(
+    name: str, key: str, settings: dict[str, Any], must_exist: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     path = RESULTS / f"{name}.json"
     if not path.exists():
+        if must_exist:
+            raise SystemExit(f"--merge: {path} does not exist")
         return [], []
     data = json.loads(path.read_text())
     stored = data.get("settings")

@@ -10,6 +10,9 @@ tell a real effect of SD2 from a plain change of learning rate.
     python -m benchmarks.sd_study
     python -m benchmarks.sd_study --vocab-cap 8192 --train-samples 2000 --epochs 12
     python -m benchmarks.sd_study --vocab-cap 8192 --resume   # after an interruption
+    # part of the grid in a parallel lane, then its runs merged in:
+    python -m benchmarks.sd_study --vocab-cap 8192 --objectives causal --schedules cosine --name sd_lane
+    python -m benchmarks.sd_study --vocab-cap 8192 --resume --merge sd_lane
 """
 
 from __future__ import annotations
@@ -290,6 +293,9 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--name", default="sd_study")
     parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
+    parser.add_argument(
+        "--merge", nargs="+", default=[], metavar="NAME", help="with --resume: also keep the runs in NAME.json"
+    )
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
     dm = TextDataModule(
@@ -305,7 +311,12 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("lr", "warmup_steps", "epochs", "train_samples", "val_samples", "vocab_cap", "dropout")
     }
-    rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings) if args.resume else ([], [])
+    if args.merge and not args.resume:
+        parser.error("--merge needs --resume")
+    rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings, args.merge) if args.resume else ([], [])
+    keys = [(r["objective"], r["schedule"], r["mode"], r["seed"], r["lr"] == args.lr) for r in rows]
+    if len(set(keys)) < len(keys):
+        raise SystemExit("--resume: the same run appears twice in the stored results; merge files that do not overlap")
 
     def measured(objective: str, schedule: str, mode: str, seed: int, at_base_lr: bool) -> bool:
         return any(

@@ -1,0 +1,35 @@
+"""``--resume`` and ``--merge`` of the benchmark scripts: stored runs come back with where they were measured."""
+
+import json
+
+import pytest
+
+from benchmarks import common
+
+SETTINGS = {"lr": 1e-3, "epochs": 12}
+
+
+def store(results, name, rows, command, settings=SETTINGS, resumed_from=()):
+    data = {"command": command, "git_sha": "abc", "date": "2026-01-01", "settings": settings}
+    (results / f"{name}.json").write_text(json.dumps({**data, "resumed_from": list(resumed_from), "rows": rows}))
+
+
+def test_a_merged_lane_joins_the_runs_and_every_invocation_is_credited(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    first = {"command": "first", "git_sha": "a", "date": "d", "runs": 1}
+    store(tmp_path, "grid", [{"seed": 0}, {"seed": 1}], "second", resumed_from=[first])
+    store(tmp_path, "lane", [{"seed": 2}, {"seed": 3}], "lane")
+    runs, earlier = common.earlier_runs("grid", "rows", SETTINGS, merge=["lane"])
+    assert [r["seed"] for r in runs] == [0, 1, 2, 3]
+    assert [(e["command"], e["runs"]) for e in earlier] == [("first", 1), ("second", 1), ("lane", 2)]
+
+
+def test_a_lane_measured_under_other_settings_or_missing_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    store(tmp_path, "grid", [{"seed": 0}], "grid")
+    store(tmp_path, "lane", [{"seed": 1}], "lane", settings={**SETTINGS, "epochs": 6})
+    with pytest.raises(SystemExit, match=r"other settings.*'epochs': \(6, 12\)"):
+        common.earlier_runs("grid", "rows", SETTINGS, merge=["lane"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        common.earlier_runs("grid", "rows", SETTINGS, merge=["absent"])
+    assert common.earlier_runs("absent", "rows", SETTINGS) == ([], [])  # nothing stored yet: start afresh
