@@ -3,7 +3,9 @@
 A token that leaves at an exit does no further work. Deeper layers still need keys and values
 at its position for the tokens that continue, so its hidden state is carried upward unchanged
 and only its key/value projections run there (state propagation, as in CALM). Queries,
-attention and MLPs of deeper layers run only for the tokens that continue.
+output projections and MLPs of deeper layers run only for the tokens that continue, and so
+does attention unless most tokens continue (then the causal kernel over every position costs
+less than a masked one over theirs).
 
 With nobody leaving (threshold 1) this is the full model; with everybody leaving at the first
 exit (threshold 0) it is that exit. In between, the continuing tokens attend to propagated keys
