@@ -17,6 +17,16 @@ def model_for(seed, positions="learned", head_sharing="separate", stages=None, c
     return ExitTransformer(cfg).eval()
 
 
+def assert_batch_routes_like_each_row_alone(model, idx, threshold):
+    batched = routed_forward(model, idx, threshold)
+    assert len(batched.exit_position.unique()) > 1  # a real mix of depths
+    assert (batched.exit_position != batched.exit_position[0, 0]).any(dim=1).any()
+    for row in range(len(idx)):
+        alone = routed_forward(model, idx[row : row + 1], threshold)
+        assert torch.equal(alone.exit_position, batched.exit_position[row : row + 1])
+        assert_close(alone.logits, batched.logits[row : row + 1])
+
+
 CASES = [(seed, pos, heads) for seed in (0, 1, 2) for pos in ("learned", "rotary") for heads in ("shared", "separate")]
 
 
@@ -40,13 +50,7 @@ def test_rows_leaving_at_different_depths_match_each_row_alone(seed, positions, 
     idx = torch.randint(0, V, (4, 20))
     conf = torch.softmax(model(idx)[1], -1).amax(-1)
     threshold = conf.quantile(1 - leaving).item()
-    batched = routed_forward(model, idx, threshold)
-    assert len(batched.exit_position.unique()) > 1  # a real mix of depths
-    assert (batched.exit_position != batched.exit_position[0, 0]).any(dim=1).any()
-    for row in range(4):
-        alone = routed_forward(model, idx[row : row + 1], threshold)
-        assert torch.equal(alone.exit_position, batched.exit_position[row : row + 1])
-        assert_close(alone.logits, batched.logits[row : row + 1])
+    assert_batch_routes_like_each_row_alone(model, idx, threshold)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -55,12 +59,7 @@ def test_a_model_that_attends_both_ways_routes_like_each_row_alone(seed):
     idx = torch.randint(0, V, (3, 16))
     assert_close(routed_forward(model, idx, 1.0).logits, model(idx)[4])
     threshold = torch.softmax(model(idx)[1], -1).amax(-1).median().item()
-    batched = routed_forward(model, idx, threshold)
-    assert len(batched.exit_position.unique()) > 1
-    for row in range(3):
-        alone = routed_forward(model, idx[row : row + 1], threshold)
-        assert torch.equal(alone.exit_position, batched.exit_position[row : row + 1])
-        assert_close(alone.logits, batched.logits[row : row + 1])
+    assert_batch_routes_like_each_row_alone(model, idx, threshold)
 
 
 @pytest.mark.parametrize("leaving", [0.25, 0.75])
