@@ -125,8 +125,8 @@ def observations(rows: list[dict[str, Any]]) -> str:
         f"- Ranking by final-exit PPL (best first): {', '.join(ours)}.",
         f"- The research's ranking: {', '.join(research)}.",
     ]
-    if "standard" in std and len(std["standard"]["final_exit_ppl"]["values"]) < 2:
-        out.append("- One seed: no spread to tell a method's PPL from standard's.")
+    if all(len(r["final_exit_ppl"]["values"]) < 2 for r in rows):
+        out.append("- One seed: no spread, so no method's PPL can be told from another's.")
     elif "standard" in std:
         s = std["standard"]["final_exit_ppl"]
         beats = [

@@ -1,13 +1,13 @@
 """Early exit that saves real time (issue 5): every speed figure is a ratio measured within this run.
 
 1. **Routed inference against the full model**: wall time of teacher-forced scoring (every
-   token's NLL) with ``routed_forward`` (exited tokens skip queries, attention and MLPs; deeper
-   layers compute only their keys and values) against the full model, beside the FLOPs ratio
-   of everything that runs, at the research size (d_model 64, WikiText-2's 33,279 words: the
-   head dominates) and where layers dominate (d_model 512, 8 layers, exit after layer 4). Also
-   the "simulated" routing that evaluation uses (every layer for every token), and, on a
-   trained model, the PPL difference between skipping with state propagation and the
-   simulated routing.
+   token's NLL) with ``routed_forward`` (exited tokens skip queries and MLPs, and attention
+   where few continue; deeper layers compute only their keys and values) against the full
+   model, beside the FLOPs ratio of everything that runs, at the research size (d_model 64,
+   WikiText-2's 33,279 words: the head dominates) and where layers dominate (d_model 512, 8
+   layers, exit after layer 4). Also the "simulated" routing that evaluation uses (every layer
+   for every token), and, on a trained model, the PPL difference between skipping with state
+   propagation and the simulated routing.
 2. **Generation**: tokens/s of ``generate`` with early exit against our full-depth generation
    and Hugging Face ``transformers`` GPT-2 with the same sizes and a KV cache (random weights).
 3. **Training throughput**: our model against GPT-2 with the same sizes, data and batch, a

@@ -326,35 +326,32 @@ def main() -> None:
     if args.merge and not args.resume:
         parser.error("--merge needs --resume")
     rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings, args.merge) if args.resume else ([], [])
-    keys = [(r["objective"], r["schedule"], r["mode"], r["seed"], r["lr"] == args.lr) for r in rows]
-    if len(set(keys)) < len(keys):
-        raise SystemExit("--resume: the same run appears twice in the stored results; merge files that do not overlap")
+    # One run per (objective, schedule, mode, seed, at the base lr or SD2's implied one).
+    run_at: dict[tuple[str, str, str, int, bool], dict[str, Any]] = {}
 
-    def measured(objective: str, schedule: str, mode: str, seed: int, at_base_lr: bool) -> bool:
-        return any(
-            (r["objective"], r["schedule"], r["mode"], r["seed"]) == (objective, schedule, mode, seed)
-            and (r["lr"] == args.lr) == at_base_lr
-            for r in rows
-        )
+    def keep(row: dict[str, Any]) -> None:
+        key = (row["objective"], row["schedule"], row["mode"], row["seed"], row["lr"] == args.lr)
+        if key in run_at:
+            raise SystemExit(f"--resume: the run {key} is stored twice; merge files that do not overlap")
+        run_at[key] = row
 
+    for row in rows:
+        keep(row)
     for objective in args.objectives:
         for schedule in args.schedules:
             for mode in MODES:
                 for seed in args.seeds:
-                    if not measured(objective, schedule, mode, seed, at_base_lr=True):
+                    if (objective, schedule, mode, seed, True) not in run_at:
                         rows.append(run_one(objective, schedule, mode, seed, args.lr, dm, args))
+                        keep(rows[-1])
                         print({k: v for k, v in rows[-1].items() if "curve" not in k}, flush=True)
                         report(rows, args, done=False)
             for seed in args.seeds:
-                if not measured(objective, schedule, "none", seed, at_base_lr=False):
+                if (objective, schedule, "none", seed, False) not in run_at:
                     # Each seed's own SD2 run sets its lr, so a resumed seed gets the lr a full run gives it.
-                    (sd2,) = [
-                        r
-                        for r in rows
-                        if (r["objective"], r["schedule"], r["mode"], r["seed"]) == (objective, schedule, "sd2", seed)
-                        and r["lr"] == args.lr
-                    ]
-                    rows.append(run_one(objective, schedule, "none", seed, args.lr * sd2["mean_scale"], dm, args))
+                    implied_lr = args.lr * run_at[(objective, schedule, "sd2", seed, True)]["mean_scale"]
+                    rows.append(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
+                    keep(rows[-1])
                     report(rows, args, done=False)
     report(rows, args, done=True)
 
