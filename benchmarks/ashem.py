@@ -17,6 +17,9 @@ Results are written after every run, so an interrupted benchmark still leaves wh
     python -m benchmarks.ashem                                  # research setup, full vocabulary
     python -m benchmarks.ashem --vocab-cap 8192 --variant-seeds 0   # what fits on 2 CPU cores
     python -m benchmarks.ashem --vocab-cap 8192 --resume            # after an interruption
+    # seed 2 in a parallel lane, then its runs merged in:
+    python -m benchmarks.ashem --vocab-cap 8192 --seeds 2 --name ashem_seed2
+    python -m benchmarks.ashem --vocab-cap 8192 --resume --merge ashem_seed2
 """
 
 from __future__ import annotations
@@ -30,7 +33,17 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, earlier_runs, fmt, summary, write_results
+from benchmarks.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    ValidationHistory,
+    add_resume_arguments,
+    fmt,
+    index_runs,
+    resumed_runs,
+    summary,
+    write_results,
+)
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
 from lego_lightning.callbacks import HardExampleMining, PerplexityEarlyStopping
 from lego_lightning.data import TextDataModule
@@ -456,8 +469,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--name", default="ashem")
-    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
+    add_resume_arguments(parser, "ashem")
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
 
@@ -473,25 +485,23 @@ def main() -> None:
     dm.setup("fit")
     variant_seeds = args.seeds if args.variant_seeds is None else args.variant_seeds
     args.settings = {k: getattr(args, k) for k in ("vocab_cap", "train_samples", "max_epochs", "dropout", "precision")}
-    rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings) if args.resume else ([], [])
+    rows, args.resumed_from = resumed_runs(args, "rows", args.settings)
+    run_at = index_runs(rows, lambda r: (r["variant"], r["seed"]))
 
-    def measured(variant: str, seed: int) -> dict[str, Any] | None:
-        return next((r for r in rows if r["variant"] == variant and r["seed"] == seed), None)
+    def keep(row: dict[str, Any]) -> dict[str, Any]:
+        rows.append(row)
+        run_at[row["variant"], row["seed"]] = row  # only keys not yet measured are run
+        report(rows, args, done=False)
+        return row
 
     for seed in args.seeds:
-        ours = measured("ours", seed)
-        if ours is None:
-            ours = run_ashem("ours", seed, dm, args)
-            rows.append(ours)
-            report(rows, args, done=False)
+        ours = run_at.get(("ours", seed)) or keep(run_ashem("ours", seed, dm, args))
         for name in args.baselines:
-            if measured(name, seed) is None:
-                rows.append(run_baseline(name, seed, ours["training_flops"], dm, args))
-                report(rows, args, done=False)
+            if (name, seed) not in run_at:
+                keep(run_baseline(name, seed, ours["training_flops"], dm, args))
         for variant in args.variants:
-            if variant != "ours" and seed in variant_seeds and measured(variant, seed) is None:
-                rows.append(run_ashem(variant, seed, dm, args))
-                report(rows, args, done=False)
+            if variant != "ours" and seed in variant_seeds and (variant, seed) not in run_at:
+                keep(run_ashem(variant, seed, dm, args))
     report(rows, args, done=True)
     print(f"wrote {RESULTS / args.name}.md")
 

@@ -21,7 +21,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA, config_cli, earlier_runs, fmt, summary, write_results
+from benchmarks.common import (
+    DEFAULT_DATA,
+    add_resume_arguments,
+    config_cli,
+    fmt,
+    index_runs,
+    resumed_runs,
+    summary,
+    write_results,
+)
 
 # SEEDS.md section 4: method -> (config, research PPL, research compute %), in the research's rank order.
 METHODS: dict[str, tuple[str, float, float]] = {
@@ -159,13 +168,12 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--name", default="char_study")
-    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
+    add_resume_arguments(parser, "char_study")
     args = parser.parse_args()
 
     args.settings = {"max_epochs": args.max_epochs, "threshold": args.threshold}
-    runs, args.resumed_from = earlier_runs(args.name, "runs", args.settings) if args.resume else ([], [])
-    done_before = {(r["method"], r["seed"], r["patience"]) for r in runs}
+    runs, args.resumed_from = resumed_runs(args, "runs", args.settings)
+    done_before = index_runs(runs, lambda r: (r["method"], r["seed"], r["patience"]))
     for patience in args.patience:
         for method in args.methods:
             for seed in args.seeds:

@@ -7,6 +7,7 @@ table for people, with the research's figure beside ours and a few sentences on 
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -16,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,41 @@ def fmt(s: dict[str, Any], digits: int = 2) -> str:
     if len(s["values"]) == 1:
         return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--name``, ``--resume`` and ``--merge``: how a benchmark keeps, resumes and joins its runs.
+
+    A long grid can run in parallel lanes: each lane writes its own ``--name``, and a last
+    ``--resume --merge LANE ...`` joins their runs into one report.
+    """
+    parser.add_argument("--name", default=name, help=f"results file stem under benchmarks/results (default {name})")
+    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
+    parser.add_argument(
+        "--merge", nargs="+", default=[], metavar="NAME", help="with --resume: also keep the runs in NAME.json"
+    )
+
+
+def resumed_runs(
+    args: argparse.Namespace, key: str, settings: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`earlier_runs` for the options :func:`add_resume_arguments` added; none without ``--resume``."""
+    if args.merge and not args.resume:
+        raise SystemExit("--merge needs --resume")
+    return earlier_runs(args.name, key, settings, args.merge) if args.resume else ([], [])
+
+
+def index_runs(
+    runs: Sequence[dict[str, Any]], run_key: Callable[[dict[str, Any]], Hashable]
+) -> dict[Hashable, dict[str, Any]]:
+    """The runs by ``run_key``; a run stored twice (merged lanes that overlap) is refused, not averaged in twice."""
+    by_key: dict[Hashable, dict[str, Any]] = {}
+    for run in runs:
+        k = run_key(run)
+        if k in by_key:
+            raise SystemExit(f"--resume: the run {k} is stored twice; merge files that do not overlap")
+        by_key[k] = run
+    return by_key
 
 
 def earlier_runs(

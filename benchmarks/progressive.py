@@ -22,9 +22,11 @@ from typing import Any
 from benchmarks.common import (
     DEFAULT_DATA,
     ValidationHistory,
+    add_resume_arguments,
     config_cli,
-    earlier_runs,
     fmt,
+    index_runs,
+    resumed_runs,
     summary,
     write_results,
 )
@@ -131,12 +133,11 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=50)
     parser.add_argument("--vocab-cap", type=int, default=None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--name", default="progressive")
-    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
+    add_resume_arguments(parser, "progressive")
     args = parser.parse_args()
     settings = {"max_epochs": args.max_epochs, "vocab_cap": args.vocab_cap}
-    rows, resumed_from = earlier_runs(args.name, "rows", settings) if args.resume else ([], [])
-    done_before = {(r["method"], r["seed"], r["patience"]) for r in rows}
+    rows, resumed_from = resumed_runs(args, "rows", settings)
+    done_before = index_runs(rows, lambda r: (r["method"], r["seed"], r["patience"]))
     for patience in args.patience:
         for method in RESEARCH:
             for seed in args.seeds:

@@ -28,7 +28,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, ValidationHistory, earlier_runs, fmt, summary, write_results
+from benchmarks.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    ValidationHistory,
+    add_resume_arguments,
+    fmt,
+    index_runs,
+    resumed_runs,
+    summary,
+    write_results,
+)
 from lego_lightning import SupervisedExitLM
 from lego_lightning.callbacks import LossScaledLR
 from lego_lightning.data import TextDataModule
@@ -303,11 +313,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--name", default="sd_study")
-    parser.add_argument("--resume", action="store_true", help="keep the runs in the results JSON, run the rest")
-    parser.add_argument(
-        "--merge", nargs="+", default=[], metavar="NAME", help="with --resume: also keep the runs in NAME.json"
-    )
+    add_resume_arguments(parser, "sd_study")
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
     dm = TextDataModule(
@@ -323,35 +329,31 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("lr", "warmup_steps", "epochs", "train_samples", "val_samples", "vocab_cap", "dropout")
     }
-    if args.merge and not args.resume:
-        parser.error("--merge needs --resume")
-    rows, args.resumed_from = earlier_runs(args.name, "rows", args.settings, args.merge) if args.resume else ([], [])
-    # One run per (objective, schedule, mode, seed, at the base lr or SD2's implied one).
-    run_at: dict[tuple[str, str, str, int, bool], dict[str, Any]] = {}
+    rows, args.resumed_from = resumed_runs(args, "rows", args.settings)
+
+    def run_key(row: dict[str, Any]) -> tuple[str, str, str, int, bool]:
+        """One run per (objective, schedule, mode, seed, at the base lr or SD2's implied one)."""
+        return row["objective"], row["schedule"], row["mode"], row["seed"], row["lr"] == args.lr
+
+    run_at = index_runs(rows, run_key)
 
     def keep(row: dict[str, Any]) -> None:
-        key = (row["objective"], row["schedule"], row["mode"], row["seed"], row["lr"] == args.lr)
-        if key in run_at:
-            raise SystemExit(f"--resume: the run {key} is stored twice; merge files that do not overlap")
-        run_at[key] = row
+        rows.append(row)
+        run_at[run_key(row)] = row  # only keys not yet measured are run
 
-    for row in rows:
-        keep(row)
     for objective in args.objectives:
         for schedule in args.schedules:
             for mode in MODES:
                 for seed in args.seeds:
                     if (objective, schedule, mode, seed, True) not in run_at:
-                        rows.append(run_one(objective, schedule, mode, seed, args.lr, dm, args))
-                        keep(rows[-1])
+                        keep(run_one(objective, schedule, mode, seed, args.lr, dm, args))
                         print({k: v for k, v in rows[-1].items() if "curve" not in k}, flush=True)
                         report(rows, args, done=False)
             for seed in args.seeds:
                 if (objective, schedule, "none", seed, False) not in run_at:
                     # Each seed's own SD2 run sets its lr, so a resumed seed gets the lr a full run gives it.
                     implied_lr = args.lr * run_at[(objective, schedule, "sd2", seed, True)]["mean_scale"]
-                    rows.append(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
-                    keep(rows[-1])
+                    keep(run_one(objective, schedule, "none", seed, implied_lr, dm, args))
                     report(rows, args, done=False)
     report(rows, args, done=True)
 

@@ -1,5 +1,6 @@
 """``--resume`` and ``--merge`` of the benchmark scripts: stored runs come back with where they were measured."""
 
+import argparse
 import json
 
 import pytest
@@ -33,3 +34,23 @@ def test_a_lane_measured_under_other_settings_or_missing_is_refused(tmp_path, mo
     with pytest.raises(SystemExit, match="does not exist"):
         common.earlier_runs("grid", "rows", SETTINGS, merge=["absent"])
     assert common.earlier_runs("absent", "rows", SETTINGS) == ([], [])  # nothing stored yet: start afresh
+
+
+def test_merged_lanes_that_overlap_are_refused_and_merge_needs_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    store(tmp_path, "grid", [{"variant": "ours", "seed": 0}], "grid")
+    store(tmp_path, "lane", [{"variant": "ours", "seed": 1}, {"variant": "ours", "seed": 0}], "lane")
+    parser = argparse.ArgumentParser()
+    common.add_resume_arguments(parser, "grid")
+
+    def by_run(run):
+        return run["variant"], run["seed"]
+
+    one_lane = common.resumed_runs(parser.parse_args(["--resume"]), "rows", SETTINGS)[0]
+    assert list(common.index_runs(one_lane, by_run)) == [("ours", 0)]
+    both = common.resumed_runs(parser.parse_args(["--resume", "--merge", "lane"]), "rows", SETTINGS)[0]
+    with pytest.raises(SystemExit, match=r"\('ours', 0\) is stored twice"):
+        common.index_runs(both, by_run)
+    with pytest.raises(SystemExit, match="--merge needs --resume"):
+        common.resumed_runs(parser.parse_args(["--merge", "lane"]), "rows", SETTINGS)
+    assert common.resumed_runs(parser.parse_args([]), "rows", SETTINGS) == ([], [])  # a fresh run keeps nothing
