@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from benchmarks.common import (
     RESULTS,
     ValidationHistory,
     add_resume_arguments,
+    differ,
     fmt,
     index_runs,
     resumed_runs,
@@ -358,41 +360,67 @@ def best_ppl_at_ratio(sweep: list[dict[str, Any]], ratio: float) -> float | None
     return min(ok) if ok else None
 
 
+def versus(a: list[float], b: list[float]) -> str:
+    """``a`` against ``b`` for a sentence: the difference of means and whether the seeds' spread covers it."""
+    diff, told_apart = differ(a, b)
+    if min(len(a), len(b)) == 1:
+        return f"{diff:+.1f}, one seed"
+    return f"{diff:+.1f}, {'beyond' if told_apart else 'within'} the seed spread"
+
+
 def observations(rows: list[dict[str, Any]]) -> str:
     out = []
     if len({r["seed"] for r in rows}) == 1:
         out.append("- One seed: differences of about a PPL point between rows are not established.")
+    else:
+        out.append(
+            "- A difference counts only when it is larger than both rows' standard deviations added "
+            "(the rule of the other studies); otherwise it is within the seed spread."
+        )
     ours = [r for r in rows if r["variant"] == "ours"]
-    std4 = [r for r in rows if r["variant"] == "standard_4_layers"]
     if ours:
-        o = _agg(ours, "two_stage_ppl")["mean"]
+        two_stage = [r["two_stage_ppl"] for r in ours]
+        o = statistics.fmean(two_stage)
         out.append(
             f"- ASHEM's routed model costs {_agg(ours, 'flops_ratio')['mean']:.1%} of the 4-layer model's FLOPs when "
             f"heads and confidence count; the layers-only measure says {_agg(ours, 'layers_ratio')['mean']:.1%}."
         )
+        # Phase 1 and the two-stage model come from the same run, so compare them seed by seed.
+        gains = [r["two_stage_ppl"] - r["phase1_ppl"] for r in ours]
         p1 = _agg(ours, "phase1_ppl")["mean"]
         out.append(
-            f"- Phase 2 {'improves on' if o < p1 else 'does not improve on'} phase 1: two-stage PPL {o:.1f} against "
-            f"{p1:.1f} for the 2-layer model alone (which costs {_agg(ours, 'two_layer_flops_ratio')['mean']:.0%} of "
-            f"the 4-layer model's FLOPs); on the hard tokens the deep exit scores "
-            f"{_agg(ours, 'phase2_hard_ppl')['mean']:.1f} against the shallow exit's "
+            f"- Phase 2 improves on phase 1 in {sum(g < 0 for g in gains)} of {len(gains)} seeds: two-stage PPL "
+            f"{o:.1f} against {p1:.1f} for the 2-layer model alone (two-stage minus phase 1 per seed "
+            f"{', '.join(f'{g:+.2f}' for g in gains)}; the 2-layer model costs "
+            f"{_agg(ours, 'two_layer_flops_ratio')['mean']:.0%} of the 4-layer model's FLOPs). On the hard tokens the "
+            f"deep exit scores {_agg(ours, 'phase2_hard_ppl')['mean']:.1f} against the shallow exit's "
             f"{_agg(ours, 'phase1_hard_ppl')['mean']:.1f}."
         )
-        if std4:
-            s = _agg(std4, "deep_ppl")["mean"]
-            verdict = "beats" if o < s else "does not beat"
-            out.append(
-                f"- At the same training FLOPs, ASHEM's two-stage PPL ({o:.1f}) {verdict} a 4-layer model trained "
-                f"normally on all tokens ({s:.1f}), which also costs less at inference (ratio 1.0)."
-            )
-        research = [r for r in rows if r["variant"] == "research"]
-        if research:
-            out.append(
-                f"- The research's own variant reaches two-stage PPL {_agg(research, 'two_stage_ppl')['mean']:.1f} "
-                f"against ours {o:.1f} (its phase 1: {_agg(research, 'phase1_ppl')['mean']:.1f}); its shallow exit "
-                f"changes by {_agg(research, 'shallow_drift')['mean']:+.2%} in phase 2 (ours: "
-                f"{_agg(ours, 'shallow_drift')['mean']:+.2%})."
-            )
+        for name, label in (
+            ("standard_4_layers", "a 4-layer model trained normally on all tokens (run at full depth, ratio 1.0)"),
+            ("exits_2_and_4", "the 4-layer model with exits after layers 2 and 4, at full depth"),
+            ("deep_supervision_4", "deep supervision with an exit after every layer, at full depth"),
+        ):
+            base = [r["deep_ppl"] for r in rows if r["variant"] == name]
+            if base:
+                diff, told_apart = differ(two_stage, base)
+                if min(len(two_stage), len(base)) == 1:
+                    verdict = "is below" if diff < 0 else "is above"  # one seed: a direction, not a result
+                else:
+                    verdict = ("beats" if diff < 0 else "is worse than") if told_apart else "cannot be told from"
+                out.append(
+                    f"- At the same training FLOPs, ASHEM's two-stage PPL {o:.1f} {verdict} that of {label}: "
+                    f"{statistics.fmean(base):.1f} ({versus(two_stage, base)})."
+                )
+        for variant in ("research", "shared_head_trained", "no_context"):
+            theirs = [r for r in rows if r["variant"] == variant]
+            if theirs:
+                out.append(
+                    f"- The {variant} variant reaches two-stage PPL {_agg(theirs, 'two_stage_ppl')['mean']:.1f} "
+                    f"against ours {o:.1f} ({versus([r['two_stage_ppl'] for r in theirs], two_stage)}); its shallow "
+                    f"exit changes by {_agg(theirs, 'shallow_drift')['mean']:+.2%} in phase 2 (ours: "
+                    f"{_agg(ours, 'shallow_drift')['mean']:+.2%})."
+                )
     for name in ("exits_2_and_4", "deep_supervision_4"):
         base = [r for r in rows if r["variant"] == name]
         if base and ours:
@@ -401,8 +429,8 @@ def observations(rows: list[dict[str, Any]]) -> str:
                 mine = [best_ppl_at_ratio(r["sweep"], ratio) for r in ours]
                 if all(v is not None for v in theirs + mine):
                     out.append(
-                        f"- Best routed PPL at FLOPs ratio <= {ratio}: ASHEM {sum(mine) / len(mine):.1f}, "
-                        f"{name} {sum(theirs) / len(theirs):.1f}."
+                        f"- Best routed PPL at FLOPs ratio <= {ratio}: ASHEM {statistics.fmean(mine):.1f}, "
+                        f"{name} {statistics.fmean(theirs):.1f} ({versus(mine, theirs)})."
                     )
     return "\n".join(out)
 

@@ -168,6 +168,18 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def differ(a: Sequence[float], b: Sequence[float], floor: float = 0.0) -> tuple[float, bool]:
+    """Mean of ``a`` minus mean of ``b``, and whether that can be told from no change.
+
+    It can when it exceeds ``floor`` and both seeds' standard deviations added (each mean one
+    spread away from the other). With one seed on either side there is no spread, so nothing
+    beyond ``floor`` can be established either; callers say "one seed" rather than a verdict.
+    """
+    sa, sb = summary(a), summary(b)
+    diff = sa["mean"] - sb["mean"]
+    return diff, abs(diff) > max(floor, sa["std"] + sb["std"])
+
+
 def fmt(s: dict[str, Any], digits: int = 2) -> str:
     """``mean ± std`` for a markdown table."""
     if len(s["values"]) == 1:

@@ -24,6 +24,7 @@ from benchmarks.common import (
     ValidationHistory,
     add_resume_arguments,
     config_cli,
+    differ,
     fmt,
     index_runs,
     resumed_runs,
@@ -112,11 +113,13 @@ def observations(rows: list[dict[str, Any]], patience: int) -> str:
             f"{flops_ratio:.2f}x); the research reported {research:.2f}x for the whole phase."
         )
     for phase in (1, 2):
-        s = summary([r[f"phase{phase}_ppl"] for r in std])
-        d = summary([r[f"phase{phase}_ppl"] for r in ds])
-        gap = d["mean"] - s["mean"]
-        spread = max(s["std"], d["std"])
-        verdict = "within one standard deviation" if abs(gap) <= spread else ("lower" if gap < 0 else "higher")
+        gap, told_apart = differ([r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std])
+        if min(len(ds), len(std)) == 1:
+            verdict = "one seed: a direction, not a result"
+        elif told_apart:
+            verdict = f"{'lower' if gap < 0 else 'higher'} beyond the seed spread"
+        else:
+            verdict = "within the seed spread"
         out.append(f"- Phase {phase}: deep supervision's PPL is {gap:+.1f} against standard's ({verdict}).")
     gains = [r["phase2_ppl"] - r["phase1_ppl"] for r in std + ds]
     out.append(

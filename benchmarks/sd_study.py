@@ -33,6 +33,7 @@ from benchmarks.common import (
     RESULTS,
     ValidationHistory,
     add_resume_arguments,
+    differ,
     fmt,
     index_runs,
     resumed_runs,
@@ -182,15 +183,9 @@ def observations(rows: list[dict[str, Any]], base_lr: float) -> str:
     return "\n".join(verdicts(rows, base_lr) + out)
 
 
-def differ(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> tuple[float, bool]:
-    """Mean of ``a`` minus mean of ``b`` and whether that can be told from no change.
-
-    It can when it exceeds SAME_LOSS and, with several seeds, both standard deviations added
-    (each mean one spread away from the other), the rule the char study uses too.
-    """
-    diff = _mean(a, key) - _mean(b, key)
-    spread = summary([r[key] for r in a])["std"] + summary([r[key] for r in b])["std"]
-    return diff, abs(diff) > max(SAME_LOSS, spread)
+def losses_differ(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> tuple[float, bool]:
+    """:func:`benchmarks.common.differ` on ``key``, where losses closer than SAME_LOSS count as equal."""
+    return differ([r[key] for r in a], [r[key] for r in b], floor=SAME_LOSS)
 
 
 def verdicts(rows: list[dict[str, Any]], base_lr: float) -> list[str]:
@@ -205,12 +200,15 @@ def verdicts(rows: list[dict[str, Any]], base_lr: float) -> list[str]:
         if not groups:
             continue
         n = len(groups)
-        sd_val = [differ(sd, none, "best_val_loss") for none, sd, _, _ in groups]
-        sd2_train = [differ(sd2, none, "final_train_loss") for none, _, sd2, _ in groups]
-        sd2_val = [differ(sd2, none, "best_val_loss") for none, _, sd2, _ in groups]
+        sd_val = [losses_differ(sd, none, "best_val_loss") for none, sd, _, _ in groups]
+        sd2_train = [losses_differ(sd2, none, "final_train_loss") for none, _, sd2, _ in groups]
+        sd2_val = [losses_differ(sd2, none, "best_val_loss") for none, _, sd2, _ in groups]
         sd2_earlier = sum(_mean(sd2, "best_epoch") < _mean(none, "best_epoch") for none, _, sd2, _ in groups)
         # SD2 against plain training at its implied lr, on both losses: told apart on either?
-        plain = [(differ(sd2, imp, "final_train_loss"), differ(sd2, imp, "best_val_loss")) for _, _, sd2, imp in groups]
+        plain = [
+            (losses_differ(sd2, imp, "final_train_loss"), losses_differ(sd2, imp, "best_val_loss"))
+            for _, _, sd2, imp in groups
+        ]
         told_apart = sum(train[1] or val[1] for train, val in plain)
         largest = max(max(abs(train[0]), abs(val[0])) for train, val in plain)
 
