@@ -337,19 +337,28 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def phase2_gains(rows: list[dict[str, Any]]) -> list[float]:
+    """Two-stage PPL minus the same run's phase-1 PPL (negative: phase 2 helped).
+
+    Each variant builds its heads differently, so the same seed gives it another initialisation
+    and another phase 1; this paired difference is what phase 2 itself changed.
+    """
+    return [r["two_stage_ppl"] - r["phase1_ppl"] for r in rows]
+
+
 def variant_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| variant | seeds | two-stage PPL | two-stage acc | deep exit PPL on hard tokens "
-        "| shallow exit PPL change in phase 2 |",
-        "|---|---|---|---|---|---|",
+        "| variant | seeds | phase 1 PPL | two-stage PPL | phase 2's change (two-stage minus the same run's phase 1) "
+        "| two-stage acc | deep exit PPL on hard tokens | shallow exit PPL change in phase 2 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         mine = [r for r in rows if r["variant"] == variant]
         if mine:
             lines.append(
-                f"| {variant} | {len(mine)} | {_cell(_agg(mine, 'two_stage_ppl'))} "
-                f"| {_cell(_agg(mine, 'two_stage_acc'), 2, True)} | {_cell(_agg(mine, 'phase2_hard_ppl'))} "
-                f"| {_cell(_agg(mine, 'shallow_drift'), 2, True)} |"
+                f"| {variant} | {len(mine)} | {_cell(_agg(mine, 'phase1_ppl'))} | {_cell(_agg(mine, 'two_stage_ppl'))} "
+                f"| {_cell(summary(phase2_gains(mine)))} | {_cell(_agg(mine, 'two_stage_acc'), 2, True)} "
+                f"| {_cell(_agg(mine, 'phase2_hard_ppl'))} | {_cell(_agg(mine, 'shallow_drift'), 2, True)} |"
             )
     return "\n".join(lines)
 
@@ -360,12 +369,12 @@ def best_ppl_at_ratio(sweep: list[dict[str, Any]], ratio: float) -> float | None
     return min(ok) if ok else None
 
 
-def versus(a: list[float], b: list[float]) -> str:
+def versus(a: list[float], b: list[float], digits: int = 1) -> str:
     """``a`` against ``b`` for a sentence: the difference of means and whether the seeds' spread covers it."""
     diff, told_apart = differ(a, b)
     if min(len(a), len(b)) == 1:
-        return f"{diff:+.1f}, one seed"
-    return f"{diff:+.1f}, {'beyond' if told_apart else 'within'} the seed spread"
+        return f"{diff:+.{digits}f}, one seed"
+    return f"{diff:+.{digits}f}, {'beyond' if told_apart else 'within'} the seed spread"
 
 
 def observations(rows: list[dict[str, Any]]) -> str:
@@ -385,8 +394,7 @@ def observations(rows: list[dict[str, Any]]) -> str:
             f"- ASHEM's routed model costs {_agg(ours, 'flops_ratio')['mean']:.1%} of the 4-layer model's FLOPs when "
             f"heads and confidence count; the layers-only measure says {_agg(ours, 'layers_ratio')['mean']:.1%}."
         )
-        # Phase 1 and the two-stage model come from the same run, so compare them seed by seed.
-        gains = [r["two_stage_ppl"] - r["phase1_ppl"] for r in ours]
+        gains = phase2_gains(ours)  # phase 1 and the two-stage model come from the same run: compare per seed
         p1 = _agg(ours, "phase1_ppl")["mean"]
         out.append(
             f"- Phase 2 improves on phase 1 in {sum(g < 0 for g in gains)} of {len(gains)} seeds: two-stage PPL "
@@ -412,13 +420,31 @@ def observations(rows: list[dict[str, Any]]) -> str:
                     f"- At the same training FLOPs, ASHEM's two-stage PPL {o:.1f} {verdict} that of {label}: "
                     f"{statistics.fmean(base):.1f} ({versus(two_stage, base)})."
                 )
+        base4 = [r["deep_ppl"] for r in rows if r["variant"] == "standard_4_layers"]
+        if base4:
+            phase1 = [r["phase1_ppl"] for r in ours]
+            diff, told_apart = differ(phase1, base4)
+            out.append(
+                f"- The 2-layer model alone (ASHEM's phase 1, {_agg(ours, 'two_layer_flops_ratio')['mean']:.0%} of the "
+                f"4-layer model's FLOPs) scores {p1:.1f} against the normally trained 4-layer model's "
+                f"{statistics.fmean(base4):.1f} ({versus(phase1, base4)})"
+                + (
+                    ": at this data size the two extra layers do not pay, and whatever ASHEM gains over the "
+                    "4-layer model, its phase 1 already had."
+                    if not (told_apart and diff > 0)
+                    else "."
+                )
+            )
         for variant in ("research", "shared_head_trained", "no_context"):
             theirs = [r for r in rows if r["variant"] == variant]
             if theirs:
                 out.append(
                     f"- The {variant} variant reaches two-stage PPL {_agg(theirs, 'two_stage_ppl')['mean']:.1f} "
-                    f"against ours {o:.1f} ({versus([r['two_stage_ppl'] for r in theirs], two_stage)}); its shallow "
-                    f"exit changes by {_agg(theirs, 'shallow_drift')['mean']:+.2%} in phase 2 (ours: "
+                    f"against ours {o:.1f} ({versus([r['two_stage_ppl'] for r in theirs], two_stage)}), from a phase 1 "
+                    f"at {_agg(theirs, 'phase1_ppl')['mean']:.1f} (ours {p1:.1f}). What phase 2 itself changed: "
+                    f"{statistics.fmean(phase2_gains(theirs)):+.2f} against ours {statistics.fmean(gains):+.2f} "
+                    f"({versus(phase2_gains(theirs), gains, 2)}). Its shallow exit changes by "
+                    f"{_agg(theirs, 'shallow_drift')['mean']:+.2%} in phase 2 (ours: "
                     f"{_agg(ours, 'shallow_drift')['mean']:+.2%})."
                 )
     for name in ("exits_2_and_4", "deep_supervision_4"):
