@@ -44,6 +44,7 @@ from benchmarks.common import (
     index_runs,
     resumed_runs,
     summary,
+    versus,
     write_results,
 )
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
@@ -340,8 +341,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 def phase2_gains(rows: list[dict[str, Any]]) -> list[float]:
     """Two-stage PPL minus the same run's phase-1 PPL (negative: phase 2 helped).
 
-    Each variant builds its heads differently, so the same seed gives it another initialisation
-    and another phase 1; this paired difference is what phase 2 itself changed.
+    A variant with another head layout (shared instead of separate) initialises differently, so
+    the same seed gives it another phase 1; this paired difference is what phase 2 itself changed.
     """
     return [r["two_stage_ppl"] - r["phase1_ppl"] for r in rows]
 
@@ -367,14 +368,6 @@ def best_ppl_at_ratio(sweep: list[dict[str, Any]], ratio: float) -> float | None
     """Lowest routed PPL among thresholds whose FLOPs ratio is at most ``ratio``."""
     ok = [p["ppl"] for p in sweep if p["flops_ratio"] <= ratio + 1e-9]
     return min(ok) if ok else None
-
-
-def versus(a: list[float], b: list[float], digits: int = 1) -> str:
-    """``a`` against ``b`` for a sentence: the difference of means and whether the seeds' spread covers it."""
-    diff, told_apart = differ(a, b)
-    if min(len(a), len(b)) == 1:
-        return f"{diff:+.{digits}f}, one seed"
-    return f"{diff:+.{digits}f}, {'beyond' if told_apart else 'within'} the seed spread"
 
 
 def observations(rows: list[dict[str, Any]]) -> str:

@@ -172,12 +172,20 @@ def differ(a: Sequence[float], b: Sequence[float], floor: float = 0.0) -> tuple[
     """Mean of ``a`` minus mean of ``b``, and whether that can be told from no change.
 
     It can when it exceeds ``floor`` and both seeds' standard deviations added (each mean one
-    spread away from the other). With one seed on either side there is no spread, so nothing
-    beyond ``floor`` can be established either; callers say "one seed" rather than a verdict.
+    spread away from the other). With one seed on either side the spread is 0, so anything beyond
+    ``floor`` counts; :func:`versus` says "one seed" there instead of a verdict.
     """
     sa, sb = summary(a), summary(b)
     diff = sa["mean"] - sb["mean"]
     return diff, abs(diff) > max(floor, sa["std"] + sb["std"])
+
+
+def versus(a: Sequence[float], b: Sequence[float], digits: int = 1) -> str:
+    """``a`` against ``b`` for a sentence: the difference of means and whether the seeds' spread covers it."""
+    diff, told_apart = differ(a, b)
+    if min(len(a), len(b)) == 1:
+        return f"{diff:+.{digits}f}, one seed"
+    return f"{diff:+.{digits}f}, {'beyond' if told_apart else 'within'} the seed spread"
 
 
 def fmt(s: dict[str, Any], digits: int = 2) -> str:

@@ -24,11 +24,11 @@ from benchmarks.common import (
     ValidationHistory,
     add_resume_arguments,
     config_cli,
-    differ,
     fmt,
     index_runs,
     resumed_runs,
     summary,
+    versus,
     write_results,
 )
 from lego_lightning.model import flops
@@ -113,14 +113,11 @@ def observations(rows: list[dict[str, Any]], patience: int) -> str:
             f"{flops_ratio:.2f}x); the research reported {research:.2f}x for the whole phase."
         )
     for phase in (1, 2):
-        gap, told_apart = differ([r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std])
-        if min(len(ds), len(std)) == 1:
-            verdict = "one seed: a direction, not a result"
-        elif told_apart:
-            verdict = f"{'lower' if gap < 0 else 'higher'} beyond the seed spread"
-        else:
-            verdict = "within the seed spread"
-        out.append(f"- Phase {phase}: deep supervision's PPL is {gap:+.1f} against standard's ({verdict}).")
+        ds_ppl, std_ppl = [r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std]
+        out.append(
+            f"- Phase {phase}: deep supervision's PPL against standard's: {versus(ds_ppl, std_ppl)} "
+            "(negative is better)."
+        )
     gains = [r["phase2_ppl"] - r["phase1_ppl"] for r in std + ds]
     out.append(
         f"- Adding the 4th layer changed the best PPL by {sum(gains) / len(gains):+.1f} on average "

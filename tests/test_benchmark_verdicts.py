@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.common import differ
+from benchmarks.common import differ, versus
 
 
 def test_a_difference_inside_the_seeds_spread_is_not_told_apart():
@@ -19,3 +19,9 @@ def test_a_difference_beyond_both_spreads_added_is_told_apart():
 def test_the_floor_holds_differences_smaller_than_it_as_equal():
     assert differ([1.00, 1.00], [1.02, 1.02], floor=0.03) == (pytest.approx(-0.02), False)
     assert differ([1.00, 1.00], [1.05, 1.05], floor=0.03)[1]
+
+
+def test_versus_names_one_seed_instead_of_a_verdict():
+    assert versus([10.0], [11.0]) == "-1.0, one seed"
+    assert versus([10.0, 10.1, 9.9], [11.0, 11.1, 10.9]) == "-1.0, beyond the seed spread"
+    assert versus([10.0, 10.6, 9.4], [11.0, 11.6, 10.4], digits=2) == "-1.00, within the seed spread"
