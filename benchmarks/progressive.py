@@ -24,6 +24,7 @@ from benchmarks.common import (
     ValidationHistory,
     add_resume_arguments,
     config_cli,
+    differ,
     fmt,
     index_runs,
     resumed_runs,
@@ -98,19 +99,32 @@ def table(rows: list[dict[str, Any]], patience: int) -> str:
     return "\n".join(lines)
 
 
+def _runs(rows: list[dict[str, Any]], method: str, patience: int) -> list[dict[str, Any]]:
+    return [r for r in rows if r["method"] == method and r["patience"] == patience]
+
+
+def _time_ratio(ds: list[dict[str, Any]], std: list[dict[str, Any]], phase: int) -> float:
+    """Deep supervision's mean seconds per epoch over standard's, in ``phase``."""
+    key = f"phase{phase}_s_per_epoch"
+    return (sum(r[key] for r in ds) / len(ds)) / (sum(r[key] for r in std) / len(std))
+
+
+def _growth_gain(runs: list[dict[str, Any]]) -> float:
+    """Mean change of the best PPL from phase 1 to phase 2: what the 4th layer bought."""
+    return sum(r["phase2_ppl"] - r["phase1_ppl"] for r in runs) / len(runs)
+
+
 def observations(rows: list[dict[str, Any]], patience: int) -> str:
-    std = [r for r in rows if r["method"] == "standard" and r["patience"] == patience]
-    ds = [r for r in rows if r["method"] == "deep_supervision" and r["patience"] == patience]
+    std, ds = _runs(rows, "standard", patience), _runs(rows, "deep_supervision", patience)
     out = []
     if not (std and ds):
         return ""
     for phase in (1, 2):
-        time_ratio = sum(r[f"phase{phase}_s_per_epoch"] for r in ds) / sum(r[f"phase{phase}_s_per_epoch"] for r in std)
         flops_ratio = ds[0][f"phase{phase}_train_flops_per_token"] / std[0][f"phase{phase}_train_flops_per_token"]
         research = RESEARCH["deep_supervision"][phase][2] / RESEARCH["standard"][phase][2]
         out.append(
-            f"- Phase {phase}: deep supervision takes {time_ratio:.2f}x standard's time per epoch (training FLOPs "
-            f"{flops_ratio:.2f}x); the research reported {research:.2f}x for the whole phase."
+            f"- Phase {phase}: deep supervision takes {_time_ratio(ds, std, phase):.2f}x standard's time per epoch "
+            f"(training FLOPs {flops_ratio:.2f}x); the research reported {research:.2f}x for the whole phase."
         )
     for phase in (1, 2):
         ds_ppl, std_ppl = [r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std]
@@ -118,10 +132,54 @@ def observations(rows: list[dict[str, Any]], patience: int) -> str:
             f"- Phase {phase}: deep supervision's PPL against standard's: {versus(ds_ppl, std_ppl)} "
             "(negative is better)."
         )
-    gains = [r["phase2_ppl"] - r["phase1_ppl"] for r in std + ds]
     out.append(
-        f"- Adding the 4th layer changed the best PPL by {sum(gains) / len(gains):+.1f} on average "
-        "(negative is better)."
+        f"- Adding the 4th layer changed the best PPL by {_growth_gain(std + ds):+.1f} on average (negative is better)."
+    )
+    return "\n".join(out)
+
+
+def _direction(a: list[float], b: list[float]) -> str:
+    """``a`` against ``b`` as a conclusion: lower, higher, or not told apart by the spread rule."""
+    diff, told_apart = differ(a, b)
+    return ("lower" if diff < 0 else "higher") if told_apart else "not told apart"
+
+
+def convergence(rows: list[dict[str, Any]], short: int, long: int) -> str:
+    """Which conclusions of the research's stopping rule (``short`` patience) hold at ``long`` patience."""
+    methods = [m for m in RESEARCH if _runs(rows, m, short) and _runs(rows, m, long)]
+    if len(methods) < len(RESEARCH):
+        return ""
+    out = []
+    for method in methods:
+        before, after = _runs(rows, method, short), _runs(rows, method, long)
+        epochs = [fmt(summary([r["phase1_epochs"] + r["phase2_epochs"] for r in runs]), 1) for runs in (before, after)]
+        out.append(
+            f"- {method}: phase-2 PPL at patience {long} against patience {short}: "
+            f"{versus([r['phase2_ppl'] for r in after], [r['phase2_ppl'] for r in before])} "
+            f"(negative is better); epochs in both phases {epochs[0]} -> {epochs[1]}."
+        )
+    for phase in (1, 2):
+        said = []
+        for patience in (short, long):
+            std, ds = _runs(rows, "standard", patience), _runs(rows, "deep_supervision", patience)
+            said.append(_direction([r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std]))
+        out.append(
+            f"- Phase {phase}: deep supervision's PPL against standard's is {said[0]} at patience {short} and "
+            f"{said[1]} at patience {long}: the conclusion {'holds' if said[0] == said[1] else 'changes'}."
+        )
+    ratios = {
+        p: [_time_ratio(_runs(rows, "deep_supervision", p), _runs(rows, "standard", p), ph) for ph in (1, 2)]
+        for p in (short, long)
+    }
+    out.append(
+        f"- Deep supervision's time per epoch against standard's (phase 1, phase 2): "
+        f"{ratios[short][0]:.2f}x, {ratios[short][1]:.2f}x at patience {short}; "
+        f"{ratios[long][0]:.2f}x, {ratios[long][1]:.2f}x at patience {long}."
+    )
+    gains = [_growth_gain(_runs(rows, "standard", p) + _runs(rows, "deep_supervision", p)) for p in (short, long)]
+    out.append(
+        f"- What the 4th layer bought (phase 2 minus phase 1 PPL, both methods): {gains[0]:+.1f} at patience "
+        f"{short}, {gains[1]:+.1f} at patience {long}."
     )
     return "\n".join(out)
 
@@ -166,6 +224,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -
             rule = "the research's patience" if patience == 1 else "closer to convergence"
             parts.append(f"## Patience {patience} in each phase ({rule})\n\n{table(rows, patience)}")
             parts.append(observations(rows, patience))
+    if len(args.patience) == 2 and (held := convergence(rows, *sorted(args.patience))):
+        parts.append(f"## Which conclusions hold when trained closer to convergence\n\n{held}")
     return "\n\n".join(parts)
 
 
