@@ -24,11 +24,14 @@ import torch
 from benchmarks.common import (
     DEFAULT_DATA,
     add_resume_arguments,
+    agreement,
     config_cli,
+    direction,
     fmt,
     index_runs,
     resumed_runs,
     summary,
+    versus,
     write_results,
 )
 
@@ -160,6 +163,60 @@ def observations(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _values(runs: list[dict[str, Any]], method: str, patience: int, key: str) -> list[float]:
+    return [r[key] for r in runs if r["method"] == method and r["patience"] == patience and key in r]
+
+
+def convergence(runs: list[dict[str, Any]], short: int, long: int, max_epochs: int) -> str:
+    """Which conclusions of the research's stopping rule (``short`` patience) hold at ``long`` patience.
+
+    Only methods measured at both patiences take part, so a partly run study says what it can.
+    Runs that reached ``max_epochs`` are named: they stopped at the cap, not at convergence.
+    """
+    methods = [
+        m for m in METHODS if _values(runs, m, short, "final_exit_ppl") and _values(runs, m, long, "final_exit_ppl")
+    ]
+    if not methods:
+        return ""
+    ppl = {(m, p): _values(runs, m, p, "final_exit_ppl") for m in methods for p in (short, long)}
+    out = []
+    for m in methods:
+        epochs = [fmt(summary(_values(runs, m, p, "epochs")), 1) for p in (short, long)]
+        out.append(
+            f"- {m}: final-exit PPL at patience {long} against patience {short}: "
+            f"{versus(ppl[m, long], ppl[m, short], 2)} (negative is better); epochs {epochs[0]} -> {epochs[1]}."
+        )
+    for p in (short, long):
+        ranked = sorted(methods, key=lambda m: summary(ppl[m, p])["mean"])
+        out.append(f"- Ranking of these {len(methods)} methods at patience {p} (best first): {', '.join(ranked)}.")
+    if "standard" in methods:
+        for m in methods:
+            if m == "standard":
+                continue
+            said = [direction(ppl[m, p], ppl["standard", p]) for p in (short, long)]
+            out.append(
+                f"- {m} against standard: {said[0]} at patience {short}, {said[1]} at patience {long}: "
+                f"the conclusion {agreement(said)}."
+            )
+    for m in methods:
+        extra = [
+            [a - b for a, b in zip(_values(runs, m, p, "flops_ratio"), _values(runs, m, p, "layers_ratio"))]
+            for p in (short, long)
+        ]
+        if all(extra):
+            out.append(
+                f"- {m}, routed: counting heads and confidence adds {summary(extra[0])['mean']:+.1%} to the "
+                f"layers-only ratio at patience {short} and {summary(extra[1])['mean']:+.1%} at patience {long}."
+            )
+    capped = sorted({m for m in methods if max_epochs in _values(runs, m, long, "epochs")})
+    if capped:
+        out.append(
+            f"- Stopped by the {max_epochs}-epoch cap rather than by patience {long} in at least one seed, so not "
+            f"converged: {', '.join(capped)}."
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -203,6 +260,9 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
         sections.append(
             f"## Patience {patience} ({rule}; seeds {seeds})\n\n{table(agg, args.threshold)}\n\n{observations(agg)}"
         )
+    patiences = sorted({r["patience"] for r in runs})
+    if len(patiences) > 1 and (held := convergence(runs, patiences[0], patiences[-1], args.max_epochs)):
+        sections.append(f"## Which conclusions hold when trained to convergence\n\n{held}")
     markdown = (
         "# Character-level study (SEEDS.md section 4)" + ("" if done else " (partial: still running)") + "\n\n"
         f"Char-level WikiText-2 from `configs/char_*.yaml`: the first 100K training and 10K validation characters, "

@@ -188,6 +188,21 @@ def versus(a: Sequence[float], b: Sequence[float], digits: int = 1) -> str:
     return f"{diff:+.{digits}f}, {'beyond' if told_apart else 'within'} the seed spread"
 
 
+def direction(a: Sequence[float], b: Sequence[float]) -> str:
+    """``a`` against ``b`` as a conclusion: "lower", "higher", "not told apart", or "one seed" (no verdict)."""
+    if min(len(a), len(b)) == 1:
+        return "one seed"
+    diff, told_apart = differ(a, b)
+    return ("lower" if diff < 0 else "higher") if told_apart else "not told apart"
+
+
+def agreement(said: Sequence[str]) -> str:
+    """Whether :func:`direction`'s verdicts under two settings agree: "holds", "changes" or "needs more seeds"."""
+    if "one seed" in said:
+        return "needs more seeds"
+    return "holds" if len(set(said)) == 1 else "changes"
+
+
 def fmt(s: dict[str, Any], digits: int = 2) -> str:
     """``mean ± std`` for a markdown table."""
     if len(s["values"]) == 1:

@@ -23,8 +23,9 @@ from benchmarks.common import (
     DEFAULT_DATA,
     ValidationHistory,
     add_resume_arguments,
+    agreement,
     config_cli,
-    differ,
+    direction,
     fmt,
     index_runs,
     resumed_runs,
@@ -138,12 +139,6 @@ def observations(rows: list[dict[str, Any]], patience: int) -> str:
     return "\n".join(out)
 
 
-def _direction(a: list[float], b: list[float]) -> str:
-    """``a`` against ``b`` as a conclusion: lower, higher, or not told apart by the spread rule."""
-    diff, told_apart = differ(a, b)
-    return ("lower" if diff < 0 else "higher") if told_apart else "not told apart"
-
-
 def convergence(rows: list[dict[str, Any]], short: int, long: int) -> str:
     """Which conclusions of the research's stopping rule (``short`` patience) hold at ``long`` patience."""
     methods = [m for m in RESEARCH if _runs(rows, m, short) and _runs(rows, m, long)]
@@ -162,10 +157,10 @@ def convergence(rows: list[dict[str, Any]], short: int, long: int) -> str:
         said = []
         for patience in (short, long):
             std, ds = _runs(rows, "standard", patience), _runs(rows, "deep_supervision", patience)
-            said.append(_direction([r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std]))
+            said.append(direction([r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std]))
         out.append(
             f"- Phase {phase}: deep supervision's PPL against standard's is {said[0]} at patience {short} and "
-            f"{said[1]} at patience {long}: the conclusion {'holds' if said[0] == said[1] else 'changes'}."
+            f"{said[1]} at patience {long}: the conclusion {agreement(said)}."
         )
     ratios = {
         p: [_time_ratio(_runs(rows, "deep_supervision", p), _runs(rows, "standard", p), ph) for ph in (1, 2)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.common import differ, versus
+from benchmarks.common import agreement, differ, direction, versus
 
 
 def test_a_difference_inside_the_seeds_spread_is_not_told_apart():
@@ -25,6 +25,15 @@ def test_versus_names_one_seed_instead_of_a_verdict():
     assert versus([10.0], [11.0]) == "-1.0, one seed"
     assert versus([10.0, 10.1, 9.9], [11.0, 11.1, 10.9]) == "-1.0, beyond the seed spread"
     assert versus([10.0, 10.6, 9.4], [11.0, 11.6, 10.4], digits=2) == "-1.00, within the seed spread"
+
+
+def test_a_conclusion_needs_two_seeds_on_both_sides_to_hold_or_change():
+    assert direction([10.0, 10.1, 9.9], [11.0, 11.1, 10.9]) == "lower"
+    assert direction([10.0, 10.6, 9.4], [11.0, 11.6, 10.4]) == "not told apart"
+    assert direction([10.0], [11.0, 11.1, 10.9]) == "one seed"
+    assert agreement(["lower", "lower"]) == "holds"
+    assert agreement(["lower", "not told apart"]) == "changes"
+    assert agreement(["lower", "one seed"]) == "needs more seeds"
 
 
 def progressive_runs(method, patience, phase2_ppls, s_per_epoch=1.0):
@@ -66,3 +75,39 @@ def test_progressive_says_whether_the_short_patience_conclusion_holds_at_the_lon
     assert "the conclusion holds" in convergence(same, 1, 3)
     assert "changes" not in convergence(same, 1, 3)
     assert convergence([r for r in rows if r["method"] == "standard"], 1, 3) == ""  # nothing to compare
+
+
+def char_runs(method, patience, ppls, epochs=30, routed=True):
+    """Runs as ``benchmarks.char_study.run_one`` stores them, one per seed."""
+    extra = {"routed_ppl": 0.0, "flops_ratio": 0.95, "layers_ratio": 0.80} if routed else {}
+    return [
+        {"method": method, "seed": seed, "patience": patience, "epochs": epochs, "final_exit_ppl": ppl, **extra}
+        for seed, ppl in enumerate(ppls)
+    ]
+
+
+def test_char_study_says_which_conclusions_of_patience_0_hold_at_patience_3():
+    from benchmarks.char_study import convergence
+
+    runs = (
+        char_runs("standard", 0, [9.3, 9.4, 9.2], routed=False)
+        + char_runs("deed", 0, [9.4, 9.6, 9.2])
+        + char_runs("aux_loss", 0, [8.0, 8.1, 7.9])
+        + char_runs("standard", 3, [9.0, 9.1, 8.9], epochs=80, routed=False)
+        + char_runs("deed", 3, [8.0, 8.1, 7.9], epochs=40)
+        + char_runs("aux_loss", 3, [8.0])  # one seed so far
+        + char_runs("asymmetric_aux_0.8", 0, [9.0, 9.1, 8.9])  # never run at patience 3: left out
+    )
+    said = convergence(runs, 0, 3, max_epochs=80)
+    assert "- deed against standard: not told apart at patience 0, lower at patience 3: the conclusion changes." in said
+    assert (
+        "- aux_loss against standard: lower at patience 0, one seed at patience 3: the conclusion needs more seeds."
+        in said
+    )
+    assert "- standard: final-exit PPL at patience 3 against patience 0: -0.30, beyond the seed spread" in said
+    assert "Ranking of these 3 methods at patience 0 (best first): aux_loss, standard, deed." in said
+    assert "Ranking of these 3 methods at patience 3 (best first): aux_loss, deed, standard." in said
+    assert "adds +15.0% to the layers-only ratio at patience 0 and +15.0% at patience 3" in said
+    assert "not converged: standard." in said
+    assert "asymmetric_aux_0.8" not in said
+    assert convergence([r for r in runs if r["patience"] == 0], 0, 3, max_epochs=80) == ""
