@@ -30,6 +30,7 @@ from benchmarks.common import (
     fmt,
     index_runs,
     resumed_runs,
+    runs_of,
     summary,
     versus,
     write_results,
@@ -88,7 +89,7 @@ def run_one(method: str, seed: int, patience: int, max_epochs: int, threshold: f
 def aggregate(runs: list[dict[str, Any]], patience: int) -> list[dict[str, Any]]:
     rows = []
     for method, (_, research_ppl, research_compute) in METHODS.items():
-        mine = [r for r in runs if r["method"] == method and r["patience"] == patience]
+        mine = runs_of(runs, method, patience)
         if not mine:
             continue
         row: dict[str, Any] = {
@@ -164,7 +165,7 @@ def observations(rows: list[dict[str, Any]]) -> str:
 
 
 def _values(runs: list[dict[str, Any]], method: str, patience: int, key: str) -> list[float]:
-    return [r[key] for r in runs if r["method"] == method and r["patience"] == patience and key in r]
+    return [r[key] for r in runs_of(runs, method, patience) if key in r]
 
 
 def convergence(runs: list[dict[str, Any]], short: int, long: int, max_epochs: int) -> str:

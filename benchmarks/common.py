@@ -188,6 +188,11 @@ def versus(a: Sequence[float], b: Sequence[float], digits: int = 1) -> str:
     return f"{diff:+.{digits}f}, {'beyond' if told_apart else 'within'} the seed spread"
 
 
+def runs_of(runs: list[dict[str, Any]], method: str, patience: int) -> list[dict[str, Any]]:
+    """The stored runs of ``method`` at ``patience``, one per seed, in the order they were measured."""
+    return [r for r in runs if r["method"] == method and r["patience"] == patience]
+
+
 def direction(a: Sequence[float], b: Sequence[float]) -> str:
     """``a`` against ``b`` as a conclusion: "lower", "higher", "not told apart", or "one seed" (no verdict)."""
     if min(len(a), len(b)) == 1:

@@ -29,6 +29,7 @@ from benchmarks.common import (
     fmt,
     index_runs,
     resumed_runs,
+    runs_of,
     summary,
     versus,
     write_results,
@@ -85,7 +86,7 @@ def table(rows: list[dict[str, Any]], patience: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for method in RESEARCH:
-        mine = [r for r in rows if r["method"] == method and r["patience"] == patience]
+        mine = runs_of(rows, method, patience)
         if not mine:
             continue
         cells = [method]
@@ -100,10 +101,6 @@ def table(rows: list[dict[str, Any]], patience: int) -> str:
     return "\n".join(lines)
 
 
-def _runs(rows: list[dict[str, Any]], method: str, patience: int) -> list[dict[str, Any]]:
-    return [r for r in rows if r["method"] == method and r["patience"] == patience]
-
-
 def _time_ratio(ds: list[dict[str, Any]], std: list[dict[str, Any]], phase: int) -> float:
     """Deep supervision's mean seconds per epoch over standard's, in ``phase``."""
     key = f"phase{phase}_s_per_epoch"
@@ -116,7 +113,7 @@ def _growth_gain(runs: list[dict[str, Any]]) -> float:
 
 
 def observations(rows: list[dict[str, Any]], patience: int) -> str:
-    std, ds = _runs(rows, "standard", patience), _runs(rows, "deep_supervision", patience)
+    std, ds = runs_of(rows, "standard", patience), runs_of(rows, "deep_supervision", patience)
     out = []
     if not (std and ds):
         return ""
@@ -141,12 +138,12 @@ def observations(rows: list[dict[str, Any]], patience: int) -> str:
 
 def convergence(rows: list[dict[str, Any]], short: int, long: int) -> str:
     """Which conclusions of the research's stopping rule (``short`` patience) hold at ``long`` patience."""
-    methods = [m for m in RESEARCH if _runs(rows, m, short) and _runs(rows, m, long)]
+    methods = [m for m in RESEARCH if runs_of(rows, m, short) and runs_of(rows, m, long)]
     if len(methods) < len(RESEARCH):
         return ""
     out = []
     for method in methods:
-        before, after = _runs(rows, method, short), _runs(rows, method, long)
+        before, after = runs_of(rows, method, short), runs_of(rows, method, long)
         epochs = [fmt(summary([r["phase1_epochs"] + r["phase2_epochs"] for r in runs]), 1) for runs in (before, after)]
         out.append(
             f"- {method}: phase-2 PPL at patience {long} against patience {short}: "
@@ -156,14 +153,14 @@ def convergence(rows: list[dict[str, Any]], short: int, long: int) -> str:
     for phase in (1, 2):
         said = []
         for patience in (short, long):
-            std, ds = _runs(rows, "standard", patience), _runs(rows, "deep_supervision", patience)
+            std, ds = runs_of(rows, "standard", patience), runs_of(rows, "deep_supervision", patience)
             said.append(direction([r[f"phase{phase}_ppl"] for r in ds], [r[f"phase{phase}_ppl"] for r in std]))
         out.append(
             f"- Phase {phase}: deep supervision's PPL against standard's is {said[0]} at patience {short} and "
             f"{said[1]} at patience {long}: the conclusion {agreement(said)}."
         )
     ratios = {
-        p: [_time_ratio(_runs(rows, "deep_supervision", p), _runs(rows, "standard", p), ph) for ph in (1, 2)]
+        p: [_time_ratio(runs_of(rows, "deep_supervision", p), runs_of(rows, "standard", p), ph) for ph in (1, 2)]
         for p in (short, long)
     }
     out.append(
@@ -171,7 +168,7 @@ def convergence(rows: list[dict[str, Any]], short: int, long: int) -> str:
         f"{ratios[short][0]:.2f}x, {ratios[short][1]:.2f}x at patience {short}; "
         f"{ratios[long][0]:.2f}x, {ratios[long][1]:.2f}x at patience {long}."
     )
-    gains = [_growth_gain(_runs(rows, "standard", p) + _runs(rows, "deep_supervision", p)) for p in (short, long)]
+    gains = [_growth_gain(runs_of(rows, "standard", p) + runs_of(rows, "deep_supervision", p)) for p in (short, long)]
     out.append(
         f"- What the 4th layer bought (phase 2 minus phase 1 PPL, both methods): {gains[0]:+.1f} at patience "
         f"{short}, {gains[1]:+.1f} at patience {long}."
