@@ -256,7 +256,7 @@ def earlier_runs(
     """For ``--resume``: the runs an earlier, interrupted invocation wrote to ``<name>.json``.
 
     Returns those runs (the list stored under ``key``) and where they came from: every earlier
-    invocation's command, git sha and date, so the results say which runs a later command
+    invocation's command, git sha, date and machine, so the results say which runs a later command
     did not measure itself. ``settings`` are the options every run must share (sizes, epochs);
     runs measured under others are refused rather than mixed in. Write them back with
     ``extra={"settings": settings}``.
@@ -292,7 +292,9 @@ def _stored_runs(
     measured = len(runs) - sum(e["runs"] for e in earlier)  # by the invocation that wrote the file itself
     if measured == 0:  # it only rewrote the report
         return runs, earlier
-    return runs, [*earlier, {k: data[k] for k in ("command", "git_sha", "date")} | {"runs": measured}]
+    # The machine goes with the runs: the report's own Machine line is the rewriting invocation's.
+    where = {k: data[k] for k in ("command", "git_sha", "date", "machine") if k in data}
+    return runs, [*earlier, where | {"runs": measured}]
 
 
 def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: dict[str, Any] | None = None) -> Path:
@@ -322,7 +324,9 @@ def write_results(name: str, rows: list[dict[str, Any]], markdown: str, extra: d
         header += (
             f"Resumed: {earlier['runs']} run{'s' if earlier['runs'] != 1 else ''} measured earlier by "
             f"`{earlier['command']}` "
-            f"(git {earlier['git_sha']}, finished {earlier['date']}).  \n"
+            f"(git {earlier['git_sha']}, finished {earlier['date']}"
+            + (f", on {earlier['machine']}" if "machine" in earlier else "")
+            + ").  \n"
         )
     if (extra or {}).get("resumed_from"):
         header += "\n"

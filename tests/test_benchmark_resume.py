@@ -10,8 +10,8 @@ from benchmarks import common
 SETTINGS = {"lr": 1e-3, "epochs": 12}
 
 
-def store(results, name, rows, command, settings=SETTINGS, resumed_from=()):
-    data = {"command": command, "git_sha": "abc", "date": "2026-01-01", "settings": settings}
+def store(results, name, rows, command, settings=SETTINGS, resumed_from=(), machine="cpu box"):
+    data = {"command": command, "git_sha": "abc", "date": "2026-01-01", "machine": machine, "settings": settings}
     (results / f"{name}.json").write_text(json.dumps({**data, "resumed_from": list(resumed_from), "rows": rows}))
 
 
@@ -23,6 +23,18 @@ def test_a_merged_lane_joins_the_runs_and_every_invocation_is_credited(tmp_path,
     runs, earlier = common.earlier_runs("grid", "rows", SETTINGS, merge=["lane"])
     assert [r["seed"] for r in runs] == [0, 1, 2, 3]
     assert [(e["command"], e["runs"]) for e in earlier] == [("first", 1), ("second", 1), ("lane", 2)]
+
+
+def test_the_report_names_the_machine_each_earlier_invocation_ran_on(tmp_path, monkeypatch):
+    # The report's own Machine line is the rewriting invocation's; runs measured elsewhere say where.
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    store(tmp_path, "grid", [{"seed": 0}], "grid", machine="gpu box")
+    store(tmp_path, "lane", [{"seed": 1}], "lane", machine="laptop")
+    runs, earlier = common.earlier_runs("grid", "rows", SETTINGS, merge=["lane"])
+    assert [e["machine"] for e in earlier] == ["gpu box", "laptop"]
+    report = common.write_results("grid", runs, "body", extra={"resumed_from": earlier}).read_text()
+    assert "measured earlier by `grid` (git abc, finished 2026-01-01, on gpu box)" in report
+    assert "measured earlier by `lane` (git abc, finished 2026-01-01, on laptop)" in report
 
 
 def test_a_lane_measured_under_other_settings_or_missing_is_refused(tmp_path, monkeypatch):
