@@ -122,6 +122,44 @@ def config_cli(config: str, data: Path, seed: int, work: str, *overrides: str) -
     return LegoCLI(args=args, run=False)
 
 
+def training_step_fn(module: Any, x: Any, y: Any) -> Callable[[], None]:
+    """One plain training step of ``module`` on a fixed batch: its weighted exit losses, backward, AdamW.
+
+    Only what ``requires_grad`` is optimised, so a frozen module spends no optimizer time either.
+    """
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    weights = dict(zip(module.config.exit_layers, module.exit_loss_weights))
+
+    def step() -> None:
+        losses = module.exit_losses(x, y)
+        loss = sum(weights[k] * v for k, v in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def alternating_step_times(steps: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds per step of each named step, timed in turn within every round after one warm-up each.
+
+    Alternating in one process is what lets two steps be compared as a ratio on a shared machine:
+    whatever else loads the cores loads both alike. Ratios pair the lists round by round.
+    """
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return times
+
+
 def machine() -> str:
     """CPU model and cores, or the GPU's name when one is used."""
     import torch

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import fmt, summary, write_results
+from benchmarks.common import alternating_step_times, fmt, summary, training_step_fn, write_results
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
 from lego_lightning.model import flops
 
@@ -46,20 +45,6 @@ def full_module(vocab: int, d_model: int, n_heads: int) -> SupervisedExitLM:
     )
 
 
-def make_step(module: SupervisedExitLM, x: torch.Tensor, y: torch.Tensor):
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-    weights = dict(zip(module.config.exit_layers, module.exit_loss_weights))
-
-    def step() -> None:
-        losses = module.exit_losses(x, y)
-        loss = sum(weights[k] * v for k, v in losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 def counted_flops(step) -> float:
     with FlopCounterMode(display=False) as counter:
         step()
@@ -73,18 +58,10 @@ def measure(size: str, vocab: int, rounds: int, steps: int) -> dict[str, Any]:
     y = torch.randint(0, vocab, (spec["batch"], SEQ_LEN))
     phase2 = phase2_module(vocab, spec["d_model"], spec["n_heads"])
     full = full_module(vocab, spec["d_model"], spec["n_heads"])
-    steps_by_name = {"phase2": make_step(phase2, x, y), "full": make_step(full, x, y)}
-    for step in steps_by_name.values():  # warm-up
-        step()
+    steps_by_name = {"phase2": training_step_fn(phase2, x, y), "full": training_step_fn(full, x, y)}
+    times = alternating_step_times(steps_by_name, rounds, steps)
     frozen_grads = [p.grad for p in phase2.parameters() if not p.requires_grad]
     assert all(g is None for g in frozen_grads), "a frozen weight received a gradient"
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    for _ in range(rounds):
-        for name, step in steps_by_name.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[name].append((time.perf_counter() - start) / steps)
     ratios = [p / f for p, f in zip(times["phase2"], times["full"])]
     context = flops.mean_context(SEQ_LEN)
     formula_phase2 = flops.training_flops_per_token(
@@ -139,7 +116,7 @@ def main() -> None:
         "",
         "## What this shows",
         "",
-        "- Frozen weights never received a gradient (checked after the warm-up step).",
+        "- Frozen weights never received a gradient (checked after the timed steps).",
     ]
     for r in rows:
         lines.append(
