@@ -9,8 +9,8 @@ def test_step_cost_times_both_methods_in_both_phases_with_phase_two_frozen(corpu
     steps = step_cost(corpus, vocab_cap=None, rounds=2, per_round=1)
     assert steps["batch"][1] == 32  # the configs' block length, on a real batch from the data module
     for phase in (1, 2):
-        assert set(steps[f"phase{phase}_step_s"]) == {"standard", "deep_supervision"}
         times = steps[f"phase{phase}_step_s"]
+        assert set(times) == {"standard", "deep_supervision"}
         # One ratio per alternating round, each of the two steps timed in that round.
         paired = [d / s for d, s in zip(times["deep_supervision"]["values"], times["standard"]["values"])]
         assert len(paired) == 2 and all(r > 0 for r in paired)
@@ -34,4 +34,3 @@ def test_the_cost_section_puts_the_same_run_step_ratio_beside_the_flops_ratio():
     assert "4 of 4 frozen parameters received no gradient" in said
     assert "no same-run step time was measured" in cost(rows, None)
     assert cost(rows[:1], None) == ""  # one method alone has nothing to compare
-
