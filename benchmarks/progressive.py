@@ -28,6 +28,7 @@ from benchmarks.common import (
     alternating_step_times,
     config_cli,
     direction,
+    enter_phase2,
     fmt,
     index_runs,
     resumed_runs,
@@ -82,15 +83,6 @@ def run_one(method: str, seed: int, patience: int, args: argparse.Namespace) -> 
     return row
 
 
-def phase2_state(module: Any) -> None:
-    """Put a phase-1 module in the state its phase callbacks leave phase 2 in: grown, frozen, new weights."""
-    module.phase = 2
-    module.exit_loss_weights = list(module.phase_settings[2]["loss_weights"])
-    module.expand(module.grow_init)
-    for name in module.freeze_targets:
-        module.get_submodule(name).requires_grad_(False)
-
-
 def step_cost(data: Path, vocab_cap: int | None, rounds: int, per_round: int) -> dict[str, Any]:
     """Deep supervision's training step time over standard's, per phase, timed in one process.
 
@@ -114,7 +106,7 @@ def step_cost(data: Path, vocab_cap: int | None, rounds: int, per_round: int) ->
         if phase == 2:
             for module in modules.values():
                 module.zero_grad(set_to_none=True)  # phase 1's gradients would hide whether phase 2 makes any
-                phase2_state(module)
+                enter_phase2(module)
         torch.manual_seed(0)
         steps = {method: training_step_fn(module, x, y) for method, module in modules.items()}
         times = alternating_step_times(steps, rounds, per_round)
