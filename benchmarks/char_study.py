@@ -209,11 +209,12 @@ def convergence(runs: list[dict[str, Any]], short: int, long: int, max_epochs: i
                 f"- {m}, routed: counting heads and confidence adds {summary(extra[0])['mean']:+.1%} to the "
                 f"layers-only ratio at patience {short} and {summary(extra[1])['mean']:+.1%} at patience {long}."
             )
-    capped = sorted({m for m in methods if max_epochs in _values(runs, m, long, "epochs")})
-    if capped:
+    at_cap = {m: _values(runs, m, long, "epochs").count(max_epochs) for m in methods}
+    if capped := [m for m in methods if at_cap[m]]:
+        seeds = ", ".join(f"{m} {at_cap[m]} of {len(_values(runs, m, long, 'epochs'))}" for m in capped)
         out.append(
             f"- Stopped by the {max_epochs}-epoch cap rather than by patience {long} in at least one seed, so not "
-            f"converged: {', '.join(capped)}."
+            f"converged: {', '.join(capped)}. Seeds at the cap: {seeds}."
         )
     return "\n".join(out)
 

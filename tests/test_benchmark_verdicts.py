@@ -109,5 +109,6 @@ def test_char_study_says_which_conclusions_of_patience_0_hold_at_patience_3():
     assert "Ranking of these 3 methods at patience 3 (best first): aux_loss, deed, standard." in said
     assert "adds +15.0% to the layers-only ratio at patience 0 and +15.0% at patience 3" in said
     assert "not converged: standard." in said
+    assert "Seeds at the cap: standard 3 of 3." in said
     assert "asymmetric_aux_0.8" not in said
     assert convergence([r for r in runs if r["patience"] == 0], 0, 3, max_epochs=80) == ""
