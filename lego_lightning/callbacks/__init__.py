@@ -10,6 +10,7 @@ from lego_lightning.callbacks.layer_freeze import LayerFreeze
 from lego_lightning.callbacks.loss_scaled_lr import LossScaledLR
 from lego_lightning.callbacks.perplexity_early_stopping import PerplexityEarlyStopping
 from lego_lightning.callbacks.quantile_threshold_calibration import QuantileThresholdCalibration
+from lego_lightning.callbacks.random_state import RandomStateCheckpoint
 
 __all__ = [
     "BestAndLastCheckpoint",
@@ -22,4 +23,5 @@ __all__ = [
     "LossScaledLR",
     "PerplexityEarlyStopping",
     "QuantileThresholdCalibration",
+    "RandomStateCheckpoint",
 ]

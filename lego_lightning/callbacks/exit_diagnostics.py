@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lego_lightning.callbacks.phase_trigger import logging_step
+
 
 class ExitDiagnostics(Callback):
     """After every ``every_n_epochs``-th validation, on rank 0, write to each TensorBoard logger:
@@ -53,7 +55,7 @@ class ExitDiagnostics(Callback):
         for k in pl_module.config.exit_layers:
             if f"val/routed/exit{k}_frac" in metrics:
                 self.fractions.setdefault(k, []).append(
-                    (trainer.global_step, float(metrics[f"val/routed/exit{k}_frac"]))
+                    (logging_step(trainer), float(metrics[f"val/routed/exit{k}_frac"]))
                 )
         writers = self._tensorboards(trainer)
         if not writers or trainer.current_epoch % self.every_n_epochs:
@@ -67,7 +69,7 @@ class ExitDiagnostics(Callback):
 
         batches = itertools.islice(trainer.datamodule.val_dataloader(), self.max_batches)
         outputs = collect_exit_outputs(pl_module, batches)
-        step = trainer.global_step
+        step = logging_step(trainer)
         deciding = outputs.exit_layers[:-1]
         for writer in writers:
             for i, k in enumerate(deciding):

@@ -66,7 +66,14 @@ class ExitWeightSchedule(Callback):
         weights = self.weights_at(progress)
         pl_module.set_exit_loss_weights(weights)
         for i, w in enumerate(weights, start=1):
-            pl_module.log(f"train/exit_weight/{i}", w, on_step=self.unit == "steps", on_epoch=self.unit == "epochs")
+            pl_module.log(
+                f"train/exit_weight/{i}",
+                w,
+                on_step=self.unit == "steps",
+                on_epoch=self.unit == "epochs",
+                sync_dist=self.unit
+                == "epochs",  # equal on every rank: changes nothing, keeps Lightning's DDP warning away
+            )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.unit == "epochs":

@@ -29,6 +29,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
+from lego_lightning.callbacks.phase_trigger import logging_step
+
 
 def _is_phased(pl_module: L.LightningModule) -> bool:
     return callable(getattr(pl_module, "has_next_phase", None)) and callable(getattr(pl_module, "advance_phase", None))
@@ -74,6 +76,7 @@ class PerplexityEarlyStopping(EarlyStopping):
         )
         self.restore_best_weights = restore_best_weights
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.stopped_run = False  # saved: a run resumed from its last checkpoint stays stopped
 
     def _fresh_best_score(self) -> torch.Tensor:
         inf = torch.tensor(torch.inf)
@@ -114,21 +117,29 @@ class PerplexityEarlyStopping(EarlyStopping):
             if getattr(module, "phase_patience", None) is not None:
                 self.patience = module.phase_patience
             for logger in trainer.loggers if trainer.is_global_zero else []:
-                logger.log_metrics({"phase/ended_at_epoch": float(trainer.current_epoch)}, step=trainer.global_step)
+                logger.log_metrics({"phase/ended_at_epoch": float(trainer.current_epoch)}, step=logging_step(trainer))
             if self.verbose:
                 self._log_info(
                     trainer, f"phase {ended} ended ({reason}); phase {module.phase} starts", self.log_rank_zero_only
                 )
             return
         trainer.should_stop = True
+        self.stopped_run = True
         self.stopped_epoch = trainer.current_epoch
         self.stopping_reason_message = reason
         if reason and self.verbose:
             self._log_info(trainer, reason, self.log_rank_zero_only)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed from a checkpoint written after this callback ended the run (a run killed while it
+        # was finishing): the run stays finished instead of training another epoch.
+        if self.stopped_run:
+            trainer.should_stop = True
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "best_weights": self.best_weights}
+        return {**super().state_dict(), "best_weights": self.best_weights, "stopped_run": self.stopped_run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best_weights = state_dict.get("best_weights")
+        self.stopped_run = bool(state_dict.get("stopped_run", False))

@@ -13,6 +13,17 @@ def current_phase(pl_module: L.LightningModule) -> int:
     return int(getattr(pl_module, "phase", 1))
 
 
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning's own ``self.log`` writes at now (it counts batches that stepped, not ``global_step``).
+
+    Values written straight to a logger use it too, so they share one axis with Lightning's:
+    the validation that ends a phase and the threshold calibrated right after it land on the
+    same step, and a resumed run that hides what was logged after its checkpoint
+    (TensorBoard's ``purge_step``) hides neither.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def log_once(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """Write values straight to every logger at the current step.
 
@@ -21,7 +32,7 @@ def log_once(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """
     if trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=logging_step(trainer))
 
 
 class PhaseTriggeredCallback(Callback):

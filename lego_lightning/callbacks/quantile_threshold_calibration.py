@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
+from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once, logging_step
 from lego_lightning.data.blocks import unpack_batch
 
 FLOOR = 1e-6
@@ -169,7 +169,7 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
                     sum_squares=squares,
                     bucket_limits=[upper_edge(i, self.bins) for i in range(lo, hi + 1)],
                     bucket_counts=counts[lo : hi + 1].tolist(),
-                    global_step=trainer.global_step,
+                    global_step=logging_step(trainer),
                 )
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 class TokenBlocks(Dataset):
@@ -73,6 +74,80 @@ class EpochSeededRandomSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that a run resumed mid-epoch continues with the next batch of the same order.
+
+    Lightning saves the ``state_dict`` of such a loader in every checkpoint and loads it into
+    the resumed run's loader before iterating. The state is the sampler's epoch and how many
+    batches of it were given out; when the resumed run continues that epoch (the sampler,
+    seeded by the epoch, gives the same order again) the iterator skips those batches, and
+    when it starts the next one, it skips nothing. A plain ``DataLoader`` starts the epoch's
+    order over and trains on the wrong batches.
+
+    Each iterator is created at its first batch, not when it is asked for: creating one
+    draws a seed from torch's global generator, and this way that draw comes after
+    :class:`~lego_lightning.callbacks.RandomStateCheckpoint` has restored the generators, at
+    the same point of the random stream as in the uninterrupted run. The iterator that
+    replaces one the saved run had already created draws nothing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given = 0  # batches of the current iterator given out
+        self._resume: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return _LazyCountingIterator(self)
+
+    def _sampler_epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._sampler_epoch(), "batches_given": self._given}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._resume = dict(state_dict)
+
+    def _start(self) -> Iterator[Any]:
+        """The real iterator, positioned after the batches a loaded state says were already given out."""
+        resume, self._resume = self._resume, None
+        self._given = 0
+        skip = 0
+        if resume is not None and 0 < resume["batches_given"] < len(self):
+            same_epoch = resume["epoch"] is None or resume["epoch"] == self._sampler_epoch()
+            skip = resume["batches_given"] if same_epoch else 0
+        if not skip:
+            return super().__iter__()
+        state = torch.get_rng_state()
+        iterator = super().__iter__()
+        torch.set_rng_state(state)  # the saved run drew this epoch's seed before its checkpoint
+        for _ in range(skip):
+            next(iterator)
+        self._given = skip
+        return iterator
+
+
+class _LazyCountingIterator:
+    """Creates the loader's iterator at the first ``next`` and counts the batches it gives out."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _LazyCountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._start()
+        batch = next(self.iterator)
+        self.loader._given += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def unpack_batch(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor]:

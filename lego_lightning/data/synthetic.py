@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lego_lightning.data.blocks import EpochSeededRandomSampler, TokenBlocks
+from lego_lightning.data.blocks import EpochSeededRandomSampler, ResumableDataLoader, TokenBlocks
 
 EASY, HARD, RANDOM = 0, 1, 2
 
@@ -120,7 +120,9 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]
-        return DataLoader(train, batch_size=self.batch_size, sampler=EpochSeededRandomSampler(train, self.seed))
+        return ResumableDataLoader(
+            train, batch_size=self.batch_size, sampler=EpochSeededRandomSampler(train, self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["validation"], batch_size=self.batch_size)

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lego_lightning.data.blocks import EpochSeededRandomSampler, TokenBlocks
+from lego_lightning.data.blocks import EpochSeededRandomSampler, ResumableDataLoader, TokenBlocks
 from lego_lightning.data.vocab import LEVELS, Level, Vocabulary, encode_line
 
 # File names tried for each split of a local folder, in order.
@@ -214,7 +214,9 @@ class TextDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"this corpus has no {split!r} split (found {sorted(self.splits)})")
         dataset = self.splits[split]
-        return DataLoader(
+        # Training resumes mid-epoch where it stopped; evaluation always runs whole.
+        loader_class = ResumableDataLoader if split == "train" else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSeededRandomSampler(dataset, self.seed) if shuffle else None,

@@ -202,10 +202,11 @@ class ProgressiveExitLM(SupervisedExitLM):
             PerplexityEarlyStopping(patience=self.phase_patience, restore_best_weights=True),
             LayerExpansion(init=self.grow_init, at_phase=2),
             LayerFreeze(modules=self.freeze_targets, at_phase=2),
+            *super().configure_callbacks(),
         ]
 
     def on_train_epoch_end(self) -> None:
-        self.log(f"{self.log_prefix}/phase", float(self.phase))
+        self.log(f"{self.log_prefix}/phase", float(self.phase), sync_dist=True)  # equal on every rank; no DDP warning
 
     # ---------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

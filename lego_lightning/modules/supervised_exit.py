@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
@@ -353,7 +354,23 @@ class SupervisedExitLM(L.LightningModule):
                 "the lego CLI links them, set them equal when building the module yourself"
             )
         if stage == "fit":
+            self._check_something_trains()
             self._check_ddp_unused_parameters()
+
+    def _check_something_trains(self) -> None:
+        """Trainer settings under which fit would end at once and report an untrained model as a result."""
+        trainer = self.trainer
+        for name, value in (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps)):
+            if value == 0:
+                raise ValueError(
+                    f"trainer.{name}=0 trains nothing: allowed a positive number, or -1 for no limit (phased modules "
+                    "end each phase themselves)"
+                )
+        if trainer.limit_train_batches == 0:
+            raise ValueError(
+                f"trainer.limit_train_batches={trainer.limit_train_batches} trains nothing: allowed a positive number "
+                "of batches or a fraction in (0, 1]"
+            )
 
     def _untrained_stages(self) -> list[tuple[int, int]]:
         """Trainable stages whose weights get no gradient at the current loss weights."""
@@ -381,6 +398,12 @@ class SupervisedExitLM(L.LightningModule):
                 "separate head, or layers above the deepest trained exit); under DDP use "
                 "strategy='ddp_find_unused_parameters_true' or set trainable: false on those stages"
             )
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Every rank's random-number states go into checkpoints, so a resumed run is exact also with dropout."""
+        from lego_lightning.callbacks.random_state import RandomStateCheckpoint
+
+        return [RandomStateCheckpoint()]
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optim_settings
