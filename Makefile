@@ -25,7 +25,8 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/lego fit --config configs/ashem.yaml --data.path $(DATA) \
 		--data.max_train_samples 2000 --data.calibration_samples 500 --data.max_val_samples 500 \
-		--model.phase1_max_epochs 3 --model.phase2_max_epochs 3
+		--model.phase1_max_epochs 3 --model.phase2_max_epochs 3 \
+		--trainer.log_every_n_steps 8
 
 test: install
 	$(BIN)/ruff check .

@@ -3,24 +3,45 @@
     lego fit --config configs/deep_supervision.yaml
     lego validate --config configs/deep_supervision.yaml --ckpt_path <checkpoint>
 
-``vocab_size`` flows from the data module to the model, so nobody types it.
+``vocab_size`` flows from the data module to the model, so nobody types it. Bad input ends
+the command with its message alone and exit status 2; ``LEGO_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lego_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
+from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
 from lego_lightning.modules import SupervisedExitLM
+
+# Lightning's own names for a checkpoint it finds by itself; anything else is a path.
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+# Errors that come from what the user gave (a config, data, a checkpoint, a trainer flag):
+# the message is the whole story. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
+# Warnings about things a `lego` user cannot act on: Lightning asks for callbacks that the
+# model adds itself, and torch's pytree deprecation comes from inside Lightning.
+QUIET = (
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+    r".*isinstance\(treespec, LeafSpec\).*",
+)
 
 
 class LearningRateMonitorIfLogging(LearningRateMonitor):
@@ -42,8 +63,35 @@ class LearningRateMonitorIfLogging(LearningRateMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
+def _import_class(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_writable_folder(folder: str | os.PathLike[str], field: str) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it; a ``ValueError`` names ``field``."""
+    path = Path(folder).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{field}={str(folder)!r} cannot be a folder: {existing} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{field}={str(folder)!r} is not writable: {err.strerror or err}") from None
+
+
 class LegoCLI(LightningCLI):
-    """LightningCLI for lego_lightning models and data modules (any subclass, chosen by ``class_path``)."""
+    """LightningCLI for lego_lightning models and data modules (any subclass, chosen by ``class_path``).
+
+    Beyond Lightning's: a checkpoint given with ``--ckpt_path`` is checked and its
+    hyperparameters fill in what the config leaves out; a ``fit`` resumed from a checkpoint
+    inside ``<save_dir>/<name>/version_N/checkpoints/`` logs on in ``version_N``; log folders
+    are checked before anything runs; settings that would train nothing are refused.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("model_class", SupervisedExitLM)
@@ -51,8 +99,11 @@ class LegoCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, read before parsing
+        self.checkpoint_path: Path | None = None
         super().__init__(*args, **kwargs)
 
+    # --------------------------------------------------------------------------- parsing
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         raw = sys.argv[1:] if args is None else args
         if isinstance(raw, list):
@@ -66,7 +117,8 @@ class LegoCLI(LightningCLI):
         ``--model.routing_threshold`` at validation and hides a config that does not fit the
         checkpoint. Here the config wins, and a config whose shapes differ from the
         checkpoint's fails with a clear error when the weights load; with no model config at
-        all, the checkpoint's is used. Only ``--ckpt_path`` on the command line is read here.
+        all, the checkpoint's is used. Only ``--ckpt_path`` on the command line is read here;
+        a path that is not a usable checkpoint fails here, before anything is built.
         """
         subparsers = getattr(self, "_subcommand_parsers", {})  # none with run=False
         subcommand = next((a for a in raw if a in subparsers), None)
@@ -76,9 +128,11 @@ class LegoCLI(LightningCLI):
                 ckpt_path = raw[i + 1]
             elif arg.startswith("--ckpt_path="):
                 ckpt_path = arg.split("=", 1)[1]
-        if subcommand is None or not ckpt_path or not Path(ckpt_path).is_file():
+        if subcommand is None or not ckpt_path or ckpt_path in CKPT_KEYWORDS:
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        self.checkpoint = read_checkpoint(ckpt_path)
+        self.checkpoint_path = Path(ckpt_path)
+        hparams = self.checkpoint.get("hyper_parameters", {})
         class_path = hparams.get("_class_path")
         if class_path is None:
             return
@@ -108,10 +162,83 @@ class LegoCLI(LightningCLI):
         parser.add_lightning_class_args(ExitDiagnostics, "exit_diagnostics")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    # ----------------------------------------------------------------- before anything runs
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.checkpoint is not None:
+            self._check_checkpoint_class(config)
+            if self.subcommand == "fit":
+                self._log_on_in_the_checkpoints_version(config)
+
+    def _check_checkpoint_class(self, config: Any) -> None:
+        """A checkpoint of another model class fails here, not on an argument that class does not take."""
+        saved = self.checkpoint.get("hyper_parameters", {}).get("_class_path")
+        wanted = getattr(config.get("model"), "class_path", None)
+        if saved is None or wanted is None or _import_class(saved) is _import_class(wanted):
+            return
+        assert self.checkpoint_path is not None
+        beside = self.checkpoint_path.resolve().parent.parent / "config.yaml"
+        hint = f" ({beside})" if beside.is_file() else ""
+        raise CheckpointError(
+            f"the checkpoint {str(self.checkpoint_path)!r} was written by {saved.rpartition('.')[2]} but the config "
+            f"builds {wanted.rpartition('.')[2]}: use the config it was trained with{hint}, or leave the model out "
+            "of the config and the checkpoint's own settings are used"
+        )
+
+    def _log_on_in_the_checkpoints_version(self, config: Any) -> None:
+        """Resuming from ``<save_dir>/<name>/version_N/checkpoints/x.ckpt`` logs on in ``version_N``.
+
+        Both halves of a killed run (and both phases of a phased one) then share one folder
+        and one TensorBoard step axis. An explicit ``version`` on the command line wins.
+        """
+        logger = config.get("trainer", {}).get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or init_args.get("version") is not None or init_args.get("save_dir") is None:
+            return
+        assert self.checkpoint_path is not None
+        folder = self.checkpoint_path.resolve().parent
+        match = re.fullmatch(r"version_(\d+)", folder.parent.name)
+        name = init_args.get("name") or "lightning_logs"
+        if folder.name != "checkpoints" or match is None:
+            return
+        if folder.parent.parent != (Path(init_args["save_dir"]).expanduser() / name).resolve():
+            return
+        init_args["version"] = int(match.group(1))
+        if "purge_step" in init_args and init_args["purge_step"] is None:
+            # TensorBoard hides what the killed run logged after its checkpoint: the resumed run logs it again.
+            init_args["purge_step"] = int(self.checkpoint["global_step"])
+
+    def _check_log_folders(self) -> None:
+        trainer = self.trainer
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None) is not None:
+                check_writable_folder(logger.save_dir, f"trainer.logger ({type(logger).__name__}) save_dir")
+        check_writable_folder(trainer.default_root_dir, "trainer.default_root_dir")
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                check_writable_folder(callback.dirpath, "checkpoint.dirpath")
+
+    def before_fit(self) -> None:
+        self._check_log_folders()
+        self._trainer_callbacks = list(self.trainer.callbacks)
+        if self.checkpoint is not None:  # a resumed run writes on in its own checkpoint folder
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+    def before_validate(self) -> None:
+        self._check_log_folders()
+
+    def before_test(self) -> None:
+        self._check_log_folders()
+
+    # ------------------------------------------------------------------------------ report
     def after_fit(self) -> None:
         trainer = self.trainer
-        if callable(getattr(self.model, "summary_table", None)) and trainer.state.status.value == "finished":
+        if trainer.global_step == 0:
+            rank_zero_info("\nNothing was trained (0 optimizer steps), so there is no result to report.")
+        elif callable(getattr(self.model, "summary_table", None)) and trainer.state.status.value == "finished":
             # A final evaluation of the fitted model (best weights restored), reported as a table.
+            # The trainer's own callbacks only: the module's would be attached a second time.
+            trainer.callbacks = self._trainer_callbacks
             (metrics,) = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             rank_zero_info("\n" + self.model.summary_table(metrics))
         ckpt = trainer.checkpoint_callback
@@ -128,10 +255,48 @@ class LegoCLI(LightningCLI):
         )
 
 
+def user_error_message(error: BaseException) -> str | None:
+    """The message of the error a user should read, or ``None`` when ``error`` is a bug (keep the traceback).
+
+    jsonargparse wraps an error raised while it builds a class in errors of its own that end
+    in a dump of the whole namespace; the error that was raised first is the one that says
+    what is wrong.
+    """
+    cause: BaseException | None = error
+    while cause is not None and _raised_in_jsonargparse(cause) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not isinstance(cause, USER_ERRORS):
+        return None
+    return str(cause) or type(cause).__name__
+
+
+def _raised_in_jsonargparse(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lego`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    """Entry point of the ``lego`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests).
+
+    An error caused by bad input prints its message (once, from rank 0) and exits with
+    status 2; with ``LEGO_DEBUG=1`` it is raised with its traceback instead.
+    """
+    debug = os.environ.get("LEGO_DEBUG", "0") not in ("", "0")
     try:
-        LegoCLI(args=args)
+        with warnings.catch_warnings():
+            for message in QUIET:
+                warnings.filterwarnings("ignore", message=message)
+            LegoCLI(args=args)
+    except Exception as error:
+        message = user_error_message(error)
+        if debug or message is None:
+            raise
+        if rank_zero_only.rank == 0:
+            print(f"lego: error: {message}", file=sys.stderr)
+            print("  (set LEGO_DEBUG=1 to see where it was raised)", file=sys.stderr)
+        sys.exit(2)
     finally:
         # Lightning leaves the process group up; gloo's threads then abort the process at exit.
         if torch.distributed.is_available() and torch.distributed.is_initialized():

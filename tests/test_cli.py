@@ -1,5 +1,6 @@
 """Every config in configs/ runs through the real `lego` CLI on a tiny corpus."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -225,9 +226,11 @@ def test_bad_input_fails_before_training(corpus, tmp_path, extra, message):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_missing_data_path_fails_with_the_path_named(tmp_path):
-    with pytest.raises(ValueError, match=r"TextDataModule.path='.*nowhere' does not exist"):
+def test_missing_data_path_fails_with_the_path_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs/standard.yaml"), "--data.path", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert re.search(r"TextDataModule.path='.*nowhere' does not exist", capsys.readouterr().err)
 
 
 def test_ashem_validate_rebuilds_the_model_of_either_phase(corpus, tmp_path):

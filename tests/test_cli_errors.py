@@ -1,0 +1,168 @@
+"""Bad input through ``lego``: the message alone, once, exit status 2; settings that train nothing are refused."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lego_lightning.cli import main
+from tests.conftest import REPO
+from tests.helpers import quiet_trainer, subprocess_env, synthetic, tiny_ashem, tiny_lm
+
+
+def lego_args(corpus, logs, *extra, config="standard.yaml", subcommand="fit"):
+    return [
+        subcommand,
+        "--config",
+        str(REPO / "configs" / config),
+        "--data.path",
+        str(corpus),
+        "--data.batch_size",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        "2",
+        *extra,
+    ]
+
+
+def fails_cleanly(capsys, args):
+    """Runs ``main(args)``; the stderr it printed, after checking the exit status and that no traceback came out."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("lego: error:") == 1
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """A deep-supervision checkpoint, and files that only look like checkpoints."""
+    logs = tmp_path_factory.mktemp("trained")
+    main(lego_args(corpus, logs, config="deep_supervision.yaml"))
+    good = logs / "deep_supervision" / "version_0" / "checkpoints" / "last.ckpt"
+    blob = good.read_bytes()
+    (logs / "empty.ckpt").write_bytes(b"")
+    (logs / "truncated.ckpt").write_bytes(blob[: len(blob) // 2])
+    (logs / "text.ckpt").write_text("hello\n")
+    return logs, good
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.routing_threshold", "1.5"], r"routing_threshold must be in \[0, 1\], got 1.5"),
+        (["--trainer.max_epochs", "0"], r"trainer.max_epochs=0 trains nothing"),
+        (["--trainer.max_steps", "0"], r"trainer.max_steps=0 trains nothing"),
+        (["--trainer.limit_train_batches", "0"], r"trainer.limit_train_batches=0.0 trains nothing"),
+    ],
+)
+def test_bad_settings_print_their_message_alone(corpus, tmp_path, capsys, extra, message):
+    err = fails_cleanly(capsys, lego_args(corpus, tmp_path, *extra))
+    assert re.search(message, err), err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "message"),
+    [
+        ("missing.ckpt", r"missing.ckpt' does not exist; checkpoints in .*empty.ckpt"),
+        ("empty.ckpt", r"empty.ckpt' is empty \(0 bytes\)"),
+        ("truncated.ckpt", r"truncated.ckpt' is truncated or corrupt"),
+        ("text.ckpt", r"text.ckpt' is not a PyTorch checkpoint"),
+    ],
+)
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_bad_checkpoint_says_what_is_wrong_with_it(corpus, trained, tmp_path, capsys, ckpt, message, subcommand):
+    logs, _ = trained
+    args = lego_args(corpus, tmp_path, "--ckpt_path", str(logs / ckpt), subcommand=subcommand)
+    err = fails_cleanly(capsys, args)
+    assert re.search(message, err), err
+
+
+def test_a_checkpoint_of_another_model_class_is_named_as_such(corpus, trained, tmp_path, capsys):
+    _, good = trained
+    args = lego_args(corpus, tmp_path, "--ckpt_path", str(good), config="ashem.yaml", subcommand="validate")
+    err = fails_cleanly(capsys, args)
+    assert "was written by SupervisedExitLM but the config builds ASHEM" in err
+    assert str(good.parent.parent / "config.yaml") in err  # where the right config is
+
+
+def test_a_log_folder_under_a_file_is_refused_before_anything_runs(corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    args = lego_args(corpus, tmp_path, "--trainer.logger.init_args.save_dir", str(tmp_path / "file" / "logs"))
+    err = fails_cleanly(capsys, args)
+    assert f"save_dir='{tmp_path / 'file' / 'logs'}' cannot be a folder: {tmp_path / 'file'} is a file" in err
+
+
+def test_lego_debug_shows_the_traceback(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEGO_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"routing_threshold must be in \[0, 1\]"):
+        main(lego_args(corpus, tmp_path, "--model.routing_threshold", "1.5"))
+
+
+def test_the_console_script_prints_one_line_and_exits_2(corpus, tmp_path):
+    lego = REPO / ".venv" / "bin" / "lego" if (REPO / ".venv" / "bin" / "lego").exists() else None
+    cmd = [str(lego)] if lego else [sys.executable, "-m", "lego_lightning.cli"]
+    proc = subprocess.run(
+        [*cmd, *lego_args(corpus, tmp_path, "--model.confidence", "maxprob")],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lego: error:")]
+    assert lines == ["lego: error: confidence='maxprob' is not a known measure; allowed: "
+                     "('entropy', 'learned', 'margin', 'max_prob')"]  # fmt: skip
+
+
+def test_plain_ddp_for_ashem_is_reported_once_not_once_per_rank(corpus, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lego_lightning.cli",
+            *lego_args(
+                corpus,
+                tmp_path,
+                "--trainer.strategy",
+                "ddp",
+                "--trainer.devices",
+                "2",
+                "--trainer.accelerator",
+                "cpu",
+                "--data.calibration_samples",
+                "4",
+                config="ashem.yaml",
+            ),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("lego: error:") == 1
+    assert "ddp_find_unused_parameters_true" in proc.stderr
+
+
+def test_python_users_get_the_same_refusal_of_settings_that_train_nothing(tmp_path):
+    for trainer_kwargs in ({"max_epochs": 0}, {"max_steps": 0}, {"limit_train_batches": 0}):
+        trainer = quiet_trainer(tmp_path, **trainer_kwargs)
+        with pytest.raises(ValueError, match=r"trains nothing"):
+            trainer.fit(tiny_lm(), synthetic())
+    with pytest.raises(ValueError, match=r"phase1_max_epochs must be a positive integer, got 0"):
+        tiny_ashem(phase1_max_epochs=0)
