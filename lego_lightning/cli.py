@@ -16,7 +16,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -84,6 +84,32 @@ def check_writable_folder(folder: str | os.PathLike[str], field: str) -> None:
         raise ValueError(f"{field}={str(folder)!r} is not writable: {err.strerror or err}") from None
 
 
+# Lines of jsonargparse's messages that are bookkeeping, not the problem: which types a value was
+# tried against, and the value it was given, dumped whole.
+PARSE_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:$|Expected a <class 'NoneType'>"
+    r"|Given value type: |Given value: )"
+)
+
+
+def concise_parse_error(message: str) -> str:
+    """jsonargparse's message for a bad option, on one line and without the union bookkeeping."""
+    kept = [line.strip().removeprefix("- ") for line in message.splitlines()]
+    return " ".join(line for line in kept if line and not PARSE_NOISE.match(line))
+
+
+class LegoArgumentParser(LightningArgumentParser):
+    """Lightning's parser; a bad option ends with one line that says what is wrong, not the whole usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("LEGO_DEBUG", "0") not in ("", "0"):
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        if rank_zero_only.rank == 0:
+            print(f"lego: error: {concise_parse_error(message)}\n  (the options: {prog} --help)", file=sys.stderr)
+        self.exit(2)
+
+
 class LegoCLI(LightningCLI):
     """LightningCLI for lego_lightning models and data modules (any subclass, chosen by ``class_path``).
 
@@ -99,6 +125,7 @@ class LegoCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", LegoArgumentParser)
         self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, read before parsing
         self.checkpoint_path: Path | None = None
         super().__init__(*args, **kwargs)

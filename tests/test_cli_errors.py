@@ -96,6 +96,20 @@ def test_a_checkpoint_of_another_model_class_is_named_as_such(corpus, trained, t
     assert str(good.parent.parent / "config.yaml") in err  # where the right config is
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.n_layer", "3"], "Option 'n_layer' is not accepted"),
+        (["--model.d_model", "sixty"], 'Parser key "d_model": Expected a <class \'int\'>. Got value: sixty'),
+    ],
+)
+def test_an_option_that_does_not_parse_gets_one_line_not_the_usage(corpus, tmp_path, capsys, extra, message):
+    err = fails_cleanly(capsys, lego_args(corpus, tmp_path, *extra))
+    assert message in err
+    assert "usage:" not in err and "Subtypes" not in err and "Given value" not in err
+    assert len(err.strip().splitlines()) == 2  # the error, and where the options are listed
+
+
 def test_a_log_folder_under_a_file_is_refused_before_anything_runs(corpus, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     args = lego_args(corpus, tmp_path, "--trainer.logger.init_args.save_dir", str(tmp_path / "file" / "logs"))
