@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python -m benchmarks.phase2_cost
 	$(BIN)/python -m benchmarks.sd_study
 	$(BIN)/python -m benchmarks.early_exit
+	$(BIN)/python -m benchmarks.faults
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info

@@ -31,7 +31,7 @@ from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
 from lego_lightning.modules import SupervisedExitLM
 
-# Lightning's own names for a checkpoint it finds by itself; anything else is a path.
+# Lightning's own names for a checkpoint it finds by itself (``registry:<name>`` too); anything else is a path.
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 # Errors that come from what the user gave (a config, data, a checkpoint, a trainer flag):
 # the message is the whole story. Anything else is a bug and keeps its traceback.
@@ -61,6 +61,11 @@ class LearningRateMonitorIfLogging(LearningRateMonitor):
     def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
         if trainer.loggers:
             super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+def debug_mode() -> bool:
+    """``LEGO_DEBUG=1``: errors keep their tracebacks and jsonargparse its full usage."""
+    return os.environ.get("LEGO_DEBUG", "0") not in ("", "0")
 
 
 def _import_class(class_path: str) -> Any:
@@ -102,7 +107,7 @@ class LegoArgumentParser(LightningArgumentParser):
     """Lightning's parser; a bad option ends with one line that says what is wrong, not the whole usage."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("LEGO_DEBUG", "0") not in ("", "0"):
+        if not self.exit_on_error or debug_mode():
             super().error(message, ex)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
         if rank_zero_only.rank == 0:
@@ -155,7 +160,7 @@ class LegoCLI(LightningCLI):
                 ckpt_path = raw[i + 1]
             elif arg.startswith("--ckpt_path="):
                 ckpt_path = arg.split("=", 1)[1]
-        if subcommand is None or not ckpt_path or ckpt_path in CKPT_KEYWORDS:
+        if subcommand is None or not ckpt_path or ckpt_path.split(":")[0] in CKPT_KEYWORDS:
             return
         self.checkpoint = read_checkpoint(ckpt_path)
         self.checkpoint_path = Path(ckpt_path)
@@ -310,15 +315,16 @@ def main(args: list[str] | None = None) -> None:
     An error caused by bad input prints its message (once, from rank 0) and exits with
     status 2; with ``LEGO_DEBUG=1`` it is raised with its traceback instead.
     """
-    debug = os.environ.get("LEGO_DEBUG", "0") not in ("", "0")
     try:
         with warnings.catch_warnings():
             for message in QUIET:
                 warnings.filterwarnings("ignore", message=message)
+            # Lightning's CLI calls jsonargparse functions that jsonargparse has deprecated.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
             LegoCLI(args=args)
     except Exception as error:
         message = user_error_message(error)
-        if debug or message is None:
+        if message is None or debug_mode():
             raise
         if rank_zero_only.rank == 0:
             print(f"lego: error: {message}", file=sys.stderr)

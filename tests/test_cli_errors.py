@@ -1,10 +1,12 @@
 """Bad input through ``lego``: the message alone, once, exit status 2; settings that train nothing are refused."""
 
+import math
 import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from lego_lightning.cli import main
 from tests.conftest import REPO
@@ -100,7 +102,7 @@ def test_a_checkpoint_of_another_model_class_is_named_as_such(corpus, trained, t
     ("extra", "message"),
     [
         (["--model.n_layer", "3"], "Option 'n_layer' is not accepted"),
-        (["--model.d_model", "sixty"], 'Parser key "d_model": Expected a <class \'int\'>. Got value: sixty'),
+        (["--model.d_model", "sixty"], "Parser key \"d_model\": Expected a <class 'int'>. Got value: sixty"),
     ],
 )
 def test_an_option_that_does_not_parse_gets_one_line_not_the_usage(corpus, tmp_path, capsys, extra, message):
@@ -180,3 +182,36 @@ def test_python_users_get_the_same_refusal_of_settings_that_train_nothing(tmp_pa
             trainer.fit(tiny_lm(), synthetic())
     with pytest.raises(ValueError, match=r"phase1_max_epochs must be a positive integer, got 0"):
         tiny_ashem(phase1_max_epochs=0)
+
+
+def test_a_default_run_prints_no_warning_a_user_cannot_act_on(corpus, tmp_path):
+    env = {**subprocess_env(), "PYTHONWARNINGS": "default"}  # as a user's terminal shows them
+    phases = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1", "--data.calibration_samples", "4"]
+    args = lego_args(corpus, tmp_path, *phases, "--trainer.log_every_n_steps", "1", config="ashem.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lego_lightning.cli", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "ASHEM two-stage evaluation (phase 2" in output  # it ran to the end
+    warnings = [line for line in output.splitlines() if re.search(r"\.py:\d+: ", line)]
+    assert warnings == []
+    assert "will override existing callbacks" not in output
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_no_config_has_epochs_shorter_than_its_logging_interval(config):
+    """Lightning warns when an epoch has fewer batches than log_every_n_steps (default 50)."""
+    spec = yaml.safe_load((REPO / "configs" / config).read_text())
+    data = yaml.safe_load((REPO / "configs" / spec["data"]).read_text())["init_args"]
+    batches = math.ceil(data["max_train_samples"] / data["batch_size"])
+    assert batches >= spec["trainer"].get("log_every_n_steps", 50)
+
+
+def test_a_run_that_trained_nothing_says_so_and_prints_no_table(corpus, tmp_path, caplog):
+    caplog.set_level("INFO")
+    args = lego_args(corpus, tmp_path, "--trainer.max_time", "00:00:00:00", "--data.calibration_samples", "4",
+                     config="ashem.yaml")  # fmt: skip
+    main(args)
+    assert "Nothing was trained (0 optimizer steps)" in caplog.text
+    assert "ASHEM two-stage evaluation" not in caplog.text

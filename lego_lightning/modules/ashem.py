@@ -21,6 +21,7 @@ the deep layers each hard token's shallow state alone, without context (mistake 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -193,16 +194,20 @@ class ASHEM(ProgressiveExitLM):
             f"ASHEM two-stage evaluation (phase {self.phase}, threshold {self.routing_threshold})",
             f"{'exit':<10}{'PPL':>12}{'acc':>10}{'hard PPL':>12}{'easy PPL':>12}{'tokens here':>13}",
         ]
-        nan = float("nan")
+
+        def cell(key: str, width: int, spec: str) -> str:
+            # Blank where there is nothing to show (no threshold yet: no hard and easy tokens), not nan.
+            value = m.get(key, math.nan)
+            return f"{'' if math.isnan(value) else format(value, spec):>{width}}"
+
         for k in self.eval_exit_layers:
-            frac = m.get(f"routed/exit{k}_frac")
             cells = (
                 f"{'layer ' + str(k):<10}",
-                f"{m.get(f'exit{k}/ppl', nan):>12.2f}",
-                f"{m.get(f'exit{k}/acc', nan):>10.2%}",
-                f"{m.get(f'exit{k}/hard_ppl', nan):>12.2f}",
-                f"{m.get(f'exit{k}/easy_ppl', nan):>12.2f}",
-                f"{'' if frac is None else f'{frac:.1%}':>13}",
+                cell(f"exit{k}/ppl", 12, ".2f"),
+                cell(f"exit{k}/acc", 10, ".2%"),
+                cell(f"exit{k}/hard_ppl", 12, ".2f"),
+                cell(f"exit{k}/easy_ppl", 12, ".2f"),
+                cell(f"routed/exit{k}_frac", 13, ".1%"),
             )
             lines.append("".join(cells))
         if "routed/ppl" in m:

@@ -439,7 +439,8 @@ class SupervisedExitLM(L.LightningModule):
                     hint = (
                         " (vocab_size comes from the data: use the data the checkpoint was trained on)"
                         if field == "vocab_size"
-                        else ""
+                        else ": build the model with the settings it was trained with (the config.yaml saved beside "
+                        "its logs), or leave out the setting that differs"
                     )
                     raise ValueError(
                         f"the checkpoint has {field}={saved[field]} but this model has {field}={ours[field]}{hint}"

@@ -219,3 +219,9 @@ def test_plain_ddp_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"ddp_find_unused_parameters_true"):
         trainer.fit(tiny_ashem(), synthetic())
     assert trainer.global_step == 0
+
+
+def test_the_report_leaves_blank_what_a_phase_does_not_have():
+    module = tiny_ashem()
+    phase1 = module.summary_table({"val/exit2/ppl": 12.3, "val/exit2/acc": 0.1, "val/exit2/hard_ppl": math.nan})
+    assert "nan" not in phase1 and "12.30" in phase1 and "10.00%" in phase1
