@@ -74,6 +74,31 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def cli_args(subcommand: str, config: str, corpus: Path, logs: Path, *extra: str) -> list[str]:
+    """``lego <subcommand>`` of a committed config on a test corpus: batches of 4, two validation batches, every
+    step logged under ``logs``, quiet; ``extra`` comes last, so it wins."""
+    return [
+        subcommand,
+        "--config",
+        str(REPO / "configs" / config),
+        "--data.path",
+        str(corpus),
+        "--data.batch_size",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        *extra,
+    ]
+
+
 def two_rank_fit(config: str, corpus: Path, tmp_path: Path, strategy: str, *extra: str) -> list[dict[str, Any]]:
     """``lego fit`` on 2 CPU processes with :class:`RankStateDump`; every rank's state, weights and hard set."""
     out = tmp_path / "ranks"

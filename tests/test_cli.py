@@ -10,33 +10,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lego_lightning.cli import LegoCLI, main
 from tests.conftest import REPO
+from tests.helpers import cli_args
 
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 
 def run(subcommand: str, config: str, corpus: Path, logs: Path, *extra: str) -> LegoCLI:
-    args = [
-        subcommand,
-        "--config",
-        str(REPO / "configs" / config),
-        "--data.path",
-        str(corpus),
-        "--data.batch_size",
-        "4",
-        "--trainer.logger.init_args.save_dir",
-        str(logs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.limit_val_batches",
-        "2",
-        "--trainer.log_every_n_steps",
-        "1",
-    ]
-    if subcommand == "fit":
-        args += ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"]
-    return LegoCLI(args=[*args, *extra])
+    fit = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"] if subcommand == "fit" else []
+    return LegoCLI(args=cli_args(subcommand, config, corpus, logs, *fit, *extra))
 
 
 def test_configs_are_all_here():

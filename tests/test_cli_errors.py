@@ -10,28 +10,11 @@ import yaml
 
 from lego_lightning.cli import main
 from tests.conftest import REPO
-from tests.helpers import quiet_trainer, subprocess_env, synthetic, tiny_ashem, tiny_lm
+from tests.helpers import cli_args, quiet_trainer, subprocess_env, synthetic, tiny_ashem, tiny_lm
 
 
 def lego_args(corpus, logs, *extra, config="standard.yaml", subcommand="fit"):
-    return [
-        subcommand,
-        "--config",
-        str(REPO / "configs" / config),
-        "--data.path",
-        str(corpus),
-        "--data.batch_size",
-        "4",
-        "--trainer.logger.init_args.save_dir",
-        str(logs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_val_batches",
-        "2",
-        *extra,
-    ]
+    return cli_args(subcommand, config, corpus, logs, "--trainer.max_epochs", "1", *extra)
 
 
 def fails_cleanly(capsys, args):

@@ -15,41 +15,16 @@ import pytest
 from benchmarks import faults
 from lego_lightning.checkpoint_io import read_checkpoint
 from tests.conftest import REPO
-from tests.helpers import subprocess_env
+from tests.helpers import cli_args, subprocess_env
 
 
 def args_for(config, corpus, logs, *extra):
-    common = [
-        "fit",
-        "--config",
-        f"configs/{config}",
-        "--data.path",
-        str(corpus),
-        "--data.batch_size",
-        "4",
-        "--trainer.logger.init_args.save_dir",
-        str(logs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.limit_val_batches",
-        "2",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--checkpoint.every_n_train_steps",
-        "3",
-    ]
+    """A small fit with step checkpoints every 3 steps; ASHEM 2 + 1 epochs, standard 2."""
     if config == "ashem.yaml":
-        common += [
-            "--data.calibration_samples",
-            "4",
-            "--model.phase1_max_epochs",
-            "2",
-            "--model.phase2_max_epochs",
-            "1",
-        ]
+        length = ["--data.calibration_samples", "4", "--model.phase1_max_epochs", "2", "--model.phase2_max_epochs", "1"]
     else:
-        common += ["--trainer.max_epochs", "2"]
-    return [*common, *extra]
+        length = ["--trainer.max_epochs", "2"]
+    return cli_args("fit", config, corpus, logs, "--checkpoint.every_n_train_steps", "3", *length, *extra)
 
 
 def lego(args, **kwargs):
