@@ -84,7 +84,8 @@ class ResumableDataLoader(DataLoader):
     batches of it were given out; when the resumed run continues that epoch (the sampler,
     seeded by the epoch, gives the same order again) the iterator skips those batches, and
     when it starts the next one, it skips nothing. A plain ``DataLoader`` starts the epoch's
-    order over and trains on the wrong batches.
+    order over and trains on the wrong batches. (A sampler without an ``epoch``, that Lightning
+    cannot ``set_epoch``, is taken to continue the saved epoch.)
 
     Each iterator is created at its first batch, not when it is asked for: creating one
     draws a seed from torch's global generator, and this way that draw comes after
