@@ -43,8 +43,8 @@ from benchmarks.common import (
 from lego_lightning import SupervisedExitLM
 from lego_lightning.callbacks import LossScaledLR
 from lego_lightning.data import TextDataModule
+from lego_lightning.modules.optim import SCHEDULES
 
-SCHEDULES = ("constant", "linear", "cosine")
 # Two losses closer than this (nats), or within their seeds' spread, count as the same in the verdicts.
 SAME_LOSS = 0.03
 MODES = ("none", "sd", "sd2")

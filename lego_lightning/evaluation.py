@@ -19,9 +19,8 @@ from torch import Tensor
 
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
+from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.routing import route
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -8,14 +8,14 @@ import lightning as L
 import torch
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
-from lego_lightning.model.exit_classifier import Target, train_exit_classifier
+from lego_lightning.model.exit_classifier import TARGETS, Target, train_exit_classifier
 
 
 class ExitClassifierTraining(PhaseTriggeredCallback):
-    """One pass over the training data that fits ``pl_module.exit_classifier``, the model frozen.
+    """``epochs`` passes over the training data that fit ``pl_module.exit_classifier``, the model frozen.
 
     When: at the start of phase ``at_phase`` (before calibration there, for ASHEM), or with
-    ``at_phase=None`` at the end of training. ``epochs`` passes over the training data.
+    ``at_phase=None`` at the end of training.
 
     Contract: the LightningModule has ``model`` (an ``ExitTransformer``), ``exit_classifier``
     (an ``ExitClassifier``) and ``model_inputs(batch) -> (input_ids, targets)``;
@@ -29,8 +29,8 @@ class ExitClassifierTraining(PhaseTriggeredCallback):
     def __init__(
         self, target: Target = "consistency", at_phase: int | None = None, lr: float = 1e-3, epochs: int = 1
     ) -> None:
-        if target not in ("consistency", "correct"):
-            raise ValueError(f"ExitClassifierTraining.target={target!r} is not one of ('consistency', 'correct')")
+        if target not in TARGETS:
+            raise ValueError(f"ExitClassifierTraining.target={target!r} is not one of {TARGETS}")
         super().__init__(1 if at_phase is None else at_phase)
         self.at_train_end = at_phase is None
         self.target, self.lr, self.epochs = target, lr, epochs

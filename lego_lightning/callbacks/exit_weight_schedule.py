@@ -20,7 +20,8 @@ class ExitWeightSchedule(Callback):
     ``set_exit_loss_weights(weights: Sequence[float])``, shallowest exit first, as
     :class:`~lego_lightning.SupervisedExitLM` does.
 
-    Logged: ``train/exit_weight/{i}`` for the i-th exit (1-based position).
+    Logged: ``train/exit_weight/{k}`` for the exit after layer ``k`` (the 1-based position for a module
+    without ``config.exit_layers``).
     """
 
     def __init__(
@@ -65,15 +66,12 @@ class ExitWeightSchedule(Callback):
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: int) -> None:
         weights = self.weights_at(progress)
         pl_module.set_exit_loss_weights(weights)
-        for i, w in enumerate(weights, start=1):
-            pl_module.log(
-                f"train/exit_weight/{i}",
-                w,
-                on_step=self.unit == "steps",
-                on_epoch=self.unit == "epochs",
-                sync_dist=self.unit
-                == "epochs",  # equal on every rank: changes nothing, keeps Lightning's DDP warning away
-            )
+        per_epoch = self.unit == "epochs"
+        # An exit is named by the layer it follows; a module without config.exit_layers, by position.
+        layers = getattr(getattr(pl_module, "config", None), "exit_layers", None) or range(1, len(weights) + 1)
+        for k, w in zip(layers, weights):
+            # sync_dist: equal on every rank, so the reduction changes nothing and Lightning does not warn under DDP.
+            pl_module.log(f"train/exit_weight/{k}", w, on_step=not per_epoch, on_epoch=per_epoch, sync_dist=per_epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.unit == "epochs":

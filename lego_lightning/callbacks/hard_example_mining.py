@@ -10,12 +10,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
-
-IGNORE_INDEX = -100
+from lego_lightning.model.lean_loss import IGNORE_INDEX
 
 
 class HardExampleMining(PhaseTriggeredCallback):
-    """At the first batch of phase ``at_phase``, mark every training token whose confidence is below the threshold.
+    """When the module enters phase ``at_phase``, mark every training token whose confidence is below the threshold.
+
+    That is at the end of the validation that changes the phase (or at the first training batch,
+    for phase 1), see :class:`~lego_lightning.callbacks.phase_trigger.PhaseTriggeredCallback`.
 
     From then on each training batch's ``targets`` of the other (easy) tokens are set to -100,
     so the loss covers hard tokens only while every input sequence stays whole: a hard token

@@ -5,15 +5,17 @@ from __future__ import annotations
 import lightning as L
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
-
-INITS = ("identity", "copy", "random")
+from lego_lightning.model.transformer import GROW_INITS
 
 
 class LayerExpansion(PhaseTriggeredCallback):
-    """At the first batch of phase ``at_phase``, call ``pl_module.expand(init)``.
+    """When the module enters phase ``at_phase``, call ``pl_module.expand(init)``.
+
+    That is at the end of the validation that changes the phase (or at the first training batch,
+    for phase 1), see :class:`~lego_lightning.callbacks.phase_trigger.PhaseTriggeredCallback`.
 
     Contract: the LightningModule has ``expand(init: str)``, which brings the next stage into
-    use with ``init`` in ``("identity", "copy", "random")``; ``identity`` must leave the
+    use with ``init`` in :data:`~lego_lightning.model.transformer.GROW_INITS`; ``identity`` must leave the
     model's outputs unchanged. :class:`~lego_lightning.modules.ProgressiveExitLM` and
     :class:`~lego_lightning.modules.ASHEM` build that stage up front and initialise it here,
     which keeps DDP valid. A module that adds layers instead must do so before DDP wraps it,
@@ -23,8 +25,8 @@ class LayerExpansion(PhaseTriggeredCallback):
     """
 
     def __init__(self, init: str = "identity", at_phase: int = 2) -> None:
-        if init not in INITS:
-            raise ValueError(f"LayerExpansion.init={init!r} is not one of {INITS}")
+        if init not in GROW_INITS:
+            raise ValueError(f"LayerExpansion.init={init!r} is not one of {GROW_INITS}")
         super().__init__(at_phase)
         self.init = init
 
@@ -40,4 +42,4 @@ class LayerExpansion(PhaseTriggeredCallback):
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.expand(self.init)
-        log_once(trainer, {"growth/init": float(INITS.index(self.init))})
+        log_once(trainer, {"growth/init": float(GROW_INITS.index(self.init))})

@@ -25,7 +25,10 @@ def find_modules(pl_module: L.LightningModule, names: Sequence[str]) -> list[nn.
 
 
 class LayerFreeze(PhaseTriggeredCallback):
-    """At the first batch of phase ``at_phase``, set ``requires_grad=False`` on the named submodules.
+    """When the module enters phase ``at_phase``, set ``requires_grad=False`` on the named submodules.
+
+    That is at the end of the validation that changes the phase (or at the first training batch,
+    for phase 1), see :class:`~lego_lightning.callbacks.phase_trigger.PhaseTriggeredCallback`.
 
     Frozen weights get no gradient, so the optimizer (AdamW, SGD...) skips them and no backward
     pass runs through a frozen prefix of the network. Works on any LightningModule; targets

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once, logging_step
 from lego_lightning.data.blocks import unpack_batch
+from lego_lightning.model.lean_loss import IGNORE_INDEX
 
 FLOOR = 1e-6
 
@@ -129,7 +130,7 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
             if i % trainer.world_size != trainer.global_rank:
                 continue
             input_ids, targets = (t.to(pl_module.device) for t in unpack_batch(batch))
-            conf = pl_module.token_confidence(input_ids, self.exit_layer)[targets != -100]
+            conf = pl_module.token_confidence(input_ids, self.exit_layer)[targets != IGNORE_INDEX]
             counts += confidence_histogram(conf, self.bins)
             moments += torch.stack([conf.double().sum(), conf.double().pow(2).sum()])
         pl_module.train(was_training)

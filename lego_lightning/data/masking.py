@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from lego_lightning.model.lean_loss import IGNORE_INDEX
 
 
 def mask_tokens(

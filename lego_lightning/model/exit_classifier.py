@@ -12,16 +12,17 @@ there is no deeper exit yet, as in ASHEM's phase 1).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.transformer import ExitTransformer
 
 Target = Literal["consistency", "correct"]
-IGNORE_INDEX = -100
+TARGETS: tuple[str, ...] = get_args(Target)
 
 
 class ExitClassifier(nn.Module):
@@ -68,8 +69,8 @@ def train_exit_classifier(
     so every rank's classifier stays the same. Returns each exit's label rate and accuracy over
     the last pass.
     """
-    if target not in ("consistency", "correct"):
-        raise ValueError(f"target={target!r} is not one of ('consistency', 'correct')")
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {TARGETS}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     was_training = model.training

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a target with this value counts in no loss and no metric (torch's default ignore_index)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lego_lightning.model.config import Stage, TransformerConfig
 
 GrowInit = Literal["identity", "copy", "random"]
+GROW_INITS: tuple[str, ...] = get_args(GrowInit)
 
 
 class RotaryEmbedding(nn.Module):
@@ -241,8 +242,8 @@ class ExitTransformer(nn.Module):
         exit's head; a shared head is left as it is. Tensors change in place, so a model already
         wrapped for distributed training stays valid (every rank makes the same call).
         """
-        if init not in ("identity", "copy", "random"):
-            raise ValueError(f"init={init!r} is not one of ('identity', 'copy', 'random')")
+        if init not in GROW_INITS:
+            raise ValueError(f"init={init!r} is not one of {GROW_INITS}")
         if not 1 <= stage_index < len(self.config.stages):
             raise ValueError(
                 f"stage_index={stage_index} cannot grow: allowed 1..{len(self.config.stages) - 1} "
@@ -275,8 +276,8 @@ class ExitTransformer(nn.Module):
         """
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"grow(n_layers=...) must be a positive integer, got {n_layers!r}")
-        if init not in ("identity", "copy", "random"):
-            raise ValueError(f"grow(init={init!r}) is not one of ('identity', 'copy', 'random')")
+        if init not in GROW_INITS:
+            raise ValueError(f"grow(init={init!r}) is not one of {GROW_INITS}")
         old = self.config.n_layers
         stage = Stage(layers=(old + 1, old + n_layers), loss_weight=loss_weight, lr_scale=lr_scale)
         self.config = replace(self.config, n_layers=old + n_layers, stages=(*self.config.stages, stage))

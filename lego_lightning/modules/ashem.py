@@ -28,9 +28,9 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.transformer import GrowInit
 from lego_lightning.modules.progressive import ProgressiveExitLM
-from lego_lightning.modules.supervised_exit import IGNORE_INDEX
 
 CONTEXTS = ("full", "none")
 

@@ -2,10 +2,10 @@
 
 Phase 1 trains layers ``1..phase1_layers`` with the given stages. When
 :class:`~lego_lightning.callbacks.PerplexityEarlyStopping` ends phase 1 (patience or epoch
-limit) it restores the phase's best weights and calls :meth:`advance_phase`; at the next
-training batch :class:`~lego_lightning.callbacks.LayerExpansion` initialises the new layers
-and :class:`~lego_lightning.callbacks.LayerFreeze` freezes the old ones. Phase 2 trains the
-new stage at ``phase2_lr_scale`` times the learning rate.
+limit) it restores the phase's best weights and calls :meth:`advance_phase`; right after, at
+the end of the same validation, :class:`~lego_lightning.callbacks.LayerExpansion` initialises
+the new layers and :class:`~lego_lightning.callbacks.LayerFreeze` freezes the old ones. Phase 2
+trains the new stage at ``phase2_lr_scale`` times the learning rate.
 
 Every layer is built up front: DDP cannot see modules added after it wraps the model
 (DESIGN.md, known traps), so growth initialises a stage that was there, unused, all along.
@@ -26,10 +26,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lego_lightning.model.config import Stage, as_stage, validate_stages
-from lego_lightning.model.transformer import GrowInit
+from lego_lightning.model.transformer import GROW_INITS, GrowInit
 from lego_lightning.modules.supervised_exit import SupervisedExitLM
-
-GROW_INITS = ("identity", "copy", "random")
 
 
 def _positive(name: str, value: int) -> None:

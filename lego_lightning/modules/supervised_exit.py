@@ -27,13 +27,12 @@ from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, TransformerConfig, as_stage
 from lego_lightning.model.exit_classifier import ExitClassifier
-from lego_lightning.model.lean_loss import linear_cross_entropy
+from lego_lightning.model.lean_loss import IGNORE_INDEX, linear_cross_entropy
 from lego_lightning.model.routing import check_threshold, route
 from lego_lightning.model.transformer import ExitTransformer
 from lego_lightning.modules.metrics import ExitMetrics
 from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrainable_stages, param_groups
 
-IGNORE_INDEX = -100  # targets with this value count in no loss and no metric
 OBJECTIVES = ("causal", "masked")
 
 # Config fields that fix the shape of the weights; a checkpoint must agree on all of them.

@@ -36,6 +36,14 @@ def test_weights_move_linearly_per_step_and_the_loss_uses_them(tmp_path):
         assert weights == expected(step)
 
 
+def test_each_weight_is_logged_under_the_layer_its_exit_follows(tmp_path):
+    schedule = ExitWeightSchedule(start=[0.9, 0.1], end=[0.1, 0.9], duration=4, unit="epochs")
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[schedule])
+    trainer.fit(tiny_lm(stages=STAGES), data())  # exits after layers 1 and 3
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/exit_weight/")}
+    assert logged == {"train/exit_weight/1": pytest.approx(0.9), "train/exit_weight/3": pytest.approx(0.1)}
+
+
 def test_per_epoch_schedule(tmp_path):
     recorder = WeightRecorder()
     schedule = ExitWeightSchedule(start=[1.0, 0.0], end=[0.0, 1.0], duration=2, unit="epochs")
