@@ -32,23 +32,6 @@ from lego_lightning.model.transformer import Block, ExitTransformer
 HiddenConfidence = Callable[[int, Tensor], Tensor]
 
 
-def _to_heads(t: Tensor, n_heads: int) -> Tensor:  # (B, S, D) -> (B, H, S, hd)
-    B, S, D = t.shape
-    return t.view(B, S, n_heads, D // n_heads).transpose(1, 2)
-
-
-def _from_heads(t: Tensor) -> Tensor:  # (B, H, S, hd) -> (B, S, D)
-    B, H, S, hd = t.shape
-    return t.transpose(1, 2).reshape(B, S, H * hd)
-
-
-def _qkv_weights(block: Block) -> tuple[tuple[Tensor, Tensor], ...]:
-    """``((Wq, bq), (Wk, bk), (Wv, bv))`` of a block's fused projection."""
-    w, b = block.attn.qkv.weight, block.attn.qkv.bias
-    D = w.shape[1]
-    return tuple((w[i * D : (i + 1) * D], b[i * D : (i + 1) * D]) for i in range(3))  # type: ignore[return-value]
-
-
 @dataclass
 class _Packing:
     """Where the tokens that continue sit, computed once per stage (the set changes only at exits).
@@ -87,23 +70,21 @@ class _Packing:
 def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, pack: _Packing) -> Tensor:
     """One layer where only the packed active tokens run; the others only give keys and values."""
     B, T, D = x.shape
-    H = model.config.n_heads
-    (wq, bq), _, _ = _qkv_weights(block)
+    attn = block.attn
     flat = x.reshape(B * T, D)
     h = block.ln1(x)
     # Every token's key and value, in one product with the fused projection's k/v rows.
-    k, v = (_to_heads(t, H) for t in F.linear(h, block.attn.qkv.weight[D:], block.attn.qkv.bias[D:]).split(D, -1))
-    q_act = F.linear(h.reshape(B * T, D).index_select(0, pack.token), wq, bq)
-    q = _to_heads(q_act.new_zeros(B * pack.slots, D).index_copy(0, pack.query, q_act).view(B, pack.slots, D), H)
+    k, v = (attn.to_heads(t) for t in attn.project(h, "kv"))
+    (q_act,) = attn.project(h.reshape(B * T, D).index_select(0, pack.token), "q")
+    q = attn.to_heads(q_act.new_zeros(B * pack.slots, D).index_copy(0, pack.query, q_act).view(B, pack.slots, D))
     if model.rotary is not None:
         q, k = model.rotary(q, pack.positions), model.rotary(k)
     if pack.positions is None:  # the full layout: positions 0..T-1, the causal kernel
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.mask)
-    y = _from_heads(y).reshape(B * pack.slots, D).index_select(0, pack.query)
-    x_act = flat.index_select(0, pack.token) + block.attn.proj(y)
-    x_act = x_act + block.mlp(block.ln2(x_act))
+    y = attn.from_heads(y).reshape(B * pack.slots, D).index_select(0, pack.query)
+    x_act = block.after_attention(flat.index_select(0, pack.token), attn.proj(y))
     return flat.index_copy(0, pack.token, x_act).view(B, T, D)
 
 
@@ -197,15 +178,14 @@ def _attend_cached(
     product): with every row active this is the plain layer, one fused q/k/v projection and no
     gathers; rows that left pay one fused k/v projection.
     """
-    B, _, D = x.shape
-    H = model.config.n_heads
+    B = x.shape[0]
+    attn = block.attn
     h = block.ln1(x)  # (B, 1, D)
     everyone = len(rows) == B
     if everyone:
-        q, k, v = (_to_heads(t, H) for t in block.attn.qkv(h).split(D, dim=-1))
+        q, k, v = (attn.to_heads(t) for t in attn.project(h))
     else:
-        kv = F.linear(h, block.attn.qkv.weight[D:], block.attn.qkv.bias[D:])
-        k, v = (_to_heads(t, H) for t in kv.split(D, dim=-1))
+        k, v = (attn.to_heads(t) for t in attn.project(h, "kv"))
     pos = torch.full((B, 1), position, dtype=torch.long, device=x.device)
     if model.rotary is not None:
         k = model.rotary(k, pos)
@@ -217,36 +197,31 @@ def _attend_cached(
         if model.rotary is not None:
             q = model.rotary(q, pos)
         y = F.scaled_dot_product_attention(q, cache_k[:, :, : position + 1], cache_v[:, :, : position + 1])
-        x = x + block.attn.proj(_from_heads(y))
-        return x + block.mlp(block.ln2(x))
-    (wq, bq), _, _ = _qkv_weights(block)
-    q = _to_heads(F.linear(h[rows], wq, bq), H)
+        return block.after_attention(x, attn.proj(attn.from_heads(y)))
+    (q,) = attn.project(h[rows], "q")
+    q = attn.to_heads(q)
     if model.rotary is not None:
         q = model.rotary(q, pos[rows])
     y = F.scaled_dot_product_attention(q, cache_k[rows, :, : position + 1], cache_v[rows, :, : position + 1])
-    x_rows = x[rows] + block.attn.proj(_from_heads(y))
-    x_rows = x_rows + block.mlp(block.ln2(x_rows))
     x = x.clone()
-    x[rows] = x_rows
+    x[rows] = block.after_attention(x[rows], attn.proj(attn.from_heads(y)))
     return x
 
 
 def _prefill(model: ExitTransformer, prompt: Tensor, caches: list[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
     """All layers over the prompt, keys and values cached; hidden states at every exit, last position."""
     x = model.embed(prompt)
-    H = model.config.n_heads
     P = prompt.shape[1]
     at_exits = {}
     for i, block in enumerate(model.blocks, start=1):
-        h = block.ln1(x)
-        q, k, v = (_to_heads(t, H) for t in block.attn.qkv(h).split(x.shape[-1], dim=-1))
+        attn = block.attn
+        q, k, v = (attn.to_heads(t) for t in attn.project(block.ln1(x)))
         if model.rotary is not None:
             q, k = model.rotary(q), model.rotary(k)
         caches[i - 1][0][:, :, :P] = k
         caches[i - 1][1][:, :, :P] = v
         y = F.scaled_dot_product_attention(q, k, v, is_causal=model.config.causal)
-        x = x + block.attn.proj(_from_heads(y))
-        x = x + block.mlp(block.ln2(x))
+        x = block.after_attention(x, attn.proj(attn.from_heads(y)))
         if i in model.exit_layers:
             at_exits[i] = x[:, -1]
     return at_exits

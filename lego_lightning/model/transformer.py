@@ -46,6 +46,13 @@ class RotaryEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head attention with one fused query/key/value projection.
+
+    :meth:`project` and :meth:`to_heads` / :meth:`from_heads` are also what the inference paths
+    (:mod:`~lego_lightning.model.early_exit`) use to run attention for some tokens or from a
+    cache, so the projection and the head layout are written once.
+    """
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
@@ -54,16 +61,35 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
 
+    def project(self, h: Tensor, parts: str = "qkv") -> tuple[Tensor, ...]:
+        """``parts`` (``"qkv"``, ``"kv"`` or ``"q"``) of ``h`` ``(..., D)``, each ``(..., D)``, from the fused
+        projection's rows for those parts only (one product)."""
+        D = h.shape[-1]
+        if parts == "qkv":
+            fused = self.qkv(h)
+        else:
+            start = "qkv".index(parts[0]) * D
+            rows = slice(start, start + len(parts) * D)
+            fused = F.linear(h, self.qkv.weight[rows], self.qkv.bias[rows])
+        return fused.split(D, dim=-1)
+
+    def to_heads(self, t: Tensor) -> Tensor:  # (B, S, D) -> (B, H, S, hd)
+        B, S, D = t.shape
+        return t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)
+
+    @staticmethod
+    def from_heads(t: Tensor) -> Tensor:  # (B, H, S, hd) -> (B, S, D)
+        B, H, S, hd = t.shape
+        return t.transpose(1, 2).reshape(B, S, H * hd)
+
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)
-        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B,H,T,hd)
+        q, k, v = (self.to_heads(t) for t in self.project(x))  # (B, H, T, hd)
         if rotary is not None:
             q, k = rotary(q), rotary(k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(self.from_heads(y))
 
 
 class MLP(nn.Module):
@@ -89,7 +115,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), rotary))
+        return self.after_attention(x, self.attn(self.ln1(x), rotary))
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The block from its attention's output ``attended`` (projected, ``(..., D)``) on: residual, MLP, residual.
+
+        The inference paths that compute attention their own way (for the tokens that continue,
+        from a KV cache) finish every block here, so the block's arithmetic is written once.
+        """
+        x = x + self.drop(attended)
         return x + self.drop(self.mlp(self.ln2(x)))
 
     def residual_projections(self) -> tuple[nn.Linear, nn.Linear]:
