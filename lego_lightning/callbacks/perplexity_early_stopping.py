@@ -5,7 +5,7 @@ Lightning's ``EarlyStopping`` with the arguments checked up front and perplexity
 its counter, state (saved in checkpoints, so a resumed run continues mid-patience) and
 cross-rank decision are Lightning's own.
 
-Two additions:
+Three additions:
 
 * **Phases.** With a module that has phases (``has_next_phase()``, ``advance_phase(trainer)``,
   ``phase``, ``phase_start_epoch``, ``phase_max_epochs``, optionally ``phase_patience``), the
@@ -14,6 +14,9 @@ Two additions:
   counter and its own patience.
 * **restore_best_weights.** At the end of a phase (or of the run) the module gets back the
   weights of its best validation in that phase, as Keras does.
+* **A stopped run stays stopped.** The decision is saved in checkpoints: a run resumed from a
+  checkpoint written after it stopped (killed while it was finishing) ends at once, where
+  Lightning's would train another epoch.
 
 One default differs from Lightning: the check runs right after each validation. Lightning
 checks at the end of the training epoch when validation runs once per epoch, which fails on a
