@@ -18,21 +18,29 @@ Three additions:
   checkpoint written after it stopped (killed while it was finishing) ends at once, where
   Lightning's would train another epoch.
 
-One default differs from Lightning: the check runs right after each validation. Lightning
-checks at the end of the training epoch when validation runs once per epoch, which fails on a
-missing metric when a run ends mid-epoch (``max_steps``) before any validation.
+One default differs from Lightning (``check_on_train_epoch_end=None``): with validation, the
+check runs right after each validation. Lightning checks at the end of the training epoch when
+validation runs once per epoch, which fails on a missing metric when a run ends mid-epoch
+(``max_steps``) before any validation. Without validation both check at the end of the
+training epoch, on a training metric. Arguments, stopping rules (``min_delta``, ``patience``,
+``stopping_threshold``, ``divergence_threshold``, ``check_finite``, ``strict``), ``min_epochs``
+and ``min_steps`` of the Trainer, ``stopped_epoch`` and ``stopping_reason`` are Lightning's; a
+bad argument raises :class:`~lego_lightning.errors.ConfigurationError`, which is both Lightning's
+``MisconfigurationException`` and a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from lego_lightning.callbacks.phase_trigger import logging_step
+from lego_lightning.errors import ConfigurationError
 
 
 def _is_phased(pl_module: L.LightningModule) -> bool:
@@ -52,34 +60,54 @@ class PerplexityEarlyStopping(EarlyStopping):
     def __init__(
         self,
         monitor: str = "val/ppl",
-        patience: int = 3,
         min_delta: float = 0.0,
-        mode: str = "min",
+        patience: int = 3,
         verbose: bool = False,
-        check_on_train_epoch_end: bool = False,
+        mode: Literal["min", "max"] = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        check_on_train_epoch_end: bool | None = None,
+        log_rank_zero_only: bool = False,
         restore_best_weights: bool = False,
-        **kwargs: Any,
     ) -> None:
+        name = type(self).__name__
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
-            raise ValueError(f"PerplexityEarlyStopping.patience must be an integer >= 0, got {patience!r}")
+            raise ConfigurationError(f"{name}.patience must be an integer >= 0, got {patience!r}")
         if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
-            raise ValueError(f"PerplexityEarlyStopping.min_delta must be a finite number >= 0, got {min_delta!r}")
+            raise ConfigurationError(f"{name}.min_delta must be a finite number >= 0, got {min_delta!r}")
         if mode not in ("min", "max"):
-            raise ValueError(f"PerplexityEarlyStopping.mode must be 'min' or 'max', got {mode!r}")
+            raise ConfigurationError(f"{name}.mode must be 'min' or 'max', got {mode!r}")
         if not monitor:
-            raise ValueError("PerplexityEarlyStopping.monitor must name a logged metric, got an empty string")
+            raise ConfigurationError(f"{name}.monitor must name a logged metric, got an empty string")
+        thresholds = {"stopping_threshold": stopping_threshold, "divergence_threshold": divergence_threshold}
+        for field, value in thresholds.items():
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ConfigurationError(f"{name}.{field} must be a finite number or None, got {value!r}")
         super().__init__(
             monitor=monitor,
-            patience=patience,
             min_delta=min_delta,
-            mode=mode,
+            patience=patience,
             verbose=verbose,
+            mode=mode,
+            strict=strict,
+            check_finite=check_finite,
+            stopping_threshold=stopping_threshold,
+            divergence_threshold=divergence_threshold,
             check_on_train_epoch_end=check_on_train_epoch_end,
-            **kwargs,
+            log_rank_zero_only=log_rank_zero_only,
         )
         self.restore_best_weights = restore_best_weights
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.stopped_run = False  # saved: a run resumed from its last checkpoint stays stopped
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._check_on_train_epoch_end is None:
+            # Lightning checks at the end of the training epoch whenever validation runs once per
+            # epoch; here only when there is no validation (so a training metric can be monitored).
+            self._check_on_train_epoch_end = not trainer.enable_validation
+        super().setup(trainer, pl_module, stage)
 
     def _fresh_best_score(self) -> torch.Tensor:
         inf = torch.tensor(torch.inf)
@@ -117,6 +145,7 @@ class PerplexityEarlyStopping(EarlyStopping):
             self.wait_count = 0
             self.best_score = self._fresh_best_score()
             self.best_weights = None
+            self.stopping_reason = EarlyStoppingReason.NOT_STOPPED  # the run goes on
             if getattr(module, "phase_patience", None) is not None:
                 self.patience = module.phase_patience
             for logger in trainer.loggers if trainer.is_global_zero else []:

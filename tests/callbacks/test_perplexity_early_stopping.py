@@ -1,7 +1,8 @@
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lego_lightning.callbacks import PerplexityEarlyStopping
@@ -148,6 +149,79 @@ def test_a_run_that_ends_mid_epoch_before_validating_does_not_fail(tmp_path):
     assert trainer.global_step == 1 and es.stopped_epoch == 0
 
 
+class TrainingCurve(ScriptedCurve):
+    """No validation: the scripted value is a training metric, logged at each epoch's end."""
+
+    def on_train_epoch_end(self):
+        self.log("train/metric", self.curve[self.current_epoch])
+
+
+NAN = float("nan")
+
+# (curve, callback arguments, Trainer arguments): the cases Lightning's EarlyStopping documents and tests.
+PARITY_CASES = {
+    "patience 0": (CURVE, {"patience": 0}, {}),
+    "patience 1": (CURVE, {"patience": 1}, {}),
+    "patience 3": (CURVE, {"patience": 3}, {}),
+    "patience outlasting the run": (CURVE, {"patience": 4}, {}),
+    "min_delta": ([9.0, 8.5, 8.0, 7.0, 6.0], {"patience": 1, "min_delta": 0.6}, {}),
+    "mode max": ([0.1, 0.3, 0.2, 0.25, 0.5, 0.4], {"patience": 1, "mode": "max"}, {}),
+    "stopping_threshold": (CURVE, {"patience": 5, "stopping_threshold": 7.5}, {}),
+    "divergence_threshold": ([8.0, 7.0, 9.0, 6.0], {"patience": 5, "divergence_threshold": 8.5}, {}),
+    "check_finite": ([9.0, 8.0, 7.0, NAN, 6.0], {"patience": 5}, {}),
+    "check_finite off": ([9.0, 8.0, 7.0, NAN, 6.0, 7.0], {"patience": 1, "check_finite": False}, {}),
+    "min_epochs": (CURVE, {"patience": 0}, {"min_epochs": 6}),
+    "min_steps": (CURVE, {"patience": 0}, {"min_steps": 13}),  # 2 steps per epoch
+}
+
+
+def stopping(callback, module, tmp_path, **trainer_kwargs):
+    trainer = quiet_trainer(tmp_path, max_epochs=len(module.curve), callbacks=[callback], **trainer_kwargs)
+    trainer.fit(module)
+    return {
+        "stopped_epoch": callback.stopped_epoch,
+        "wait_count": callback.wait_count,
+        "stopping_reason": callback.stopping_reason,
+        "epochs_run": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "validated": module.validated_epochs,
+    }
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_stops_where_lightnings_early_stopping_stops(tmp_path, case):
+    curve, kwargs, trainer_kwargs = PARITY_CASES[case]
+    ours = stopping(PerplexityEarlyStopping(**kwargs), ScriptedCurve(curve), tmp_path / "ours", **trainer_kwargs)
+    lightning = stopping(EarlyStopping("val/ppl", **kwargs), ScriptedCurve(curve), tmp_path / "l", **trainer_kwargs)
+    assert ours == lightning
+
+
+def test_monitors_a_training_metric_when_there_is_no_validation_as_lightning_does(tmp_path):
+    curve = [5.0, 4.0, 4.5, 4.6, 3.0]
+    run = {"limit_val_batches": 0}
+    ours = stopping(PerplexityEarlyStopping("train/metric", patience=1), TrainingCurve(curve), tmp_path / "o", **run)
+    lightning = stopping(EarlyStopping("train/metric", patience=1), TrainingCurve(curve), tmp_path / "l", **run)
+    assert ours == lightning and ours["stopped_epoch"] == 2
+
+
+def test_a_missing_metric_fails_as_in_lightning_unless_not_strict(tmp_path):
+    for callback in (PerplexityEarlyStopping("val/missing"), EarlyStopping("val/missing")):
+        with pytest.raises(RuntimeError, match=r"Early stopping conditioned on metric `val/missing`"):
+            quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(ScriptedCurve(CURVE))
+    lenient = PerplexityEarlyStopping("val/missing", strict=False)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[lenient]).fit(ScriptedCurve(CURVE))
+    assert lenient.stopped_epoch == 0
+
+
+def test_a_bad_mode_raises_what_lightning_raises_and_a_value_error():
+    with pytest.raises(MisconfigurationException):
+        EarlyStopping("val/ppl", mode="lower")
+    with pytest.raises(MisconfigurationException):
+        PerplexityEarlyStopping(mode="lower")
+    with pytest.raises(ValueError):
+        PerplexityEarlyStopping(mode="lower")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -155,6 +229,7 @@ def test_a_run_that_ends_mid_epoch_before_validating_does_not_fail(tmp_path):
         ({"patience": 1.5}, r"patience must be an integer >= 0, got 1.5"),
         ({"min_delta": -0.1}, r"min_delta must be a finite number >= 0, got -0.1"),
         ({"mode": "lower"}, r"mode must be 'min' or 'max', got 'lower'"),
+        ({"stopping_threshold": NAN}, r"stopping_threshold must be a finite number or None, got nan"),
     ],
 )
 def test_bad_arguments(kwargs, message):
