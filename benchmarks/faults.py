@@ -211,13 +211,14 @@ def final_table(output: str) -> str:
     return match.group(0) if match else ""
 
 
-def _equal(a: Any, b: Any) -> bool:
+def identical(a: Any, b: Any) -> bool:
+    """Equal to the bit: tensors with ``torch.equal``, nested in dicts and lists like a checkpoint's state."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
     return a == b
 
 
@@ -281,7 +282,7 @@ def kills(data: Path, work: Path) -> list[dict[str, Any]]:
             state = end_state(run_folder(logs))
             row.update(
                 version_folders=len(list(logs.glob("*/version_*"))),
-                same={key: _equal(state[key], ref["state"][key]) for key in ref["state"]},
+                same={key: identical(state[key], ref["state"][key]) for key in ref["state"]},
                 same_scalars=scalars(run_folder(logs)) == ref["scalars"],
                 # Only ASHEM prints a final table; a run without one has nothing to compare.
                 same_table=final_table(resumed.stderr) == ref["table"] if ref["table"] else None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -34,34 +35,36 @@ class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; the file it would have replaced, and every other checkpoint, are intact."""
 
 
-def _other_checkpoints(path: Path) -> str:
-    folder = path.parent
-    others = sorted(p.name for p in folder.glob("*.ckpt") if p != path and p.is_file()) if folder.is_dir() else []
+def _other_checkpoints(folder: Path, besides: Path | None = None) -> str:
+    """``"; checkpoints in <folder>: a.ckpt, ..."`` (all but ``besides``), or ``""``: where to resume from."""
+    others = sorted(p.name for p in folder.glob("*.ckpt") if p != besides and p.is_file()) if folder.is_dir() else []
     if not others:
         return ""
     return f"; checkpoints in {folder}: {', '.join(others[:6])}" + (" ..." if len(others) > 6 else "")
 
 
 def read_checkpoint(
-    path: str | os.PathLike[str], map_location: Any = "cpu", weights_only: bool | None = True
+    path: str | os.PathLike[str], map_location: Any = "cpu", weights_only: bool | None = True, mmap: bool = False
 ) -> dict[str, Any]:
     """``torch.load`` of a local checkpoint file, with a :class:`CheckpointError` that names the file and the problem.
 
     The problems told apart: the file does not exist, is a folder, is empty (a write that
     never finished), is truncated or corrupt, is not a PyTorch file, holds objects that
     ``weights_only`` loading refuses, or is a PyTorch file but not a Lightning checkpoint.
+    ``mmap=True`` maps the tensors instead of reading them (to look at a checkpoint's settings).
     """
     file = Path(path).expanduser()
     where = f"the checkpoint {str(path)!r}"
+    elsewhere = _other_checkpoints(file.parent, file)
     if not file.exists():
-        raise CheckpointError(f"{where} does not exist{_other_checkpoints(file)}")
+        raise CheckpointError(f"{where} does not exist{elsewhere}")
     if file.is_dir():
-        raise CheckpointError(f"{where} is a folder, not a checkpoint file{_other_checkpoints(file / 'x')}")
+        raise CheckpointError(f"{where} is a folder, not a checkpoint file{_other_checkpoints(file)}")
     size = file.stat().st_size
     if size == 0:
         raise CheckpointError(
             f"{where} is empty (0 bytes): the run that wrote it stopped before it finished; "
-            f"resume from an earlier checkpoint{_other_checkpoints(file)}"
+            f"resume from an earlier checkpoint{elsewhere}"
         )
     with file.open("rb") as f:
         head = f.read(4)
@@ -69,13 +72,13 @@ def read_checkpoint(
     if is_zip and not zipfile.is_zipfile(file):
         raise CheckpointError(
             f"{where} is truncated or corrupt ({size} bytes, its end is missing): the run that wrote it stopped "
-            f"before it finished; resume from an earlier checkpoint{_other_checkpoints(file)}"
+            f"before it finished; resume from an earlier checkpoint{elsewhere}"
         )
     not_torch = f"{where} is not a PyTorch checkpoint (it starts with {head!r})"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols, beside the point here
-            checkpoint = torch.load(file, map_location=map_location, weights_only=weights_only)
+            checkpoint = torch.load(file, map_location=map_location, weights_only=weights_only, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
         if not is_zip:
             raise CheckpointError(not_torch) from None
@@ -89,7 +92,7 @@ def read_checkpoint(
         if not is_zip:
             raise CheckpointError(not_torch) from None
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{where} is truncated or corrupt: {cause}{_other_checkpoints(file)}") from None
+        raise CheckpointError(f"{where} is truncated or corrupt: {cause}{elsewhere}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         what = (
             f"a {type(checkpoint).__name__}" if not isinstance(checkpoint, dict) else f"keys {sorted(checkpoint)[:5]}"
@@ -162,7 +165,7 @@ def temporary_path(target: Path) -> Path:
 
 
 def _is_local(path: Any) -> bool:
-    return type(get_filesystem(str(path))).__name__ == "LocalFileSystem"
+    return isinstance(get_filesystem(str(path)), LocalFileSystem)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -131,7 +131,8 @@ class LegoCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", LegoArgumentParser)
-        self.checkpoint: dict[str, Any] | None = None  # the --ckpt_path checkpoint, read before parsing
+        # What the --ckpt_path checkpoint says about itself (read before parsing): its hyperparameters and step.
+        self.checkpoint: dict[str, Any] | None = None
         self.checkpoint_path: Path | None = None
         super().__init__(*args, **kwargs)
 
@@ -162,9 +163,12 @@ class LegoCLI(LightningCLI):
                 ckpt_path = arg.split("=", 1)[1]
         if subcommand is None or not ckpt_path or ckpt_path.split(":")[0] in CKPT_KEYWORDS:
             return
-        self.checkpoint = read_checkpoint(ckpt_path)
+        # Mapped, not read, and only its settings kept: Lightning loads the weights itself.
+        saved = read_checkpoint(ckpt_path, mmap=True)
+        self.checkpoint = {key: saved.get(key) for key in ("hyper_parameters", "global_step")}
+        del saved
         self.checkpoint_path = Path(ckpt_path)
-        hparams = self.checkpoint.get("hyper_parameters", {})
+        hparams = self.checkpoint["hyper_parameters"] or {}
         class_path = hparams.get("_class_path")
         if class_path is None:
             return
@@ -204,7 +208,7 @@ class LegoCLI(LightningCLI):
 
     def _check_checkpoint_class(self, config: Any) -> None:
         """A checkpoint of another model class fails here, not on an argument that class does not take."""
-        saved = self.checkpoint.get("hyper_parameters", {}).get("_class_path")
+        saved = (self.checkpoint["hyper_parameters"] or {}).get("_class_path")
         wanted = getattr(config.get("model"), "class_path", None)
         if saved is None or wanted is None or _import_class(saved) is _import_class(wanted):
             return

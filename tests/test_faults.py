@@ -68,7 +68,7 @@ def uninterrupted(tmp_path_factory, corpus):
 def assert_same_end(folder, resumed, reference):
     state = faults.end_state(folder)
     for key, value in reference["state"].items():
-        assert faults._equal(state[key], value), key
+        assert faults.identical(state[key], value), key
     assert faults.scalars(folder) == reference["scalars"]  # one folder, nothing logged twice
     assert faults.final_table(resumed.stderr) == faults.final_table(reference["log"])
     assert len(list(folder.parent.glob("version_*"))) == 1
