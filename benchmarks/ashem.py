@@ -48,7 +48,7 @@ from benchmarks.common import (
     write_results,
 )
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
-from lego_lightning.callbacks import HardExampleMining, PerplexityEarlyStopping
+from lego_lightning.callbacks import PerplexityEarlyStopping
 from lego_lightning.data import TextDataModule
 from lego_lightning.evaluation import ExitOutputs, collect_exit_outputs, routed_metrics, threshold_sweep
 from lego_lightning.model import flops
@@ -114,7 +114,7 @@ class Recorder(ValidationHistory):
 
 
 class RecordedASHEM(ASHEM):
-    """ASHEM whose recorder runs after its phase callbacks (so phase 1's snapshot sees the calibrated threshold)."""
+    """ASHEM with the recorder among its callbacks; phase 1's snapshot, at phase 2's first batch, sees the threshold."""
 
     recorder: Recorder
 
@@ -156,7 +156,6 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
     trainer = trainer_for(args, max_epochs=-1)
     trainer.fit(module, dm)
     wall = time.perf_counter() - start
-    mining = next(cb for cb in trainer.callbacks if isinstance(cb, HardExampleMining))
     cfg, shallow, deep = module.config, module.shallow_exit, module.deep_exit
     final = collect_exit_outputs(module, dm.val_dataloader(), [shallow, deep])
     threshold = module.routing_threshold
@@ -191,7 +190,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
         "threshold": threshold,
         "calibration_hard_frac": (p1["calibration"].confidence[0] < threshold).float().mean().item(),
         "calibration_mean_confidence": p1["calibration"].confidence[0].mean().item(),
-        "train_hard_frac": mining.hard_frac,
+        "train_hard_frac": float(module.hard_mask.float().mean()),
         "phase1_hard_ppl": p1["val"].exit_ppl(shallow, hard_val),
         "phase1_easy_ppl": p1["val"].exit_ppl(shallow, ~hard_val),
         "phase2_ppl": best2["ppl"],

@@ -122,19 +122,6 @@ def config_cli(config: str, data: Path, seed: int, work: str, *overrides: str) -
     return LegoCLI(args=args, run=False)
 
 
-def enter_phase2(module: Any) -> None:
-    """Put a phased module (``ProgressiveExitLM``, ``ASHEM``) in the state its phase callbacks leave phase 2 in.
-
-    Its own phase-2 loss weights, the grown stage initialised by its ``grow_init``, its freeze
-    targets frozen: what a timed step needs, without a Trainer to run the callbacks.
-    """
-    module.phase = 2
-    module.exit_loss_weights = list(module.phase_settings[2]["loss_weights"])
-    module.expand(module.grow_init)
-    for name in module.freeze_targets:
-        module.get_submodule(name).requires_grad_(False)
-
-
 def training_step_fn(module: Any, x: Any, y: Any) -> Callable[[], None]:
     """One plain training step of ``module`` on a fixed batch: its weighted exit losses, backward, AdamW.
 

@@ -225,14 +225,13 @@ def identical(a: Any, b: Any) -> bool:
 def end_state(folder: Path) -> dict[str, Any]:
     """What must match between a resumed and an uninterrupted run: the last checkpoint's training state."""
     ckpt = read_checkpoint(folder / "checkpoints" / "last.ckpt")
-    hard = [v.get("hard_mask") for k, v in ckpt["callbacks"].items() if k.startswith("HardExampleMining")]
     return {
         "weights": ckpt["state_dict"],
         "optimizer": ckpt["optimizer_states"],
         "step": ckpt["global_step"],
         "epoch": ckpt["epoch"],
         "threshold": ckpt.get("routing_threshold"),
-        "hard_set": hard[0] if hard else None,
+        "hard_set": ckpt.get("hard_mask"),  # a phased module's own hard-token set
     }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import alternating_step_times, enter_phase2, fmt, summary, training_step_fn, write_results
+from benchmarks.common import alternating_step_times, fmt, summary, training_step_fn, write_results
 from lego_lightning import ASHEM, Stage, SupervisedExitLM
 from lego_lightning.model import flops
 
@@ -31,7 +31,7 @@ SIZES = {"research": dict(d_model=64, n_heads=4, batch=64), "layers_weigh_more":
 def phase2_module(vocab: int, d_model: int, n_heads: int) -> ASHEM:
     """An ASHEM module put in its phase-2 state, as the phase callbacks leave it."""
     module = ASHEM(vocab_size=vocab, d_model=d_model, n_heads=n_heads, max_seq_len=SEQ_LEN, grow_init="identity")
-    enter_phase2(module)  # loss only at the deep exit: ASHEM's phase-2 weights are [0, 1]
+    module.apply_phase(2)  # loss only at the deep exit: ASHEM's phase-2 weights are [0, 1]
     return module
 
 

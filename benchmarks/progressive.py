@@ -28,7 +28,6 @@ from benchmarks.common import (
     alternating_step_times,
     config_cli,
     direction,
-    enter_phase2,
     fmt,
     index_runs,
     resumed_runs,
@@ -75,7 +74,7 @@ def run_one(method: str, seed: int, patience: int, args: argparse.Namespace) -> 
         row[f"phase{phase}_s_per_epoch"] = seconds / len(entries)
     context = flops.mean_context(cli.datamodule.seq_len)
     cfg = module.config
-    weights = {1: module.phase_settings[1]["loss_weights"], 2: module.phase_settings[2]["loss_weights"]}
+    weights = {1: module.phase_loss_weights(1), 2: module.phase_loss_weights(2)}
     row["phase1_train_flops_per_token"] = flops.training_flops_per_token(cfg, weights[1], context).total
     row["phase2_train_flops_per_token"] = flops.training_flops_per_token(
         cfg, weights[2], context, frozen_layers=module.phase1_layers
@@ -106,7 +105,7 @@ def step_cost(data: Path, vocab_cap: int | None, rounds: int, per_round: int) ->
         if phase == 2:
             for module in modules.values():
                 module.zero_grad(set_to_none=True)  # phase 1's gradients would hide whether phase 2 makes any
-                enter_phase2(module)
+                module.apply_phase(2)
         torch.manual_seed(0)
         steps = {method: training_step_fn(module, x, y) for method, module in modules.items()}
         times = alternating_step_times(steps, rounds, per_round)

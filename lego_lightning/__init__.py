@@ -5,7 +5,16 @@ and loss-scaled learning rates, as PyTorch Lightning modules and callbacks.
 """
 
 from lego_lightning.model import ExitTransformer, Stage, TransformerConfig
-from lego_lightning.modules import ASHEM, ProgressiveExitLM, SupervisedExitLM
+from lego_lightning.modules import ASHEM, Phase, PhasedExitLM, ProgressiveExitLM, SupervisedExitLM
 
-__all__ = ["ASHEM", "ExitTransformer", "ProgressiveExitLM", "Stage", "SupervisedExitLM", "TransformerConfig"]
+__all__ = [
+    "ASHEM",
+    "ExitTransformer",
+    "Phase",
+    "PhasedExitLM",
+    "ProgressiveExitLM",
+    "Stage",
+    "SupervisedExitLM",
+    "TransformerConfig",
+]
 __version__ = "0.1.0"

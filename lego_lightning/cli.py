@@ -26,10 +26,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lego_lightning.callbacks.checkpoint import BestAndLastCheckpoint
+from lego_lightning.callbacks.checkpoint import DEFAULT_FILENAME, BestAndLastCheckpoint
 from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
 from lego_lightning.modules import SupervisedExitLM
+from lego_lightning.modules.phase import as_phase
 
 # Lightning's own names for a checkpoint it finds by itself (``registry:<name>`` too); anything else is a path.
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -187,7 +188,7 @@ class LegoCLI(LightningCLI):
                 "checkpoint.monitor": "val/ppl",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "best-{epoch}-{step}",
+                "checkpoint.filename": DEFAULT_FILENAME,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "lightning_logs", "default_hp_metric": False},
@@ -201,10 +202,23 @@ class LegoCLI(LightningCLI):
     # ----------------------------------------------------------------- before anything runs
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._check_phases(config)
         if self.checkpoint is not None:
             self._check_checkpoint_class(config)
             if self.subcommand == "fit":
                 self._log_on_in_the_checkpoints_version(config)
+
+    @staticmethod
+    def _check_phases(config: Any) -> None:
+        """A phase plan's errors name the phase (``model.init_args.phases[1].patience=-1 ...``), before anything is
+        built: jsonargparse would report the first bad ``Phase`` without saying which one it is."""
+        phases = getattr(getattr(config.get("model"), "init_args", None), "phases", None)
+        for i, phase in enumerate(phases or []):
+            fields = vars(phase) if hasattr(phase, "__dict__") else phase
+            try:
+                as_phase(dict(fields), i)
+            except ValueError as err:
+                raise ValueError(f"model.init_args.{err}") from None
 
     def _check_checkpoint_class(self, config: Any) -> None:
         """A checkpoint of another model class fails here, not on an argument that class does not take."""

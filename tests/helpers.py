@@ -150,7 +150,8 @@ class RankStateDump(Callback):
             "routing_threshold": getattr(pl_module, "routing_threshold", None),
         }
         (self.out_dir / f"rank{rank}.json").write_text(json.dumps(state))
-        masks = [cb.hard_mask for cb in trainer.callbacks if getattr(cb, "hard_mask", None) is not None]
+        holders = [pl_module, *trainer.callbacks]  # a phased module holds its own set; HardExampleMining its
+        masks = [h.hard_mask for h in holders if getattr(h, "hard_mask", None) is not None]
         if masks:
             torch.save(masks[0], self.out_dir / f"rank{rank}_hard_mask.pt")
 

@@ -1,5 +1,6 @@
 """Every config in configs/ runs through the real `lego` CLI on a tiny corpus."""
 
+import json
 import re
 from pathlib import Path
 
@@ -41,8 +42,20 @@ def expected_exits(model_spec: dict) -> tuple[int, ...]:
     args = model_spec["init_args"]
     if model_spec["class_path"] == "lego_lightning.SupervisedExitLM":
         return tuple(s["layers"][1] for s in args["stages"])
+    if model_spec["class_path"] == "lego_lightning.PhasedExitLM":
+        depths = [p["layers"] for p in args["phases"] if p.get("layers")]
+        phase1 = args.get("stages") or [{"layers": [1, depths[0]]}]
+        return (*(s["layers"][1] for s in phase1), *sorted(set(depths[1:]) - {depths[0]}))
     phase1 = args.get("stages") or [{"layers": [1, args["phase1_layers"]]}]
     return (*(s["layers"][1] for s in phase1), args["phase2_layers"])
+
+
+def one_epoch_phases(model_spec: dict) -> list[str]:
+    """Command-line overrides that end every phase after one epoch."""
+    args = model_spec["init_args"]
+    if "phases" in args:
+        return ["--model.phases", json.dumps([{**p, "max_epochs": 1} for p in args["phases"]])]
+    return ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1"]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -50,7 +63,7 @@ def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_p
     spec = yaml.safe_load((REPO / "configs" / config).read_text())
     model_spec = spec["model"]
     phased = model_spec["class_path"] != "lego_lightning.SupervisedExitLM"
-    extra = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1"] if phased else []
+    extra = one_epoch_phases(model_spec) if phased else []
     data_spec = yaml.safe_load((REPO / "configs" / spec["data"]).read_text())
     if model_spec["init_args"].get("warmup_steps"):
         extra += ["--model.warmup_steps", "1"]  # the tiny run has 4 steps
@@ -61,14 +74,17 @@ def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_p
     assert trainer.global_step == 4
     assert model.data_vocab_size == cli.datamodule.vocab_size  # linked, never typed
     assert model.config.exit_layers == expected_exits(model_spec)
+    validated = model.config.exit_layers  # the exits of the last validation
     if phased:
-        assert model.phase == 2
+        # One epoch per phase, two epochs: the second validation (in phase 2) ends phase 2 too.
+        assert model.phase == min(3, model.num_phases)
+        validated = model.plan[1].exits
     metrics = trainer.callback_metrics
-    for k in model.config.exit_layers:
+    for k in validated:
         assert torch.isfinite(metrics[f"val/exit{k}/ppl"])
     routed = model_spec["init_args"].get("routing_threshold") is not None or model_spec["class_path"].endswith("ASHEM")
     assert ("val/routed/ppl" in metrics) == routed
-    assert metrics["val/ppl"] == metrics["val/routed/ppl" if routed else f"val/exit{model.config.exit_layers[-1]}/ppl"]
+    assert metrics["val/ppl"] == metrics["val/routed/ppl" if routed else f"val/exit{validated[-1]}/ppl"]
     assert Path(trainer.checkpoint_callback.best_model_path).is_file()
     assert torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 4
 
@@ -204,6 +220,26 @@ def test_stages_and_threshold_from_the_command_line(corpus, tmp_path):
 def test_bad_input_fails_before_training(corpus, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         run("fit", "standard.yaml", corpus, tmp_path, *extra)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("phases", "message"),
+    [
+        ("[{layers: 3}, {layers: 4, patience: -1}]", r"model.init_args.phases\[1\].patience=-1 is not allowed"),
+        ("[{layers: 3}, {layers: 2}]", r"phases\[1\].layers=2 is smaller than the previous phase's 3"),
+        ("[{layers: 3}, {layers: 4, train: [layers 5-6]}]", r"phases\[1\].train: 'layers 5-6' names layers 5-6"),
+        ("[{layers: 3}, {layers: 4, tokens: hard, hard_ratio: 1.5}]", r"phases\[1\].hard_ratio=1.5 is not allowed"),
+        ("[{layers: 3}, {layers: 4, tokens: hard, hard_exit: 1}]", r"phases\[1\].hard_exit=1 is not an exit"),
+        ("[]", r"phases must hold at least one phase, got an empty list"),
+    ],
+)
+def test_a_bad_phase_plan_fails_before_training_with_the_phase_named(corpus, tmp_path, capsys, phases, message):
+    args = cli_args("fit", "progressive_unfreeze.yaml", corpus, tmp_path, "--model.phases", phases)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

@@ -11,6 +11,47 @@ from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_o
 from lego_lightning.model.exit_classifier import TARGETS, Target, train_exit_classifier
 
 
+def fit_exit_classifier(
+    trainer: L.Trainer, pl_module: L.LightningModule, target: Target, lr: float = 1e-3, epochs: int = 1
+) -> dict[int, dict[str, float]]:
+    """``epochs`` passes over the training batches that fit ``pl_module.exit_classifier`` with the model frozen.
+
+    Under DDP each rank takes every ``world_size``-th batch, the same number of steps, and
+    gradients are averaged, so every rank ends with the same classifier. Logged once:
+    ``exit_classifier/exit{k}_accuracy`` and ``exit_classifier/exit{k}_label_rate``.
+    """
+    loader = trainer.datamodule.train_dataloader()
+    steps = len(loader) // trainer.world_size  # the same number of steps on every rank
+
+    class Shard:  # iterable again for every epoch
+        def __iter__(self) -> Any:
+            shard = (b for i, b in enumerate(loader) if i % trainer.world_size == trainer.global_rank)
+            for _, batch in zip(range(steps), shard):
+                input_ids, targets = pl_module.model_inputs(batch)
+                yield input_ids.to(pl_module.device), targets.to(pl_module.device)
+
+    classifier = pl_module.exit_classifier
+    classifier.requires_grad_(True)
+    # A phase starts at a validation's end, which Lightning runs in inference mode.
+    with torch.inference_mode(False), torch.enable_grad():
+        stats = train_exit_classifier(
+            pl_module.model,
+            classifier,
+            Shard(),
+            target,
+            lr,
+            epochs=epochs,
+            reduce_gradients=lambda g: trainer.strategy.reduce(g, reduce_op="mean"),
+        )
+    classifier.requires_grad_(False)
+    metrics = {}
+    for k, v in stats.items():
+        metrics[f"exit_classifier/exit{k}_accuracy"] = v["accuracy"]
+        metrics[f"exit_classifier/exit{k}_label_rate"] = v["label_rate"]
+    log_once(trainer, metrics)
+    return stats
+
+
 class ExitClassifierTraining(PhaseTriggeredCallback):
     """``epochs`` passes over the training data that fit ``pl_module.exit_classifier``, the model frozen.
 
@@ -57,32 +98,4 @@ class ExitClassifierTraining(PhaseTriggeredCallback):
             self.applied = True
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.datamodule.train_dataloader()
-        steps = len(loader) // trainer.world_size  # the same number of steps on every rank
-
-        class Shard:  # iterable again for every epoch
-            def __iter__(self) -> Any:
-                shard = (b for i, b in enumerate(loader) if i % trainer.world_size == trainer.global_rank)
-                for _, batch in zip(range(steps), shard):
-                    input_ids, targets = pl_module.model_inputs(batch)
-                    yield input_ids.to(pl_module.device), targets.to(pl_module.device)
-
-        classifier = pl_module.exit_classifier
-        classifier.requires_grad_(True)
-        # A phase starts at a validation's end, which Lightning runs in inference mode.
-        with torch.inference_mode(False), torch.enable_grad():
-            self.stats = train_exit_classifier(
-                pl_module.model,
-                classifier,
-                Shard(),
-                self.target,
-                self.lr,
-                epochs=self.epochs,
-                reduce_gradients=lambda g: trainer.strategy.reduce(g, reduce_op="mean"),
-            )
-        classifier.requires_grad_(False)
-        metrics = {}
-        for k, v in self.stats.items():
-            metrics[f"exit_classifier/exit{k}_accuracy"] = v["accuracy"]
-            metrics[f"exit_classifier/exit{k}_label_rate"] = v["label_rate"]
-        log_once(trainer, metrics)
+        self.stats = fit_exit_classifier(trainer, pl_module, self.target, self.lr, self.epochs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -11,6 +12,50 @@ from torch.utils.data import DataLoader, Subset
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
 from lego_lightning.model.lean_loss import IGNORE_INDEX
+
+
+def only_hard_targets(targets: Tensor, hard: Tensor) -> Tensor:
+    """``targets`` with every token that is not ``hard`` set to -100 (no loss); sequences stay whole."""
+    return targets.masked_fill(~hard, IGNORE_INDEX)
+
+
+@torch.no_grad()
+def mine_hard_tokens(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    confidence: Callable[[Tensor], Tensor],
+    threshold: float,
+    batch_size: int = 256,
+) -> Tensor:
+    """``(N, T)`` bool: training tokens whose ``confidence(input_ids)`` is below ``threshold``, equal on every rank.
+
+    ``trainer.datamodule.train_dataset`` holds dicts with ``input_ids``, ``targets`` and
+    ``index``. Each rank scores every ``world_size``-th block and the marks are summed across
+    ranks, so every rank holds the set one process finds. A set without a hard token is an error.
+    """
+    dataset = trainer.datamodule.train_dataset
+    n = len(dataset)
+    shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
+    marks: Tensor | None = None
+    was_training = pl_module.training
+    pl_module.eval()
+    for batch in DataLoader(shard, batch_size=batch_size):
+        input_ids = batch["input_ids"].to(pl_module.device)
+        hard = (confidence(input_ids) < threshold) & (batch["targets"].to(pl_module.device) != IGNORE_INDEX)
+        if marks is None:
+            marks = torch.zeros(n, input_ids.shape[1], dtype=torch.int32, device=pl_module.device)
+        marks[batch["index"].to(pl_module.device)] = hard.int()
+    pl_module.train(was_training)
+    if marks is None:  # a rank with no block of its own still joins the sum
+        seq_len = dataset[0]["input_ids"].shape[0]
+        marks = torch.zeros(n, seq_len, dtype=torch.int32, device=pl_module.device)
+    mask = trainer.strategy.reduce(marks, reduce_op="sum").bool().cpu()
+    if not mask.any():
+        raise ValueError(
+            f"mining found no hard tokens: every training token has confidence >= {threshold}; raise the threshold "
+            "(or the calibration's hard_ratio)"
+        )
+    return mask
 
 
 class HardExampleMining(PhaseTriggeredCallback):
@@ -63,29 +108,6 @@ class HardExampleMining(PhaseTriggeredCallback):
                 "HardExampleMining needs trainer.datamodule.train_dataset (a dataset of dicts with an index)"
             )
 
-    @torch.no_grad()
-    def mine(self, trainer: L.Trainer, pl_module: L.LightningModule, threshold: float) -> Tensor:
-        """``(N, T)`` bool: training tokens whose confidence is below ``threshold``, the same on every rank."""
-        dataset = trainer.datamodule.train_dataset
-        n = len(dataset)
-        shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
-        marks: Tensor | None = None
-        was_training = pl_module.training
-        pl_module.eval()
-        for batch in DataLoader(shard, batch_size=self.batch_size):
-            input_ids = batch["input_ids"].to(pl_module.device)
-            hard = (pl_module.token_confidence(input_ids, self.exit_layer) < threshold) & (
-                batch["targets"].to(pl_module.device) != IGNORE_INDEX
-            )
-            if marks is None:
-                marks = torch.zeros(n, input_ids.shape[1], dtype=torch.int32, device=pl_module.device)
-            marks[batch["index"].to(pl_module.device)] = hard.int()
-        pl_module.train(was_training)
-        if marks is None:  # a rank with no block of its own still joins the sum
-            seq_len = dataset[0]["input_ids"].shape[0]
-            marks = torch.zeros(n, seq_len, dtype=torch.int32, device=pl_module.device)
-        return trainer.strategy.reduce(marks, reduce_op="sum").bool().cpu()
-
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         threshold = pl_module.routing_threshold
         if threshold is None:
@@ -93,15 +115,10 @@ class HardExampleMining(PhaseTriggeredCallback):
                 "HardExampleMining needs pl_module.routing_threshold; add QuantileThresholdCalibration before it "
                 "or set a threshold"
             )
-        self.hard_mask = self.mine(trainer, pl_module, threshold)
+        confidence = lambda input_ids: pl_module.token_confidence(input_ids, self.exit_layer)  # noqa: E731
+        self.hard_mask = mine_hard_tokens(trainer, pl_module, confidence, threshold, self.batch_size)
         self._device_mask = None
-        found = int(self.hard_mask.sum())
-        if found == 0:
-            raise ValueError(
-                f"HardExampleMining found no hard tokens: every training token has confidence >= {threshold}; "
-                "raise the threshold (or the calibration's hard_ratio)"
-            )
-        log_once(trainer, {f"{self.log_prefix}/hard_frac": found / self.hard_mask.numel()})
+        log_once(trainer, {f"{self.log_prefix}/hard_frac": float(self.hard_mask.float().mean())})
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -110,8 +127,7 @@ class HardExampleMining(PhaseTriggeredCallback):
         if self.hard_mask is not None:
             if self._device_mask is None or self._device_mask.device != batch["targets"].device:
                 self._device_mask = self.hard_mask.to(batch["targets"].device)  # once, not every step
-            hard = self._device_mask[batch["index"]]
-            batch["targets"] = batch["targets"].masked_fill(~hard, IGNORE_INDEX)
+            batch["targets"] = only_hard_targets(batch["targets"], self._device_mask[batch["index"]])
 
     @property
     def hard_frac(self) -> float | None:

@@ -16,10 +16,11 @@ class LayerExpansion(PhaseTriggeredCallback):
 
     Contract: the LightningModule has ``expand(init: str)``, which brings the next stage into
     use with ``init`` in :data:`~lego_lightning.model.transformer.GROW_INITS`; ``identity`` must leave the
-    model's outputs unchanged. :class:`~lego_lightning.modules.ProgressiveExitLM` and
-    :class:`~lego_lightning.modules.ASHEM` build that stage up front and initialise it here,
-    which keeps DDP valid. A module that adds layers instead must do so before DDP wraps it,
-    and rebuild its depth in ``on_load_checkpoint`` before weights load.
+    model's outputs unchanged. Building that stage up front and initialising it here (with
+    :meth:`~lego_lightning.model.ExitTransformer.init_stage`, what
+    :class:`~lego_lightning.modules.PhasedExitLM` does itself) keeps DDP valid. A module that
+    adds layers instead must do so before DDP wraps it, and rebuild its depth in
+    ``on_load_checkpoint`` before weights load.
 
     Logged once: ``growth/init`` (0 identity, 1 copy, 2 random) at the step it acts.
     """

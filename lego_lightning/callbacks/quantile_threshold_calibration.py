@@ -15,6 +15,7 @@ decades, neighbouring edges differ by 0.02%.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -61,6 +62,82 @@ def threshold_for_ratio(counts: Tensor, ratio: float, floor: float = FLOOR) -> f
     The fraction below ``t`` lies in ``[ratio, ratio + share of one bin)``.
     """
     return upper_edge(threshold_bin(counts, ratio), len(counts), floor)
+
+
+@torch.no_grad()
+def confidence_counts(
+    trainer: L.Trainer, pl_module: L.LightningModule, confidence: Callable[[Tensor], Tensor], bins: int
+) -> tuple[Tensor, float, float]:
+    """Histogram counts of held-out tokens' confidences, summed over all ranks, and their sum and sum of squares.
+
+    The tokens come from ``trainer.datamodule.calibration_dataloader()``, or ``val_dataloader()``
+    when the data module has no calibration split; each rank counts every ``world_size``-th
+    batch, and targets equal to -100 are left out. ``confidence(input_ids) -> (B, T)``.
+    """
+    datamodule = trainer.datamodule
+    loader_fn = getattr(datamodule, "calibration_dataloader", None) or datamodule.val_dataloader
+    counts = torch.zeros(bins, dtype=torch.long, device=pl_module.device)
+    moments = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+    was_training = pl_module.training
+    pl_module.eval()
+    for i, batch in enumerate(loader_fn()):
+        if i % trainer.world_size != trainer.global_rank:
+            continue
+        input_ids, targets = (t.to(pl_module.device) for t in unpack_batch(batch))
+        conf = confidence(input_ids)[targets != IGNORE_INDEX]
+        counts += confidence_histogram(conf, bins)
+        moments += torch.stack([conf.double().sum(), conf.double().pow(2).sum()])
+    pl_module.train(was_training)
+    counts = trainer.strategy.reduce(counts, reduce_op="sum")
+    moments = trainer.strategy.reduce(moments, reduce_op="sum")
+    return counts, float(moments[0]), float(moments[1])
+
+
+def calibrate_threshold(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    confidence: Callable[[Tensor], Tensor],
+    hard_ratio: float,
+    bins: int = 65_536,
+    log_prefix: str = "calibration",
+) -> float:
+    """The threshold with ``hard_ratio`` of held-out tokens below it, the same on every rank.
+
+    Logged once: ``{log_prefix}/threshold``, ``{log_prefix}/calibration_hard_frac`` and, with
+    TensorBoard, a histogram ``{log_prefix}/confidence``.
+    """
+    counts, total, squares = confidence_counts(trainer, pl_module, confidence, bins)
+    counts = counts.cpu()
+    index = threshold_bin(counts, hard_ratio)
+    threshold = upper_edge(index, bins)
+    n = int(counts.sum())
+    below = int(counts[: index + 1].sum())
+    log_once(trainer, {f"{log_prefix}/threshold": threshold, f"{log_prefix}/calibration_hard_frac": below / n})
+    _log_histogram(trainer, f"{log_prefix}/confidence", counts, n, total, squares)
+    return threshold
+
+
+def _log_histogram(trainer: L.Trainer, tag: str, counts: Tensor, n: int, total: float, squares: float) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    bins = len(counts)
+    nonzero = torch.nonzero(counts).flatten()
+    if not trainer.is_global_zero or len(nonzero) == 0:
+        return
+    lo, hi = int(nonzero[0]), int(nonzero[-1])
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram_raw(
+                tag,
+                min=upper_edge(lo - 1, bins) if lo else 0.0,
+                max=upper_edge(hi, bins),
+                num=n,
+                sum=total,
+                sum_squares=squares,
+                bucket_limits=[upper_edge(i, bins) for i in range(lo, hi + 1)],
+                bucket_counts=counts[lo : hi + 1].tolist(),
+                global_step=logging_step(trainer),
+            )
 
 
 class QuantileThresholdCalibration(PhaseTriggeredCallback):
@@ -117,61 +194,16 @@ class QuantileThresholdCalibration(PhaseTriggeredCallback):
         if self.every_validation:
             self.apply(trainer, pl_module)
 
-    @torch.no_grad()
-    def histogram(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, float, float]:
-        """Summed counts over all ranks, and the sum and sum of squares of the confidences."""
-        datamodule = trainer.datamodule
-        loader_fn = getattr(datamodule, "calibration_dataloader", None) or datamodule.val_dataloader
-        counts = torch.zeros(self.bins, dtype=torch.long, device=pl_module.device)
-        moments = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        for i, batch in enumerate(loader_fn()):
-            if i % trainer.world_size != trainer.global_rank:
-                continue
-            input_ids, targets = (t.to(pl_module.device) for t in unpack_batch(batch))
-            conf = pl_module.token_confidence(input_ids, self.exit_layer)[targets != IGNORE_INDEX]
-            counts += confidence_histogram(conf, self.bins)
-            moments += torch.stack([conf.double().sum(), conf.double().pow(2).sum()])
-        pl_module.train(was_training)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        moments = trainer.strategy.reduce(moments, reduce_op="sum")
-        return counts, float(moments[0]), float(moments[1])
-
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts, total, squares = self.histogram(trainer, pl_module)
-        counts = counts.cpu()
-        index = threshold_bin(counts, self.hard_ratio)
-        self.threshold = upper_edge(index, self.bins)
-        pl_module.routing_threshold = self.threshold
-        n = int(counts.sum())
-        below = int(counts[: index + 1].sum())
-        log_once(
+        self.threshold = calibrate_threshold(
             trainer,
-            {f"{self.log_prefix}/threshold": self.threshold, f"{self.log_prefix}/calibration_hard_frac": below / n},
+            pl_module,
+            lambda input_ids: pl_module.token_confidence(input_ids, self.exit_layer),
+            self.hard_ratio,
+            self.bins,
+            self.log_prefix,
         )
-        self._log_histogram(trainer, counts, n, total, squares)
-
-    def _log_histogram(self, trainer: L.Trainer, counts: Tensor, n: int, total: float, squares: float) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        nonzero = torch.nonzero(counts).flatten()
-        if not trainer.is_global_zero or len(nonzero) == 0:
-            return
-        lo, hi = int(nonzero[0]), int(nonzero[-1])
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram_raw(
-                    f"{self.log_prefix}/confidence",
-                    min=upper_edge(lo - 1, self.bins) if lo else 0.0,
-                    max=upper_edge(hi, self.bins),
-                    num=n,
-                    sum=total,
-                    sum_squares=squares,
-                    bucket_limits=[upper_edge(i, self.bins) for i in range(lo, hi + 1)],
-                    bucket_counts=counts[lo : hi + 1].tolist(),
-                    global_step=logging_step(trainer),
-                )
+        pl_module.routing_threshold = self.threshold
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "threshold": self.threshold}

@@ -1,16 +1,15 @@
 """``ASHEM``: Adaptive Supervision via Hard Example Mining (SEEDS.md section 2), end to end in one ``fit``.
 
-Phase 1 trains a shallow model. When its validation perplexity stops improving,
-:class:`~lego_lightning.callbacks.PerplexityEarlyStopping` restores its best weights and
-starts phase 2; right after, at the end of that validation, run in order:
-:class:`~lego_lightning.callbacks.QuantileThresholdCalibration` (the shallow exit's max-prob
-threshold at ``hard_ratio`` on held-out tokens), :class:`~lego_lightning.callbacks.HardExampleMining`
-(every training token below it), :class:`~lego_lightning.callbacks.LayerExpansion` (the deep
-layers, identity-initialised by default, and the deep exit's head copied from the shallow
-one) and :class:`~lego_lightning.callbacks.LayerFreeze` (embeddings, shallow layers, shallow
-exit). Phase 2 trains the deep layers and exit at a tenth of the learning rate, on whole
-sequences with the loss on hard tokens only. Validation in phase 2 reports both exits and
-the routed two-stage model.
+A preset of :class:`~lego_lightning.modules.PhasedExitLM` with two phases. Phase 1 trains a
+shallow model. When its validation perplexity stops improving, phase 2 starts
+(:meth:`~lego_lightning.modules.PhasedExitLM.enter_phase`, in this order): phase 1's best
+weights come back; with ``confidence="learned"`` the shallow exit's classifier is fitted; the
+shallow exit's max-prob threshold is calibrated at ``hard_ratio`` on held-out tokens; every
+training token below it is mined; the deep layers grow (identity-initialised by default, the
+deep exit's head copied from the shallow one); the embeddings, shallow layers and shallow exit
+freeze. Phase 2 trains the deep layers and exit at a tenth of the learning rate, on whole
+sequences with the loss on hard tokens only. Validation in phase 2 reports both exits and the
+routed two-stage model.
 
 What the research did differently, kept as options so its effect can be measured:
 ``head_sharing="shared"`` with ``freeze_shallow_exit=False`` trains the shared head in phase 2
@@ -22,20 +21,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
 from typing import Any, Literal
 
-from lightning.pytorch.callbacks import Callback
-from torch import Tensor
-
-from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.transformer import GrowInit
-from lego_lightning.modules.progressive import ProgressiveExitLM
+from lego_lightning.modules.optim import Schedule
+from lego_lightning.modules.phase import CONTEXTS
+from lego_lightning.modules.phased import PhasedExitLM
+from lego_lightning.modules.progressive import two_phase_plan
 
-CONTEXTS = ("full", "none")
 
-
-class ASHEM(ProgressiveExitLM):
+class ASHEM(PhasedExitLM):
     """Shallow model, hard-token mining, growth, frozen lower layers, two-stage routed inference.
 
     Args:
@@ -87,6 +82,10 @@ class ASHEM(ProgressiveExitLM):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
+        scheduler: Schedule = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        loss_chunk_size: int | None = 1024,
     ) -> None:
         if isinstance(hard_ratio, bool) or not isinstance(hard_ratio, (int, float)) or not 0.0 < hard_ratio < 1.0:
             raise ValueError(f"ASHEM.hard_ratio must be in (0, 1), got {hard_ratio!r}")
@@ -97,10 +96,26 @@ class ASHEM(ProgressiveExitLM):
                 f"ASHEM.freeze_shallow_exit=True needs head_sharing='separate', got {head_sharing!r}: with one shared "
                 "head, training the deep exit changes the shallow exit too"
             )
+        phases = two_phase_plan(
+            phase1_layers,
+            phase2_layers,
+            [phase1_layers],
+            None,
+            grow_init,
+            not freeze_shallow_exit and head_sharing == "separate",
+            phase2_lr_scale,
+            phase1_max_epochs,
+            phase2_max_epochs,
+            phase1_patience,
+            phase2_patience,
+            tokens="hard",
+            hard_ratio=float(hard_ratio),
+            hard_exit=phase1_layers,
+            context=phase2_context,
+        )
         super().__init__(
+            phases=phases,
             vocab_size=vocab_size,
-            phase1_layers=phase1_layers,
-            phase2_layers=phase2_layers,
             d_model=d_model,
             n_heads=n_heads,
             d_ff=d_ff,
@@ -109,21 +124,19 @@ class ASHEM(ProgressiveExitLM):
             positions=positions,
             head_sharing=head_sharing,
             tie_embeddings=tie_embeddings,
-            phase2_loss_weights=[0.0, 1.0],
-            grow_init=grow_init,
-            freeze_old_heads=freeze_shallow_exit,
-            phase2_lr_scale=phase2_lr_scale,
-            phase1_max_epochs=phase1_max_epochs,
-            phase2_max_epochs=phase2_max_epochs,
-            phase1_patience=phase1_patience,
-            phase2_patience=phase2_patience,
             confidence=confidence,
+            calibration_bins=calibration_bins,
             lr=lr,
             weight_decay=weight_decay,
             betas=betas,
+            scheduler=scheduler,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            loss_chunk_size=loss_chunk_size,
         )
+        self.phase1_layers = phase1_layers
+        self.grow_init = grow_init
         self.hard_ratio = float(hard_ratio)
-        self.calibration_bins = calibration_bins
         self.phase2_context = phase2_context
         self._save_plain_hyperparameters(inspect.currentframe())
 
@@ -135,58 +148,7 @@ class ASHEM(ProgressiveExitLM):
     def deep_exit(self) -> int:
         return self.config.n_layers
 
-    def configure_callbacks(self) -> list[Callback]:
-        from lego_lightning.callbacks import ExitClassifierTraining, HardExampleMining, QuantileThresholdCalibration
-
-        early_stopping, *growth = super().configure_callbacks()
-        # With confidence="learned" the shallow exit's classifier learns, from the phase-1 model,
-        # whether that exit's top token is right (there is no deeper exit yet to agree with).
-        learned = [ExitClassifierTraining(target="correct", at_phase=2)] if self.exit_classifier is not None else []
-        return [
-            early_stopping,  # ends phase 1; the callbacks below act right after it, in this order
-            *learned,
-            QuantileThresholdCalibration(
-                self.hard_ratio,
-                exit_layer=self.shallow_exit,
-                bins=self.calibration_bins,
-                at_phase=2,
-                log_prefix="ashem",
-            ),
-            HardExampleMining(exit_layer=self.shallow_exit, at_phase=2, log_prefix="ashem"),
-            *growth,
-        ]
-
-    # ------------------------------------------------------------- the research's no-context variant
-    def _deep_without_context(self, shallow_hidden: Tensor) -> Tensor:
-        """Deep layers on each token's shallow state alone, as a length-1 sequence: ``(N, D) -> (N, D)``."""
-        x = shallow_hidden.unsqueeze(1)
-        for block in self.model.blocks[self.shallow_exit :]:
-            x = block(x, self.model.rotary)
-        return x.squeeze(1)
-
-    def exit_hidden_states(self, input_ids: Tensor, exit_layers: Sequence[int]) -> dict[int, Tensor]:
-        if self.phase2_context == "full" or self.deep_exit not in exit_layers:
-            return super().exit_hidden_states(input_ids, exit_layers)
-        shallow = super().exit_hidden_states(input_ids, [self.shallow_exit])[self.shallow_exit]
-        deep = self._deep_without_context(shallow.flatten(0, 1)).view_as(shallow)
-        return {k: {self.shallow_exit: shallow, self.deep_exit: deep}[k] for k in exit_layers}
-
-    def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
-        if self.phase2_context == "full" or self.phase < 2:
-            return super().exit_losses(input_ids, targets)
-        # Only the mined tokens go through the deep layers, each alone (the research's cached states).
-        shallow = super().exit_hidden_states(input_ids, [self.shallow_exit])[self.shallow_exit].flatten(0, 1)
-        flat_targets = targets.flatten()
-        hard = flat_targets != IGNORE_INDEX
-        deep = self._deep_without_context(shallow[hard])
-        return {self.deep_exit: self.exit_loss(self.deep_exit, deep, flat_targets[hard])}
-
     # ---------------------------------------------------------------------------- checkpoints, report
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if checkpoint.get("routing_threshold") is not None:
-            self.routing_threshold = checkpoint["routing_threshold"]  # calibrated in phase 2
-
     def summary_table(self, metrics: dict[str, Any]) -> str:
         """The end-of-run report: every exit, hard and easy tokens, the routed model, its compute."""
         m = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}

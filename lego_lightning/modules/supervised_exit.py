@@ -404,9 +404,13 @@ class SupervisedExitLM(L.LightningModule):
 
         return [RandomStateCheckpoint()]
 
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: one per stage and weight-decay setting (:func:`.optim.param_groups`)."""
+        return param_groups(self.model, self.optim_settings["lr"], self.optim_settings["weight_decay"])
+
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optim_settings
-        optimizer = AdamW(param_groups(self.model, opt["lr"], opt["weight_decay"]), lr=opt["lr"], betas=opt["betas"])
+        optimizer = AdamW(self.optimizer_param_groups(), lr=opt["lr"], betas=opt["betas"])
         total = None if opt["scheduler"] == "constant" else self.trainer.estimated_stepping_batches
         schedule = WarmupSchedule(opt["scheduler"], opt["warmup_steps"], total, opt["min_lr_ratio"])
         return {

@@ -119,7 +119,7 @@ class PhasedCurve(ScriptedCurve):
     def has_next_phase(self):
         return self.phase == 1
 
-    def advance_phase(self, trainer):
+    def advance_phase(self, trainer, best_weights=None, why=""):
         self.advanced_at.append(trainer.current_epoch)
         self.phase, self.phase_start_epoch = 2, trainer.current_epoch + 1
 

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.testing import assert_close
 
 from lego_lightning import ASHEM
-from lego_lightning.callbacks import HardExampleMining
+from lego_lightning.callbacks import BestAndLastCheckpoint
 from tests.helpers import TINY_PHASED, quiet_trainer, synthetic, tiny_ashem
 
 FROZEN = ("model.tok_emb.", "model.pos_emb.", "model.blocks.0.", "model.blocks.1.", "model.heads.0.")
@@ -82,8 +82,7 @@ def test_one_fit_runs_both_phases_with_growth_freezing_and_a_lower_lr(tmp_path):
     trainer.fit(module, dm)
     assert module.phase == 2 and trainer.current_epoch == 4  # 2 epochs per phase, then the module stops the run
     assert module.routing_threshold is not None and 0 < module.routing_threshold < 1
-    mining = next(cb for cb in trainer.callbacks if isinstance(cb, HardExampleMining))
-    assert mining.hard_mask.shape == (64, 16) and 0 < mining.hard_frac < 1
+    assert module.hard_mask.shape == (64, 16) and 0 < module.hard_mask.float().mean() < 1
     for name, param in module.named_parameters():
         assert param.requires_grad == (not name.startswith(FROZEN)), name
     lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
@@ -125,28 +124,30 @@ def test_research_variant_shared_head_lets_the_shallow_exit_drift(tmp_path):
     assert "val/exit4/ppl" in quiet_trainer(tmp_path).validate(module, dm, verbose=False)[0]
 
 
-class TargetRecorder(Callback):
-    def __init__(self):
+class TargetRecorder(ASHEM):
+    """ASHEM that records, at each training step, the targets its loss sees (after its own hard-token mask)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.seen = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen.append((pl_module.phase, batch["index"].clone(), batch["targets"].clone()))
+    def training_step(self, batch, batch_idx):
+        self._index = batch["index"].clone()
+        return super().training_step(batch, batch_idx)
+
+    def exit_losses(self, input_ids, targets):
+        self.seen.append((self.phase, self._index, targets.clone()))
+        return super().exit_losses(input_ids, targets)
 
 
 def test_phase2_loss_covers_only_hard_tokens_with_whole_sequences(tmp_path):
     torch.manual_seed(0)
-    module, dm = tiny_ashem(), synthetic()
-    recorder = TargetRecorder()
-
-    class Recorded(type(module)):
-        def configure_callbacks(self):
-            return [*super().configure_callbacks(), recorder]  # after the mining callback masks the batch
-
-    module.__class__ = Recorded
+    module, dm = TargetRecorder(**TINY_PHASED), synthetic()
     trainer = quiet_trainer(tmp_path, max_epochs=-1)
     trainer.fit(module, dm)
-    mask = next(cb for cb in trainer.callbacks if isinstance(cb, HardExampleMining)).hard_mask
+    mask = module.hard_mask
     original = dm.splits["train"].targets
+    recorder = module
     phase2 = [(i, t) for phase, i, t in recorder.seen if phase == 2]
     assert phase2
     for index, targets in phase2:
@@ -165,18 +166,19 @@ def test_checkpoints_of_both_phases_load_with_weights_only(tmp_path):
         state = torch.load(path, weights_only=True)
         phases[state["epoch"]] = state["phase"]["phase"]
     assert phases == {0: 1, 1: 2, 2: 2, 3: 2}  # epoch 1 ends phase 1; its checkpoint already says phase 2
-    # ...and already holds phase 2's model: calibrated, mined, grown (identity) and frozen.
+    # ...and already holds phase 2's model: calibrated, mined, grown (identity), with phase 2's loss weights.
     boundary = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
     assert boundary["routing_threshold"] is not None
-    applied = {key.split("{")[0]: value.get("applied") for key, value in boundary["callbacks"].items()}
-    assert applied["HardExampleMining"] and applied["LayerExpansion"] and applied["LayerFreeze"]
+    assert boundary["hard_mask"].shape == (64, 16) and boundary["hard_mask"].any()
+    assert boundary["exit_loss_weights"] == [0.0, 1.0]
     assert boundary["state_dict"]["model.blocks.2.mlp.proj.weight"].abs().sum() == 0
 
 
 def run_to_end(tmp_path, max_epochs, ckpt_path=None):
     torch.manual_seed(0)
     module = tiny_ashem(phase1_max_epochs=2, phase2_max_epochs=3)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    # The phase's best checkpoint is kept: a resumed phase restores its best weights from it at its end.
+    ckpt = BestAndLastCheckpoint(dirpath=tmp_path, monitor="val/ppl", save_last=True)
     trainer = quiet_trainer(
         tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=[ckpt], deterministic=True
     )

@@ -1,0 +1,502 @@
+"""``PhasedExitLM``: train a model through a plan of phases, in one ``fit``.
+
+Each phase is a :class:`~lego_lightning.modules.phase.Phase`: its depth, its exits' loss
+weights, what trains and at which learning rates, and which tokens carry the loss. When
+:class:`~lego_lightning.callbacks.PerplexityEarlyStopping` finds a phase over (patience or
+epoch limit), it hands the phase's best weights to :meth:`PhasedExitLM.advance_phase`, and
+:meth:`PhasedExitLM.enter_phase` does everything a phase change means, in this order, in one
+place: restore the best weights, fit the learned exit classifier (when the phase needs it),
+calibrate a threshold and mine the hard tokens (``tokens="hard"``), initialise the grown
+layers, set the loss weights, freeze and unfreeze, set every parameter group's learning rate
+(in the optimizer and its scheduler, so checkpoints carry it), log and print the change.
+
+The hard-token set lives in the module (``hard_mask``, saved in checkpoints) and its own
+training step applies it; no callback changes a batch.
+
+Every layer the plan will reach is built up front: DDP cannot see modules added after it wraps
+the model (DESIGN.md, known traps), so growth initialises a stage that was there, unused, all
+along. Every weight the plan ever trains still requires a gradient when DDP wraps the model
+(it then registers them all); each phase's freeze is applied after, at ``on_train_start`` and
+at each phase change. A plan of more than one phase needs
+``strategy="ddp_find_unused_parameters_true"`` under DDP.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lego_lightning.callbacks.exit_classifier_training import fit_exit_classifier
+from lego_lightning.callbacks.hard_example_mining import mine_hard_tokens, only_hard_targets
+from lego_lightning.callbacks.phase_trigger import log_once
+from lego_lightning.callbacks.quantile_threshold_calibration import calibrate_threshold
+from lego_lightning.model.confidence import get_confidence
+from lego_lightning.model.config import Stage, as_stage, validate_stages
+from lego_lightning.model.lean_loss import IGNORE_INDEX
+from lego_lightning.model.transformer import GROW_INITS
+from lego_lightning.modules.optim import Schedule
+from lego_lightning.modules.phase import Phase, ResolvedPhase, Unit, as_phase, grown_stage_ends, resolve_plan
+from lego_lightning.modules.supervised_exit import SupervisedExitLM
+
+
+class PhasedExitLM(SupervisedExitLM):
+    """An exit transformer trained through a list of :class:`~lego_lightning.modules.phase.Phase`.
+
+    Args:
+        phases: the plan; the first phase needs ``layers``. In a YAML config,
+            ``model.init_args.phases``, a list of mappings with the fields of ``Phase``.
+        stages: the first phase's stages over its ``layers`` (default one stage, one exit);
+            each later phase that grows adds one stage with an exit after its last layer.
+        calibration_bins: histogram resolution of hard-token thresholds.
+        log_prefix: the folder of the phase's own logs (default ``phases``; the presets use
+            ``progressive`` and ``ashem``).
+
+    The other arguments are :class:`SupervisedExitLM`'s; ``n_layers`` is the plan's deepest
+    phase. Logged: ``{log_prefix}/phase`` every epoch; when a phase with hard tokens starts,
+    ``{log_prefix}/threshold``, ``{log_prefix}/calibration_hard_frac``, ``{log_prefix}/hard_frac``
+    and a histogram ``{log_prefix}/confidence``; when a phase grows, ``growth/init`` (0
+    identity, 1 copy, 2 random); ``phase/ended_at_epoch`` from the early-stopping callback.
+    """
+
+    log_prefix = "phases"
+
+    def __init__(
+        self,
+        phases: list[Phase],
+        vocab_size: int = 256,
+        d_model: int = 64,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        max_seq_len: int = 256,
+        dropout: float = 0.0,
+        positions: str = "learned",
+        head_sharing: str = "shared",
+        tie_embeddings: bool = False,
+        stages: Sequence[Stage] | None = None,
+        routing_threshold: float | None = None,
+        confidence: str = "max_prob",
+        calibration_bins: int = 65_536,
+        log_prefix: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        scheduler: Schedule = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        objective: str = "causal",
+        mask_prob: float = 0.15,
+        loss_chunk_size: int | None = 1024,
+    ) -> None:
+        if isinstance(phases, (str, Mapping)) or not isinstance(phases, Sequence):
+            raise TypeError(f"phases must be a list of Phase (or mappings), got {type(phases).__name__}")
+        plan = [as_phase(p, i) for i, p in enumerate(phases)]
+        if not plan:
+            raise ValueError("phases must hold at least one phase, got an empty list")
+        if plan[0].layers is None:
+            raise ValueError("phases[0].layers=None is not allowed: the first phase needs its depth, e.g. layers: 2")
+        if not isinstance(calibration_bins, int) or calibration_bins < 2:
+            raise ValueError(f"calibration_bins must be an integer >= 2, got {calibration_bins!r}")
+        first_depth = plan[0].layers
+        first = validate_stages([as_stage(s) for s in stages or [Stage((1, first_depth))]], first_depth)
+        grown, depth = [], first_depth
+        for end in grown_stage_ends(plan):
+            grown.append(Stage((depth + 1, end), loss_weight=0.0))
+            depth = end
+        super().__init__(
+            vocab_size=vocab_size,
+            n_layers=depth,
+            d_model=d_model,
+            n_heads=n_heads,
+            d_ff=d_ff,
+            max_seq_len=max_seq_len,
+            dropout=dropout,
+            positions=positions,
+            head_sharing=head_sharing,
+            tie_embeddings=tie_embeddings,
+            stages=[*first, *grown],
+            routing_threshold=routing_threshold,
+            confidence=confidence,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=betas,
+            scheduler=scheduler,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            objective=objective,
+            mask_prob=mask_prob,
+            loss_chunk_size=loss_chunk_size,
+        )
+        self.plan: list[ResolvedPhase] = resolve_plan(
+            plan,
+            self.config.exit_layers,
+            [s.loss_weight for s in self.config.stages],
+            learned_confidence=confidence == "learned",
+            causal=self.config.causal,
+        )
+        self._units = self._unit_parameters()
+        for r in self.plan:
+            if not any(self._units[u] & self._trainable_ids for u in r.trained):
+                raise ValueError(
+                    f"phases[{r.index}].train={r.phase.train} trains nothing: those parts are in stages with "
+                    "trainable: false"
+                )
+        self.calibration_bins = calibration_bins
+        if log_prefix is not None:
+            self.log_prefix = log_prefix
+        self.phase = 1
+        self.phase_start_epoch = 0
+        self.hard_mask: Tensor | None = None  # (training blocks, T) bool, set by a phase with hard tokens
+        self._device_mask: Tensor | None = None
+        self.exit_classifier_stats: dict[int, dict[str, float]] = {}  # per exit, from the last fit
+        self.exit_loss_weights = self._loss_weights(self.plan[0])
+        self._save_plain_hyperparameters(inspect.currentframe())
+
+    def _save_plain_hyperparameters(self, frame: Any) -> None:
+        super()._save_plain_hyperparameters(frame)
+        if self.hparams.get("phases"):
+            self.hparams["phases"] = [as_phase(p, i).to_dict() for i, p in enumerate(self.hparams["phases"])]
+
+    # ---------------------------------------------------------------------------- the plan
+    @property
+    def num_phases(self) -> int:
+        return len(self.plan)
+
+    @property
+    def current(self) -> ResolvedPhase:
+        """The running phase, resolved (depth, exits, loss weights, what trains)."""
+        return self.plan[self.phase - 1]
+
+    @property
+    def phase_max_epochs(self) -> int:
+        return self.current.phase.max_epochs
+
+    @property
+    def phase_patience(self) -> int:
+        return self.current.phase.patience
+
+    @property
+    def phase_min_delta(self) -> float:
+        return self.current.phase.min_delta
+
+    def has_next_phase(self) -> bool:
+        return self.phase < self.num_phases
+
+    @property
+    def eval_exit_layers(self) -> tuple[int, ...]:
+        """The exits of the running phase's depth (a grown exit joins when its phase starts)."""
+        return self.current.exits
+
+    def _loss_weights(self, r: ResolvedPhase) -> list[float]:
+        return [r.loss_weights.get(k, 0.0) for k in self.config.exit_layers]
+
+    def phase_loss_weights(self, number: int) -> list[float]:
+        """The loss weight of every exit (shallowest first) in phase ``number`` (1-based)."""
+        return self._loss_weights(self.plan[number - 1])
+
+    def _unit_parameters(self) -> dict[Unit, set[int]]:
+        """The ids of the parameters in each trainable part (a shared or tied weight is in several)."""
+        model = self.model
+        embedding = [model.tok_emb] + ([model.pos_emb] if model.pos_emb is not None else [])
+        units: dict[Unit, set[int]] = {("embedding",): {id(p) for m in embedding for p in m.parameters()}}
+        for i, block in enumerate(model.blocks, start=1):
+            units[("layer", i)] = {id(p) for p in block.parameters()}
+        for k in self.config.exit_layers:
+            units[("exit", k)] = {id(p) for p in model.head(k).parameters()}
+        return units
+
+    @property
+    def _trainable_ids(self) -> set[int]:
+        """Parameters of stages with ``trainable: true`` (the others never train, in any phase)."""
+        trainable = [s.trainable for s in self.config.stages]
+        return {id(p) for stage, _, p in self.model.named_stage_parameters() if trainable[stage]}
+
+    def _lr_scales(self, r: ResolvedPhase) -> dict[int, float]:
+        """Each trained parameter's learning-rate scale in phase ``r`` (the first part that names it wins)."""
+        scales: dict[int, float] = {}
+        for unit, scale in r.trained.items():
+            for pid in self._units[unit]:
+                scales.setdefault(pid, scale)
+        return scales
+
+    def set_trainable(self) -> None:
+        """``requires_grad`` as the running phase says: what it trains, and nothing else of the model."""
+        trained = set(self._lr_scales(self.current)) & self._trainable_ids
+        for param in self.model.parameters():
+            param.requires_grad_(id(param) in trained)
+
+    # ------------------------------------------------------------------------- entering a phase
+    def apply_phase(self, number: int) -> None:
+        """The trainer-free part of :meth:`enter_phase`: phase ``number``'s loss weights, its grown layers
+        initialised, and its freeze. What a caller without a Trainer (a timed step) needs."""
+        self.phase = number
+        r = self.current
+        self.exit_loss_weights = self._loss_weights(r)
+        if r.depth > r.previous_depth:
+            self.model.init_stage(self.model.stage_index(r.depth), r.phase.grow_init)
+        self.set_trainable()
+
+    def advance_phase(
+        self, trainer: L.Trainer, best_weights: Mapping[str, Tensor] | None = None, why: str = ""
+    ) -> None:
+        """The phase protocol of :class:`~lego_lightning.callbacks.PerplexityEarlyStopping`: enter the next phase."""
+        if not self.has_next_phase():
+            raise RuntimeError(f"{type(self).__name__} has no phase after phase {self.phase}")
+        self.enter_phase(self.phase + 1, trainer, best_weights, why)
+
+    def enter_phase(
+        self, number: int, trainer: L.Trainer, best_weights: Mapping[str, Tensor] | None = None, why: str = ""
+    ) -> None:
+        """Everything a phase change does, in order (module docstring). ``why`` says why the last one ended."""
+        if best_weights is not None:
+            self.load_state_dict(best_weights)
+        ended = self.phase
+        self.phase = number
+        self.phase_start_epoch = trainer.current_epoch + 1
+        r = self.current
+        self.exit_loss_weights = self._loss_weights(r)
+        self._set_learning_rates(trainer)
+        if r.fit_classifier:
+            # The exit's classifier learns whether its top token is right (no deeper exit is trained yet).
+            self.exit_classifier_stats = fit_exit_classifier(trainer, self, target="correct")
+        threshold = None
+        if r.phase.tokens == "hard":
+            assert r.hard_exit is not None
+            confidence = self._mining_confidence(r)
+            threshold = calibrate_threshold(
+                trainer, self, confidence, r.phase.hard_ratio, self.calibration_bins, self.log_prefix
+            )
+            if r.phase.confidence is None:  # the routing measure: route with the calibrated threshold
+                self.routing_threshold = threshold
+            self.hard_mask = mine_hard_tokens(trainer, self, confidence, threshold)
+            log_once(trainer, {f"{self.log_prefix}/hard_frac": float(self.hard_mask.float().mean())})
+        else:
+            self.hard_mask = None
+        self._device_mask = None
+        if r.depth > r.previous_depth:
+            self.model.init_stage(self.model.stage_index(r.depth), r.phase.grow_init)
+            log_once(trainer, {"growth/init": float(GROW_INITS.index(r.phase.grow_init))})
+        self.set_trainable()
+        rank_zero_info(self.describe_phase(ended, why, threshold, trainer))
+
+    def _mining_confidence(self, r: ResolvedPhase) -> Callable[[Tensor], Tensor]:
+        k = r.hard_exit
+        if r.phase.confidence is None:
+            return lambda input_ids: self.token_confidence(input_ids, k)
+        measure = get_confidence(r.phase.confidence)
+        return lambda input_ids: measure(self.model.head(k)(self.exit_hidden_states(input_ids, [k])[k]))
+
+    def _set_learning_rates(self, trainer: L.Trainer) -> None:
+        """Each group at ``lr * stage lr_scale * phase lr_scale``, in the optimizer and its scheduler."""
+        r = self.current
+        scales = self._lr_scales(r)
+        lr = self.optim_settings["lr"]
+        for optimizer in trainer.optimizers:
+            bases = []
+            for group in optimizer.param_groups:
+                base = lr * group.get("lr_scale", 1.0) * scales.get(id(group["params"][0]), r.default_lr_scale)
+                group["initial_lr"] = base
+                bases.append(base)
+            for config in trainer.lr_scheduler_configs:
+                scheduler = config.scheduler
+                if scheduler.optimizer is not optimizer:
+                    continue
+                scheduler.base_lrs = list(bases)
+                lambdas = getattr(scheduler, "lr_lambdas", None)
+                for i, group in enumerate(optimizer.param_groups):
+                    factor = lambdas[i](scheduler.last_epoch) if lambdas else 1.0
+                    group["lr"] = bases[i] * factor
+            if not trainer.lr_scheduler_configs:
+                for group, base in zip(optimizer.param_groups, bases):
+                    group["lr"] = base
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The stage groups, each split where the plan gives its parts different rates in some phase."""
+        groups = []
+        signatures = [self._lr_scales(r) for r in self.plan]
+        for group in super().optimizer_param_groups():
+            split: dict[tuple[float, ...], list] = {}
+            for param in group["params"]:
+                key = tuple(s.get(id(param), r.default_lr_scale) for s, r in zip(signatures, self.plan))
+                split.setdefault(key, []).append(param)
+            if len(split) == 1:
+                groups.append(group)
+                continue
+            for n, params in enumerate(split.values()):
+                groups.append({**group, "params": params, "name": f"{group['name']}/{n}"})
+        return groups
+
+    def describe_phase(self, ended: int, why: str, threshold: float | None, trainer: L.Trainer) -> str:
+        """The short block printed when a phase starts: why the last ended, the threshold, depth, freeze and rates."""
+        r = self.current
+        lines = [f"Phase {ended}/{self.num_phases} ended{': ' + why if why else ''}."]
+        if threshold is not None:
+            assert self.hard_mask is not None
+            lines.append(
+                f"  hard tokens: threshold {threshold:.4g} at exit {r.hard_exit} (hard_ratio {r.phase.hard_ratio}), "
+                f"{float(self.hard_mask.float().mean()):.1%} of the training tokens"
+            )
+        grown = (
+            f", layers {r.previous_depth + 1}-{r.depth} new ({r.phase.grow_init})" if r.depth > r.previous_depth else ""
+        )
+        lines.append(f"Phase {self.phase}/{self.num_phases}: {r.depth} layers{grown}, exits {list(r.exits)}")
+        lines.append(
+            f"  trains: {self._parts(lambda p: p.requires_grad)}; frozen: {self._parts(lambda p: not p.requires_grad)}"
+        )
+        rates = sorted(
+            {g["lr"] for o in trainer.optimizers for g in o.param_groups if any(p.requires_grad for p in g["params"])},
+            reverse=True,
+        )
+        lines.append(f"  learning rates: {', '.join(f'{lr:.3g}' for lr in rates)}")
+        return "\n".join(lines)
+
+    def _parts(self, keep: Callable[[torch.nn.Parameter], bool]) -> str:
+        """The parts of the running depth whose every parameter satisfies ``keep``, by name."""
+        params = {id(p): p for p in self.model.parameters()}
+        names = []
+        for unit, ids in self._units.items():
+            if (unit[0] == "layer" and unit[1] > self.current.depth) or (
+                unit[0] == "exit" and unit[1] > self.current.depth
+            ):
+                continue
+            if ids and all(keep(params[i]) for i in ids if i in params):
+                names.append(" ".join(str(u) for u in unit))
+        return ", ".join(names) or "nothing"
+
+    # --------------------------------------------------------------------------------- training
+    @property
+    def _isolated_above(self) -> int | None:
+        """With ``context="none"``, the layer above which each hard token runs alone."""
+        r = self.current
+        return r.hard_exit if r.phase.tokens == "hard" and r.phase.context == "none" else None
+
+    def exit_hidden_states(self, input_ids: Tensor, exit_layers: Sequence[int]) -> dict[int, Tensor]:
+        cut = self._isolated_above
+        if cut is None or max(exit_layers) <= cut:
+            return super().exit_hidden_states(input_ids, exit_layers)
+        below = super().exit_hidden_states(input_ids, [cut, *(k for k in exit_layers if k < cut)])
+        shallow = below[cut]
+        out = {k: v for k, v in below.items() if k in exit_layers}
+        x = shallow.flatten(0, 1).unsqueeze(1)  # every token a sequence of one
+        for layer in range(cut + 1, max(exit_layers) + 1):
+            x = self.model.blocks[layer - 1](x, self.model.rotary)
+            if layer in exit_layers:
+                out[layer] = x.squeeze(1).view_as(shallow)
+        return {k: out[k] for k in exit_layers}
+
+    def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
+        cut = self._isolated_above
+        if cut is None:
+            return super().exit_losses(input_ids, targets)
+        # Only the mined tokens go through the layers above the cut, each alone (the research's cached states).
+        weighted = [k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0]
+        below = [k for k in weighted if k <= cut]
+        hidden = super().exit_hidden_states(input_ids, [cut, *below])
+        losses = {k: self.exit_loss(k, hidden[k], targets) for k in below}
+        flat_targets = targets.flatten()
+        hard = flat_targets != IGNORE_INDEX
+        x = hidden[cut].flatten(0, 1)[hard].unsqueeze(1)
+        for layer in range(cut + 1, max(weighted) + 1):
+            x = self.model.blocks[layer - 1](x, self.model.rotary)
+            if layer in weighted:
+                losses[layer] = self.exit_loss(layer, x.squeeze(1), flat_targets[hard])
+        return losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.hard_mask is not None:
+            targets = batch["targets"]
+            if self._device_mask is None or self._device_mask.device != targets.device:
+                self._device_mask = self.hard_mask.to(targets.device)  # once, not every step
+            batch = {**batch, "targets": only_hard_targets(targets, self._device_mask[batch["index"]])}
+        return super().training_step(batch, batch_idx)
+
+    # ---------------------------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        mines = any(r.phase.tokens == "hard" for r in self.plan)
+        if stage == "fit" and mines and not hasattr(getattr(self.trainer, "datamodule", None), "train_dataset"):
+            raise TypeError(
+                "a phase with tokens='hard' needs trainer.datamodule.train_dataset (a dataset of dicts with "
+                "input_ids, targets and index), as TextDataModule and SyntheticDataModule give"
+            )
+
+    def _check_ddp_unused_parameters(self) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        plain = isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
+            "find_unused_parameters", False
+        )
+        if plain and self.num_phases > 1:
+            raise ValueError(
+                f"a plan of {self.num_phases} phases changes which weights train as it goes; under DDP use "
+                "strategy='ddp_find_unused_parameters_true' (plain 'ddp' fails at the first step after a change)"
+            )
+        super()._check_ddp_unused_parameters()
+
+    def configure_callbacks(self) -> list[Callback]:
+        from lego_lightning.callbacks import PerplexityEarlyStopping
+
+        # It ends each phase (a PerplexityEarlyStopping on the Trainer is replaced by it, as Lightning does with
+        # a module's callback of the same type) and hands the phase's best weights to advance_phase.
+        stopping = PerplexityEarlyStopping(patience=self.phase_patience, restore_best_weights=True)
+        return [stopping, *super().configure_callbacks()]
+
+    def on_train_start(self) -> None:
+        self.set_trainable()  # after DDP wrapped the model, which then knows every weight the plan trains
+        trainer = self.trainer
+        if trainer.global_step == 0 and self.phase == 1:
+            self._set_learning_rates(trainer)
+        elif trainer.ckpt_path:
+            r = self.current
+            threshold = "" if self.routing_threshold is None else f", routing threshold {self.routing_threshold:.4g}"
+            hard = "" if self.hard_mask is None else f", {float(self.hard_mask.float().mean()):.1%} of tokens hard"
+            rank_zero_info(
+                f"Resumed in phase {self.phase}/{self.num_phases} (epoch {trainer.current_epoch}, {r.depth} layers"
+                f"{threshold}{hard})"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        bar = self.trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and getattr(bar, "_train_progress_bar", None) is not None:
+            bar.train_progress_bar.set_description(
+                f"Epoch {self.trainer.current_epoch} (phase {self.phase}/{self.num_phases})"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self.log(f"{self.log_prefix}/phase", float(self.phase), sync_dist=True)  # equal on every rank; no DDP warning
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["phase"] = {"phase": self.phase, "phase_start_epoch": self.phase_start_epoch}
+        checkpoint["hard_mask"] = self.hard_mask
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("phase")
+        if state:
+            phase = int(state["phase"])
+            if not 1 <= phase <= self.num_phases:
+                raise ValueError(
+                    f"the checkpoint is in phase {phase} but this model's plan has {self.num_phases} phases: build "
+                    "it with the plan it was trained with"
+                )
+            self.phase = phase
+            self.phase_start_epoch = int(state["phase_start_epoch"])
+        if checkpoint.get("routing_threshold") is not None:
+            self.routing_threshold = checkpoint["routing_threshold"]
+        mask = checkpoint.get("hard_mask")
+        if mask is None:  # checkpoints written before the set moved into the module kept it in a callback
+            old = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("HardExampleMining")]
+            mask = old[0].get("hard_mask") if old else None
+        self.hard_mask = mask
+        self._device_mask = None
