@@ -86,6 +86,10 @@ def test_a_checkpoint_of_another_model_class_is_named_as_such(corpus, trained, t
     [
         (["--model.n_layer", "3"], "Option 'n_layer' is not accepted"),
         (["--model.d_model", "sixty"], "Parser key \"d_model\": Expected a <class 'int'>. Got value: sixty"),
+        # Choice fields are Literal types: a bad choice is refused while parsing, with the choices named.
+        (["--model.positions", "sideways"], "Parser key \"positions\": Expected a typing.Literal['learned', 'rotary']"),
+        (["--model.head_sharing", "some"], "Parser key \"head_sharing\": Expected a typing.Literal['shared', 'sep"),
+        (["--model.objective", "both"], "Parser key \"objective\": Expected a typing.Literal['causal', 'masked']"),
     ],
 )
 def test_an_option_that_does_not_parse_gets_one_line_not_the_usage(corpus, tmp_path, capsys, extra, message):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-POSITIONS = ("learned", "rotary")
-HEAD_SHARING = ("shared", "separate")
+Positions = Literal["learned", "rotary"]
+HeadSharing = Literal["shared", "separate"]
+POSITIONS: tuple[str, ...] = get_args(Positions)
+HEAD_SHARING: tuple[str, ...] = get_args(HeadSharing)
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,9 @@ class TransformerConfig:
     d_ff: int | None = None
     max_seq_len: int = 256
     dropout: float = 0.0
-    positions: Literal["learned", "rotary"] = "learned"
+    positions: Positions = "learned"
     causal: bool = True
-    head_sharing: Literal["shared", "separate"] = "shared"
+    head_sharing: HeadSharing = "shared"
     tie_embeddings: bool = False
     stages: tuple[Stage, ...] = field(default_factory=tuple)
 

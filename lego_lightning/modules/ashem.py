@@ -23,6 +23,7 @@ import inspect
 import math
 from typing import Any, Literal
 
+from lego_lightning.model.config import HeadSharing, Positions
 from lego_lightning.model.transformer import GrowInit
 from lego_lightning.modules.optim import Schedule
 from lego_lightning.modules.phase import CONTEXTS
@@ -65,8 +66,8 @@ class ASHEM(PhasedExitLM):
         d_ff: int | None = None,
         max_seq_len: int = 256,
         dropout: float = 0.0,
-        positions: str = "learned",
-        head_sharing: str = "separate",
+        positions: Positions = "learned",
+        head_sharing: HeadSharing = "separate",
         tie_embeddings: bool = False,
         hard_ratio: float = 0.5,
         confidence: str = "max_prob",

@@ -38,12 +38,12 @@ from lego_lightning.callbacks.hard_example_mining import mine_hard_tokens, only_
 from lego_lightning.callbacks.phase_trigger import log_once
 from lego_lightning.callbacks.quantile_threshold_calibration import calibrate_threshold
 from lego_lightning.model.confidence import get_confidence
-from lego_lightning.model.config import Stage, as_stage, validate_stages
+from lego_lightning.model.config import HeadSharing, Positions, Stage, as_stage, validate_stages
 from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.transformer import GROW_INITS
 from lego_lightning.modules.optim import Schedule
 from lego_lightning.modules.phase import Phase, ResolvedPhase, Unit, as_phase, grown_stage_ends, resolve_plan
-from lego_lightning.modules.supervised_exit import SupervisedExitLM
+from lego_lightning.modules.supervised_exit import Objective, SupervisedExitLM
 
 
 class PhasedExitLM(SupervisedExitLM):
@@ -76,8 +76,8 @@ class PhasedExitLM(SupervisedExitLM):
         d_ff: int | None = None,
         max_seq_len: int = 256,
         dropout: float = 0.0,
-        positions: str = "learned",
-        head_sharing: str = "shared",
+        positions: Positions = "learned",
+        head_sharing: HeadSharing = "shared",
         tie_embeddings: bool = False,
         stages: Sequence[Stage] | None = None,
         routing_threshold: float | None = None,
@@ -90,7 +90,7 @@ class PhasedExitLM(SupervisedExitLM):
         scheduler: Schedule = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        objective: str = "causal",
+        objective: Objective = "causal",
         mask_prob: float = 0.15,
         loss_chunk_size: int | None = 1024,
     ) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
-from lego_lightning.model.config import Stage, as_stage
+from lego_lightning.model.config import HeadSharing, Positions, Stage, as_stage
 from lego_lightning.model.transformer import GROW_INITS, GrowInit
 from lego_lightning.modules.optim import Schedule
 from lego_lightning.modules.phase import Phase
 from lego_lightning.modules.phased import PhasedExitLM
+from lego_lightning.modules.supervised_exit import Objective
 
 
 def _positive(name: str, value: int) -> None:
@@ -116,8 +117,8 @@ class ProgressiveExitLM(PhasedExitLM):
         d_ff: int | None = None,
         max_seq_len: int = 256,
         dropout: float = 0.0,
-        positions: str = "learned",
-        head_sharing: str = "shared",
+        positions: Positions = "learned",
+        head_sharing: HeadSharing = "shared",
         tie_embeddings: bool = False,
         stages: Sequence[Stage] | None = None,
         phase2_loss_weights: Sequence[float] | None = None,
@@ -136,7 +137,7 @@ class ProgressiveExitLM(PhasedExitLM):
         scheduler: Schedule = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        objective: str = "causal",
+        objective: Objective = "causal",
         mask_prob: float = 0.15,
         loss_chunk_size: int | None = 1024,
     ) -> None:

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -25,7 +25,7 @@ from lego_lightning.data.blocks import unpack_batch
 from lego_lightning.data.masking import mask_tokens
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
-from lego_lightning.model.config import Stage, TransformerConfig, as_stage
+from lego_lightning.model.config import HeadSharing, Positions, Stage, TransformerConfig, as_stage
 from lego_lightning.model.exit_classifier import ExitClassifier
 from lego_lightning.model.lean_loss import IGNORE_INDEX, linear_cross_entropy
 from lego_lightning.model.routing import check_threshold, route
@@ -33,7 +33,8 @@ from lego_lightning.model.transformer import ExitTransformer
 from lego_lightning.modules.metrics import ExitMetrics
 from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrainable_stages, param_groups
 
-OBJECTIVES = ("causal", "masked")
+Objective = Literal["causal", "masked"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 # Config fields that fix the shape of the weights; a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = (
@@ -106,8 +107,8 @@ class SupervisedExitLM(L.LightningModule):
         d_ff: int | None = None,
         max_seq_len: int = 256,
         dropout: float = 0.0,
-        positions: str = "learned",
-        head_sharing: str = "shared",
+        positions: Positions = "learned",
+        head_sharing: HeadSharing = "shared",
         tie_embeddings: bool = False,
         stages: Sequence[Stage] | None = None,
         routing_threshold: float | None = None,
@@ -118,7 +119,7 @@ class SupervisedExitLM(L.LightningModule):
         scheduler: Schedule = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        objective: str = "causal",
+        objective: Objective = "causal",
         mask_prob: float = 0.15,
         loss_chunk_size: int | None = 1024,
     ) -> None:
@@ -147,8 +148,8 @@ class SupervisedExitLM(L.LightningModule):
             d_ff=d_ff,
             max_seq_len=max_seq_len,
             dropout=dropout,
-            positions=positions,  # type: ignore[arg-type]
-            head_sharing=head_sharing,  # type: ignore[arg-type]
+            positions=positions,
+            head_sharing=head_sharing,
             tie_embeddings=tie_embeddings,
             causal=objective == "causal",
             stages=tuple(as_stage(s) for s in stages or ()),
