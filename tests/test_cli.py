@@ -243,6 +243,19 @@ def test_a_bad_phase_plan_fails_before_training_with_the_phase_named(corpus, tmp
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_plans_checkpoint_validates_through_the_cli_with_its_own_plan(corpus, tmp_path):
+    plan = "[{layers: 3, max_epochs: 1}, {layers: 4, train: [new], loss_weights: {3: 0.5, 4: 0.5}, max_epochs: 1}]"
+    fit = run("fit", "progressive_unfreeze.yaml", corpus, tmp_path, "--model.phases", plan)
+    assert fit.model.num_phases == 2 and fit.model.phase_loss_weights(2) == [0.5, 0.5]
+    last = fit.trainer.checkpoint_callback.last_model_path
+    # As everywhere in the CLI, the config and command line win over the checkpoint's settings: the same plan.
+    checked = run(
+        "validate", "progressive_unfreeze.yaml", corpus, tmp_path, "--ckpt_path", last, "--model.phases", plan
+    )
+    assert checked.model.num_phases == 2 and checked.model.phase == 2
+    assert {"val/exit3/ppl", "val/exit4/ppl"} <= set(checked.trainer.callback_metrics)
+
+
 def test_missing_data_path_fails_with_the_path_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs/standard.yaml"), "--data.path", str(tmp_path / "nowhere")])

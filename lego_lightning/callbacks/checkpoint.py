@@ -56,7 +56,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self.phase_best_model_paths: dict[int, str] = getattr(self, "phase_best_model_paths", {})
-        self._phase: int | None = getattr(self, "_phase", None)
+        self._phase: int | None = _phase_of(pl_module)  # a resumed run's comes from the checkpoint's state
         if _phase_of(pl_module) is not None and self.filename in (None, DEFAULT_FILENAME):
             self.filename = PHASED_FILENAME if self.filename else "{phase}-{epoch}-{step}"
 
@@ -91,7 +91,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._phase = state_dict.get("phase")
+        self._phase = state_dict.get("phase", self._phase)
         self.phase_best_model_paths = {int(k): v for k, v in state_dict.get("phase_best_model_paths", {}).items()}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -89,6 +89,9 @@ class Phase:
     context: Context = "full"
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss_weights, Mapping):  # JSON and some YAML paths give the layer keys as strings
+            keys = {k: int(k) if isinstance(k, str) and k.strip().isdigit() else k for k in self.loss_weights}
+            object.__setattr__(self, "loss_weights", {keys[k]: w for k, w in self.loss_weights.items()})
         self.check("Phase")
 
     def check(self, where: str) -> None:

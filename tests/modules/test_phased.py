@@ -280,3 +280,19 @@ def test_its_early_stopping_is_the_one_that_ends_phases(tmp_path):
     trainer.fit(module, synthetic())
     stoppers = [cb for cb in trainer.callbacks if isinstance(cb, PerplexityEarlyStopping)]
     assert len(stoppers) == 1 and stoppers[0].restore_best_weights and module.phase == 4
+
+
+def test_a_first_validation_that_ends_phase_one_ranks_in_no_phase(tmp_path):
+    plan = [Phase(layers=2, max_epochs=1), Phase(layers=3, max_epochs=2, patience=5)]
+    module = PhasedExitLM(phases=plan, vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, lr=LR)
+    ckpt = BestAndLastCheckpoint(dirpath=tmp_path, monitor="val/ppl", save_last=True)
+    quiet_trainer(tmp_path, max_epochs=-1, enable_checkpointing=True, callbacks=[ckpt]).fit(module, synthetic())
+    ranked = sorted(p.name for p in tmp_path.glob("*phase=*.ckpt"))
+    # Epoch 0's validation ended phase 1: its checkpoint holds phase 2's model, so it ranks in neither phase.
+    assert ranked and all(n.startswith(("phase=2-epoch=1-", "phase=2-epoch=2-")) for n in ranked), ranked
+    assert ckpt.phase_best_model_paths == {}
+
+
+def test_loss_weight_keys_written_as_text_are_layers():
+    # JSON (and so hparams and --model.phases) can only give mapping keys as strings.
+    assert Phase(layers=4, loss_weights={"2": 0.5, "4": 0.5}).loss_weights == {2: 0.5, 4: 0.5}
