@@ -43,12 +43,13 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     checkpoints stay on disk, listed in ``phase_best_model_paths`` (phase -> path), and
     ``best_model_path`` (``ckpt_path="best"``) is the running phase's best, at the end the final
     phase's (until a phase has ranked a checkpoint, the previous phase's). The validation at
-    which a phase ends measured the old phase's model, but its checkpoint holds the next
-    phase's, so it ranks in neither phase. A name chosen with ``filename`` is kept; ``{phase}``
-    may be used in it. Top-k checkpoints of a phased module are ranked at validations only,
-    also with ``every_n_train_steps`` (where Lightning would rank the last validation's metric
-    at a later step, with later weights): a phase's best checkpoint holds the weights that
-    scored it.
+    which a phase ends measured the old phase's model: it is ranked among that phase's
+    checkpoints before the module changes phase (:meth:`rank_before_phase_change`, which
+    ``PhasedExitLM.enter_phase`` calls first), and ``last.ckpt`` written after it holds the next
+    phase's model. A name chosen with ``filename`` is kept; ``{phase}`` may be used in it.
+    Top-k checkpoints of a phased module are ranked at validations only, also with
+    ``every_n_train_steps`` (where Lightning would rank the last validation's metric at a later
+    step, with later weights): a phase's best checkpoint holds the weights that scored it.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -140,9 +141,31 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             trainer, lambda: super(BestAndLastCheckpoint, self).on_train_epoch_end(trainer, pl_module)
         )
 
+    def rank_before_phase_change(self, trainer: L.Trainer) -> None:
+        """Rank the validation that ends a phase among that phase's checkpoints, before the module changes phase.
+
+        :meth:`~lego_lightning.modules.PhasedExitLM.enter_phase` calls it first: after the change the
+        module is the next phase's, and the checkpoint written at this validation holds that one.
+        """
+        if self.save_top_k == 0 or self.monitor not in trainer.callback_metrics or trainer.sanity_checking:
+            return
+        self._at_validation = True
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._at_validation = False
+        self._phase_change_step = trainer.global_step
+
     def _save_with_phase_ranking(self, trainer: L.Trainer, save: Any) -> None:
         """``save`` (the parent's hook), then ``last.ckpt`` if it missed it; a phased module's top-k is ranked here,
         right after a validation, also where the parent ranks only at step checkpoints (``every_n_train_steps``)."""
+        if getattr(self, "_phase_change_step", None) == trainer.global_step:
+            # Ranked before the phase changed; now the new phase starts afresh and last.ckpt holds its model.
+            candidates = self._monitor_candidates(trainer)
+            self._at_validation = True
+            self._save_topk_checkpoint(trainer, candidates)
+            self._at_validation = False
+            self._last_checkpoint_saved = ""  # save_last="link" must not point at the old phase's file
+            self._save_last_checkpoint(trainer, candidates)
+            return
         validated = getattr(self, "_validated_step", None) == trainer.global_step
         rank = (
             validated

@@ -5,10 +5,12 @@ weights, what trains and at which learning rates, and which tokens carry the los
 :class:`~lego_lightning.callbacks.PerplexityEarlyStopping` finds a phase over (patience or
 epoch limit), it hands the phase's best weights to :meth:`PhasedExitLM.advance_phase`, and
 :meth:`PhasedExitLM.enter_phase` does everything a phase change means, in this order, in one
-place: restore the best weights, fit the learned exit classifier (when the phase needs it),
-calibrate a threshold and mine the hard tokens (``tokens="hard"``), initialise the grown
-layers, set the loss weights, freeze and unfreeze, set every parameter group's learning rate
-(in the optimizer and its scheduler, so checkpoints carry it), log and print the change.
+place: let checkpoint callbacks rank the ending phase's last validation with its own model
+(``BestAndLastCheckpoint.rank_before_phase_change``), restore the best weights, fit the
+learned exit classifier (when the phase needs it), calibrate a threshold and mine the hard
+tokens (``tokens="hard"``), initialise the grown layers, set the loss weights, freeze and
+unfreeze, set every parameter group's learning rate (in the optimizer and its scheduler, so
+checkpoints carry it), log and print the change.
 
 The hard-token set lives in the module (``hard_mask``, saved in checkpoints) and its own
 training step applies it; no callback changes a batch.
@@ -254,6 +256,10 @@ class PhasedExitLM(SupervisedExitLM):
         self, number: int, trainer: L.Trainer, best_weights: Mapping[str, Tensor] | None = None, why: str = ""
     ) -> None:
         """Everything a phase change does, in order (module docstring). ``why`` says why the last one ended."""
+        for callback in trainer.checkpoint_callbacks:  # the ending phase's last validation, with its own model
+            rank = getattr(callback, "rank_before_phase_change", None)
+            if callable(rank):
+                rank(trainer)
         if best_weights is not None:
             self.load_state_dict(best_weights)
         ended = self.phase

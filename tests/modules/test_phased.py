@@ -164,10 +164,7 @@ def test_every_checkpoint_loads_weights_only_and_validates_at_its_phases_depth(t
 
 
 def test_best_checkpoints_are_kept_per_phase_and_best_is_the_final_phases(tmp_path):
-    # Two epochs per phase: the validation that ends a phase ranks in neither phase (its checkpoint already holds
-    # the next phase's model), so each phase has one more validation to rank.
-    plan = [Phase(**{**p.to_dict(), "max_epochs": 2, "patience": 5}) for p in FOUR_PHASES]
-    module = PhasedExitLM(phases=plan, vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, lr=LR)
+    module = four_phase_model()  # phases 2-4 have one validation each, the one that ends them
     ckpt = BestAndLastCheckpoint(dirpath=tmp_path, monitor="val/ppl", save_last=True)
     trainer = quiet_trainer(tmp_path, max_epochs=-1, enable_checkpointing=True, callbacks=[ckpt])
     trainer.fit(module, synthetic())
@@ -282,15 +279,19 @@ def test_its_early_stopping_is_the_one_that_ends_phases(tmp_path):
     assert len(stoppers) == 1 and stoppers[0].restore_best_weights and module.phase == 4
 
 
-def test_a_first_validation_that_ends_phase_one_ranks_in_no_phase(tmp_path):
+def test_the_validation_that_ends_a_phase_ranks_in_that_phase_with_its_model(tmp_path):
     plan = [Phase(layers=2, max_epochs=1), Phase(layers=3, max_epochs=2, patience=5)]
     module = PhasedExitLM(phases=plan, vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, lr=LR)
     ckpt = BestAndLastCheckpoint(dirpath=tmp_path, monitor="val/ppl", save_last=True)
     quiet_trainer(tmp_path, max_epochs=-1, enable_checkpointing=True, callbacks=[ckpt]).fit(module, synthetic())
-    ranked = sorted(p.name for p in tmp_path.glob("*phase=*.ckpt"))
-    # Epoch 0's validation ended phase 1: its checkpoint holds phase 2's model, so it ranks in neither phase.
-    assert ranked and all(n.startswith(("phase=2-epoch=1-", "phase=2-epoch=2-")) for n in ranked), ranked
-    assert ckpt.phase_best_model_paths == {}
+    # Epoch 0's validation ended phase 1: it is phase 1's best, saved with phase 1's model before the change.
+    (phase1,) = tmp_path.glob("phase=1-epoch=0-*.ckpt")
+    assert ckpt.phase_best_model_paths == {1: str(phase1)}
+    state = torch.load(phase1, weights_only=True)
+    assert state["phase"]["phase"] == 1 and state["hard_mask"] is None
+    assert state["state_dict"]["model.blocks.2.mlp.proj.weight"].abs().sum() > 0  # layer 3 not yet grown (identity)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["phase"]["phase"] == 2 and "phase=2-" in ckpt.best_model_path
 
 
 def test_loss_weight_keys_written_as_text_are_layers():
