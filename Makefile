@@ -48,6 +48,8 @@ bench: install
 	$(BIN)/python -m benchmarks.sd_study
 	$(BIN)/python -m benchmarks.early_exit
 	$(BIN)/python -m benchmarks.faults
+	$(BIN)/python -m benchmarks.growth_plans
+	$(BIN)/python -m benchmarks.ashem_phase2
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info
