@@ -136,9 +136,6 @@ class ASHEM(PhasedExitLM):
             loss_chunk_size=loss_chunk_size,
         )
         self.phase1_layers = phase1_layers
-        self.grow_init = grow_init
-        self.hard_ratio = float(hard_ratio)
-        self.phase2_context = phase2_context
         self._save_plain_hyperparameters(inspect.currentframe())
 
     @property

@@ -240,9 +240,15 @@ class PhasedExitLM(SupervisedExitLM):
         self.phase = number
         r = self.current
         self.exit_loss_weights = self._loss_weights(r)
-        if r.depth > r.previous_depth:
-            self.model.init_stage(self.model.stage_index(r.depth), r.phase.grow_init)
+        self._grow(r)
         self.set_trainable()
+
+    def _grow(self, r: ResolvedPhase) -> bool:
+        """Initialise the stage phase ``r`` grows (built up front, unused until now); whether there is one."""
+        if r.depth == r.previous_depth:
+            return False
+        self.model.init_stage(self.model.stage_index(r.depth), r.phase.grow_init)
+        return True
 
     def advance_phase(
         self, trainer: L.Trainer, best_weights: Mapping[str, Tensor] | None = None, why: str = ""
@@ -285,8 +291,7 @@ class PhasedExitLM(SupervisedExitLM):
         else:
             self.hard_mask = None
         self._device_mask = None
-        if r.depth > r.previous_depth:
-            self.model.init_stage(self.model.stage_index(r.depth), r.phase.grow_init)
+        if self._grow(r):
             log_once(trainer, {"growth/init": float(GROW_INITS.index(r.phase.grow_init))})
         self.set_trainable()
         rank_zero_info(self.describe_phase(ended, why, threshold, trainer))

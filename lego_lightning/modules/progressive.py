@@ -181,5 +181,4 @@ class ProgressiveExitLM(PhasedExitLM):
             loss_chunk_size=loss_chunk_size,
         )
         self.phase1_layers = phase1_layers
-        self.grow_init = grow_init
         self._save_plain_hyperparameters(inspect.currentframe())
