@@ -102,10 +102,24 @@ def validate_stages(stages: Iterable[Stage], n_layers: int) -> tuple[Stage, ...]
 
 @dataclass
 class TransformerConfig:
-    """Sizes and exits of an :class:`~lego_lightning.model.ExitTransformer`.
+    """Sizes and exits of an :class:`~lego_lightning.model.ExitTransformer`: declared here once.
 
-    ``stages`` defaults to one stage over all layers (a standard model with one exit).
-    ``d_ff`` defaults to ``4 * d_model``.
+    The LightningModules take these fields as keyword arguments (``d_model=64``, on the command
+    line ``--model.d_model 64``) and build this config from them.
+
+    Args:
+        vocab_size: token ids the embedding and the heads cover.
+        n_layers: transformer blocks.
+        d_model: width of the residual stream.
+        n_heads: attention heads per block; must divide ``d_model``.
+        d_ff: hidden width of each block's MLP; default ``4 * d_model``.
+        max_seq_len: longest sequence the position embedding covers.
+        dropout: on the embeddings, the attention weights and each residual branch, in training.
+        positions: ``learned`` absolute embeddings or ``rotary`` (RoPE).
+        causal: attention sees only earlier tokens (``False`` for the masked objective).
+        head_sharing: ``shared``: every exit uses one LM head; ``separate``: a head per exit.
+        tie_embeddings: the LM head reuses the token embedding's weights.
+        stages: the LEGO blocks; default one stage over all layers (a standard model, one exit).
     """
 
     vocab_size: int

@@ -23,9 +23,8 @@ import inspect
 import math
 from typing import Any, Literal
 
-from lego_lightning.model.config import HeadSharing, Positions
+from lego_lightning.model.config import HeadSharing
 from lego_lightning.model.transformer import GrowInit
-from lego_lightning.modules.optim import Schedule
 from lego_lightning.modules.phase import CONTEXTS
 from lego_lightning.modules.phased import PhasedExitLM
 from lego_lightning.modules.progressive import two_phase_plan
@@ -37,19 +36,21 @@ class ASHEM(PhasedExitLM):
     Args:
         phase1_layers: depth of the shallow model (research: 2).
         phase2_layers: depth after growth (research: 4).
+        head_sharing: ``separate`` by default (unlike the other modules): the shallow exit's
+            head stays frozen while the deep exit's trains.
         hard_ratio: fraction of held-out tokens below the calibrated threshold (research: 0.5).
-        confidence: ``max_prob`` (research), any registered measure, or ``learned``: a small
-            classifier on the shallow exit's hidden state, trained when phase 1 ends, so tokens
-            that continue to the deep exit skip the shallow head.
-        calibration_bins: histogram resolution of the threshold.
         grow_init: ``identity`` (phase 2 starts from phase 1's best outputs), ``copy``, ``random``.
         freeze_shallow_exit: freeze the shallow exit's head in phase 2 (needs separate heads).
         phase2_context: ``full`` (each hard token keeps its sequence) or ``none`` (the
             research's isolated single states).
         phase2_lr_scale, phase1/2_max_epochs, phase1/2_patience: research defaults 0.1, 50,
             50, 1, 3.
+        **kwargs: the model's sizes, ``confidence``, ``calibration_bins`` and the optimizer's
+            settings, as :class:`~lego_lightning.modules.PhasedExitLM` takes them.
+            ``confidence`` is ``max_prob`` (research), any registered measure, or ``learned``: a
+            small classifier on the shallow exit's hidden state, trained when phase 1 ends, so
+            tokens that continue to the deep exit skip the shallow head.
 
-    Sizes, ``confidence`` and the optimizer settings are :class:`SupervisedExitLM`'s.
     Logged: ``ashem/phase``, ``ashem/threshold``, ``ashem/hard_frac``, a histogram
     ``ashem/confidence`` of shallow-exit confidences, and every metric of ``SupervisedExitLM``.
     """
@@ -58,20 +59,10 @@ class ASHEM(PhasedExitLM):
 
     def __init__(
         self,
-        vocab_size: int = 256,
         phase1_layers: int = 2,
         phase2_layers: int = 4,
-        d_model: int = 64,
-        n_heads: int = 4,
-        d_ff: int | None = None,
-        max_seq_len: int = 256,
-        dropout: float = 0.0,
-        positions: Positions = "learned",
         head_sharing: HeadSharing = "separate",
-        tie_embeddings: bool = False,
         hard_ratio: float = 0.5,
-        confidence: str = "max_prob",
-        calibration_bins: int = 65_536,
         grow_init: GrowInit = "identity",
         freeze_shallow_exit: bool = True,
         phase2_context: Literal["full", "none"] = "full",
@@ -80,13 +71,7 @@ class ASHEM(PhasedExitLM):
         phase2_max_epochs: int = 50,
         phase1_patience: int = 1,
         phase2_patience: int = 3,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: Schedule = "constant",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
-        loss_chunk_size: int | None = 1024,
+        **kwargs: Any,
     ) -> None:
         if isinstance(hard_ratio, bool) or not isinstance(hard_ratio, (int, float)) or not 0.0 < hard_ratio < 1.0:
             raise ValueError(f"ASHEM.hard_ratio must be in (0, 1), got {hard_ratio!r}")
@@ -116,24 +101,13 @@ class ASHEM(PhasedExitLM):
         )
         super().__init__(
             phases=phases,
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            max_seq_len=max_seq_len,
-            dropout=dropout,
-            positions=positions,
             head_sharing=head_sharing,
-            tie_embeddings=tie_embeddings,
-            confidence=confidence,
-            calibration_bins=calibration_bins,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio,
-            loss_chunk_size=loss_chunk_size,
+            # What ASHEM fixes: one exit on the shallow model, the routing threshold calibrated
+            # when phase 2 starts, next-token prediction.
+            stages=None,
+            routing_threshold=None,
+            objective="causal",
+            **kwargs,
         )
         self.phase1_layers = phase1_layers
         self._save_plain_hyperparameters(inspect.currentframe())

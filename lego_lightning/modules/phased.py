@@ -40,12 +40,11 @@ from lego_lightning.callbacks.hard_example_mining import mine_hard_tokens, only_
 from lego_lightning.callbacks.phase_trigger import log_once
 from lego_lightning.callbacks.quantile_threshold_calibration import calibrate_threshold
 from lego_lightning.model.confidence import get_confidence
-from lego_lightning.model.config import HeadSharing, Positions, Stage, as_stage, validate_stages
+from lego_lightning.model.config import Stage, as_stage, validate_stages
 from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.transformer import GROW_INITS
-from lego_lightning.modules.optim import Schedule
 from lego_lightning.modules.phase import Phase, ResolvedPhase, Unit, as_phase, grown_stage_ends, resolve_plan
-from lego_lightning.modules.supervised_exit import Objective, SupervisedExitLM
+from lego_lightning.modules.supervised_exit import SupervisedExitLM
 
 
 class PhasedExitLM(SupervisedExitLM):
@@ -60,8 +59,10 @@ class PhasedExitLM(SupervisedExitLM):
         log_prefix: the folder of the phase's own logs (default ``phases``; the presets use
             ``progressive`` and ``ashem``).
 
-    The other arguments are :class:`SupervisedExitLM`'s; ``n_layers`` is the plan's deepest
-    phase. Logged: ``{log_prefix}/phase`` every epoch; when a phase with hard tokens starts,
+        **kwargs: :class:`SupervisedExitLM`'s arguments (the model's sizes, the optimizer's
+            settings, ``confidence``, ...) but ``n_layers``: the depth is the deepest phase's.
+
+    Logged: ``{log_prefix}/phase`` every epoch; when a phase with hard tokens starts,
     ``{log_prefix}/threshold``, ``{log_prefix}/calibration_hard_frac``, ``{log_prefix}/hard_frac``
     and a histogram ``{log_prefix}/confidence``; when a phase grows, ``growth/init`` (0
     identity, 1 copy, 2 random); ``phase/ended_at_epoch`` from the early-stopping callback.
@@ -72,29 +73,10 @@ class PhasedExitLM(SupervisedExitLM):
     def __init__(
         self,
         phases: list[Phase],
-        vocab_size: int = 256,
-        d_model: int = 64,
-        n_heads: int = 4,
-        d_ff: int | None = None,
-        max_seq_len: int = 256,
-        dropout: float = 0.0,
-        positions: Positions = "learned",
-        head_sharing: HeadSharing = "shared",
-        tie_embeddings: bool = False,
         stages: Sequence[Stage] | None = None,
-        routing_threshold: float | None = None,
-        confidence: str = "max_prob",
         calibration_bins: int = 65_536,
         log_prefix: str | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: Schedule = "constant",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
-        objective: Objective = "causal",
-        mask_prob: float = 0.15,
-        loss_chunk_size: int | None = 1024,
+        **kwargs: Any,
     ) -> None:
         if isinstance(phases, (str, Mapping)) or not isinstance(phases, Sequence):
             raise TypeError(f"phases must be a list of Phase (or mappings), got {type(phases).__name__}")
@@ -103,6 +85,11 @@ class PhasedExitLM(SupervisedExitLM):
             raise ValueError("phases must hold at least one phase, got an empty list")
         if plan[0].layers is None:
             raise ValueError("phases[0].layers=None is not allowed: the first phase needs its depth, e.g. layers: 2")
+        if "n_layers" in kwargs:
+            raise ValueError(
+                f"n_layers={kwargs['n_layers']!r} is not an argument of {type(self).__name__}: the depth is each "
+                "phase's layers (the deepest phase's is the model's)"
+            )
         if not isinstance(calibration_bins, int) or calibration_bins < 2:
             raise ValueError(f"calibration_bins must be an integer >= 2, got {calibration_bins!r}")
         first_depth = plan[0].layers
@@ -111,35 +98,12 @@ class PhasedExitLM(SupervisedExitLM):
         for end in grown_stage_ends(plan):
             grown.append(Stage((depth + 1, end), loss_weight=0.0))
             depth = end
-        super().__init__(
-            vocab_size=vocab_size,
-            n_layers=depth,
-            d_model=d_model,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            max_seq_len=max_seq_len,
-            dropout=dropout,
-            positions=positions,
-            head_sharing=head_sharing,
-            tie_embeddings=tie_embeddings,
-            stages=[*first, *grown],
-            routing_threshold=routing_threshold,
-            confidence=confidence,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio,
-            objective=objective,
-            mask_prob=mask_prob,
-            loss_chunk_size=loss_chunk_size,
-        )
+        super().__init__(n_layers=depth, stages=[*first, *grown], **kwargs)
         self.plan: list[ResolvedPhase] = resolve_plan(
             plan,
             self.config.exit_layers,
             [s.loss_weight for s in self.config.stages],
-            learned_confidence=confidence == "learned",
+            learned_confidence=self.confidence == "learned",
             causal=self.config.causal,
         )
         self._units = self._unit_parameters()

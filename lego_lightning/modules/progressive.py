@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
-from lego_lightning.model.config import HeadSharing, Positions, Stage, as_stage
+from lego_lightning.model.config import Stage, TransformerConfig, as_stage
 from lego_lightning.model.transformer import GROW_INITS, GrowInit
-from lego_lightning.modules.optim import Schedule
 from lego_lightning.modules.phase import Phase
 from lego_lightning.modules.phased import PhasedExitLM
-from lego_lightning.modules.supervised_exit import Objective
 
 
 def _positive(name: str, value: int) -> None:
@@ -101,25 +100,18 @@ class ProgressiveExitLM(PhasedExitLM):
         phase1_max_epochs, phase2_max_epochs, phase1_patience, phase2_patience: per-phase
             limits for :class:`~lego_lightning.callbacks.PerplexityEarlyStopping`.
 
-    The other arguments are :class:`~lego_lightning.modules.PhasedExitLM`'s. Logged:
-    ``progressive/phase``.
+        **kwargs: the model's sizes, ``confidence``, ``routing_threshold``, ``objective`` and the
+            optimizer's settings, as :class:`~lego_lightning.modules.PhasedExitLM` takes them.
+
+    Logged: ``progressive/phase``.
     """
 
     log_prefix = "progressive"
 
     def __init__(
         self,
-        vocab_size: int = 256,
         phase1_layers: int = 3,
         phase2_layers: int = 4,
-        d_model: int = 64,
-        n_heads: int = 4,
-        d_ff: int | None = None,
-        max_seq_len: int = 256,
-        dropout: float = 0.0,
-        positions: Positions = "learned",
-        head_sharing: HeadSharing = "shared",
-        tie_embeddings: bool = False,
         stages: Sequence[Stage] | None = None,
         phase2_loss_weights: Sequence[float] | None = None,
         grow_init: GrowInit = "random",
@@ -129,17 +121,7 @@ class ProgressiveExitLM(PhasedExitLM):
         phase2_max_epochs: int = 50,
         phase1_patience: int = 1,
         phase2_patience: int = 1,
-        routing_threshold: float | None = None,
-        confidence: str = "max_prob",
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: Schedule = "constant",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
-        objective: Objective = "causal",
-        mask_prob: float = 0.15,
-        loss_chunk_size: int | None = 1024,
+        **kwargs: Any,
     ) -> None:
         _positive("phase1_layers", phase1_layers)
         phase1_stages = [as_stage(s) for s in stages or [Stage((1, phase1_layers))]]
@@ -149,36 +131,13 @@ class ProgressiveExitLM(PhasedExitLM):
             [s.exit_layer for s in phase1_stages],
             phase2_loss_weights,
             grow_init,
-            not freeze_old_heads and head_sharing == "separate",
+            not freeze_old_heads and kwargs.get("head_sharing", TransformerConfig.head_sharing) == "separate",
             phase2_lr_scale,
             phase1_max_epochs,
             phase2_max_epochs,
             phase1_patience,
             phase2_patience,
         )
-        super().__init__(
-            phases=phases,
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            max_seq_len=max_seq_len,
-            dropout=dropout,
-            positions=positions,
-            head_sharing=head_sharing,
-            tie_embeddings=tie_embeddings,
-            stages=phase1_stages,
-            routing_threshold=routing_threshold,
-            confidence=confidence,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            scheduler=scheduler,
-            warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio,
-            objective=objective,
-            mask_prob=mask_prob,
-            loss_chunk_size=loss_chunk_size,
-        )
+        super().__init__(phases=phases, stages=phase1_stages, **kwargs)
         self.phase1_layers = phase1_layers
         self._save_plain_hyperparameters(inspect.currentframe())

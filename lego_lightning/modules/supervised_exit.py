@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from types import FrameType
 from typing import Any, Literal, get_args
 
@@ -25,7 +25,7 @@ from lego_lightning.data.blocks import unpack_batch
 from lego_lightning.data.masking import mask_tokens
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
-from lego_lightning.model.config import HeadSharing, Positions, Stage, TransformerConfig, as_stage
+from lego_lightning.model.config import Stage, TransformerConfig, as_stage
 from lego_lightning.model.exit_classifier import ExitClassifier
 from lego_lightning.model.lean_loss import IGNORE_INDEX, linear_cross_entropy
 from lego_lightning.model.routing import check_threshold, route
@@ -52,6 +52,21 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+# The model's sizes a module takes as keyword arguments: every field of TransformerConfig but
+# those the module derives itself (the vocabulary from the data and the objective, attention's
+# direction from the objective, the stages from its own argument).
+SIZE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(TransformerConfig) if f.name not in ("vocab_size", "causal", "stages")
+)
+
+
+def check_size_fields(sizes: Mapping[str, Any], owner: str) -> None:
+    """Refuse a keyword argument that is not one of the model's sizes, naming those that are."""
+    unknown = sorted(set(sizes) - set(SIZE_FIELDS))
+    if unknown:
+        raise TypeError(f"{owner} got unexpected arguments {unknown}: the model's sizes are {list(SIZE_FIELDS)}")
+
+
 def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over targets that are not ``IGNORE_INDEX``; 0 (with a graph) when there are none.
 
@@ -66,9 +81,7 @@ class SupervisedExitLM(L.LightningModule):
     """A language model with an exit after each stage, trained with per-exit loss weights.
 
     Args:
-        vocab_size: linked from the data module by the ``lego`` CLI.
-        n_layers, d_model, n_heads, d_ff, max_seq_len, dropout, positions, head_sharing,
-            tie_embeddings: the :class:`~lego_lightning.model.TransformerConfig`.
+        vocab_size: the data's vocabulary, linked from the data module by the ``lego`` CLI.
         stages: the LEGO blocks; default one stage over all layers.
         routing_threshold: when set, validation also reports the routed model, where a token
             leaves at the first exit whose confidence reaches the threshold, and ``val/ppl`` is
@@ -90,6 +103,10 @@ class SupervisedExitLM(L.LightningModule):
         loss_chunk_size: training computes each exit's cross-entropy over chunks of this many
             tokens, so no exit ever holds a full ``tokens x vocab`` logit tensor (deep
             supervision's memory stays near standard training's); ``None`` uses the plain loss.
+        **sizes: the model's sizes, declared once as the fields of
+            :class:`~lego_lightning.model.TransformerConfig` (``n_layers``, ``d_model``,
+            ``n_heads``, ``d_ff``, ``max_seq_len``, ``dropout``, ``positions``, ``head_sharing``,
+            ``tie_embeddings``); on the command line ``--model.d_model 64`` as before.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
     ``val/ppl``, and with routing ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}``
@@ -101,15 +118,6 @@ class SupervisedExitLM(L.LightningModule):
     def __init__(
         self,
         vocab_size: int = 256,
-        n_layers: int = 3,
-        d_model: int = 64,
-        n_heads: int = 4,
-        d_ff: int | None = None,
-        max_seq_len: int = 256,
-        dropout: float = 0.0,
-        positions: Positions = "learned",
-        head_sharing: HeadSharing = "shared",
-        tie_embeddings: bool = False,
         stages: Sequence[Stage] | None = None,
         routing_threshold: float | None = None,
         confidence: str = "max_prob",
@@ -122,8 +130,10 @@ class SupervisedExitLM(L.LightningModule):
         objective: Objective = "causal",
         mask_prob: float = 0.15,
         loss_chunk_size: int | None = 1024,
+        **sizes: Any,
     ) -> None:
         super().__init__()
+        check_size_fields(sizes, type(self).__name__)
         if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size!r}")
         if objective not in OBJECTIVES:
@@ -142,17 +152,9 @@ class SupervisedExitLM(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.config = TransformerConfig(
             vocab_size=vocab_size + (1 if objective == "masked" else 0),  # the <mask> input id
-            n_layers=n_layers,
-            d_model=d_model,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            max_seq_len=max_seq_len,
-            dropout=dropout,
-            positions=positions,
-            head_sharing=head_sharing,
-            tie_embeddings=tie_embeddings,
             causal=objective == "causal",
             stages=tuple(as_stage(s) for s in stages or ()),
+            **sizes,
         )
         self.model = ExitTransformer(self.config)
         freeze_untrainable_stages(self.model)
@@ -160,7 +162,7 @@ class SupervisedExitLM(L.LightningModule):
         # Trained apart from the model (its own optimizer, the model frozen), so DDP and the
         # main optimizer never see it as trainable.
         self.exit_classifier = (
-            ExitClassifier(d_model, self.config.exit_layers[:-1]).requires_grad_(False)
+            ExitClassifier(self.config.d_model, self.config.exit_layers[:-1]).requires_grad_(False)
             if confidence == "learned"
             else None
         )
