@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lego-test-hf-")
+os.environ["LEGO_CACHE"] = tempfile.mkdtemp(prefix="lego-test-cache-")  # tokenizers and token arrays
 
 import pytest
 

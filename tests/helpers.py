@@ -60,6 +60,10 @@ def synthetic(**kwargs: Any) -> SyntheticDataModule:
 
 
 REPO = Path(__file__).resolve().parent.parent
+# Every run config: configs/*.yaml and the subfolders' (bpe/), not the data-module parts in data/.
+CONFIGS = sorted(
+    str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "data"
+)
 LAUNCHER_VARS = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 

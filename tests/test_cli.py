@@ -11,9 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lego_lightning.cli import LegoCLI, main
 from tests.conftest import REPO
-from tests.helpers import cli_args
-
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+from tests.helpers import CONFIGS, cli_args
 
 
 def run(subcommand: str, config: str, corpus: Path, logs: Path, *extra: str) -> LegoCLI:
@@ -23,6 +21,7 @@ def run(subcommand: str, config: str, corpus: Path, logs: Path, *extra: str) -> 
 
 def test_configs_are_all_here():
     names = {c.removesuffix(".yaml") for c in CONFIGS}
+    assert {"bpe/standard", "bpe/deep_supervision", "bpe/early_exit", "bpe/ashem"} <= names
     methods = {
         "standard",
         "deep_supervision",
@@ -64,7 +63,7 @@ def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_p
     model_spec = spec["model"]
     phased = model_spec["class_path"] != "lego_lightning.SupervisedExitLM"
     extra = one_epoch_phases(model_spec) if phased else []
-    data_spec = yaml.safe_load((REPO / "configs" / spec["data"]).read_text())
+    data_spec = yaml.safe_load(((REPO / "configs" / config).parent / spec["data"]).read_text())
     if model_spec["init_args"].get("warmup_steps"):
         extra += ["--model.warmup_steps", "1"]  # the tiny run has 4 steps
     if data_spec["init_args"].get("calibration_samples"):
@@ -82,6 +81,11 @@ def test_every_config_trains_and_validates_through_the_cli(config, corpus, tmp_p
     metrics = trainer.callback_metrics
     for k in validated:
         assert torch.isfinite(metrics[f"val/exit{k}/ppl"])
+        # Bits per byte beside perplexity, but for the masked objective (it scores a sample of tokens).
+        assert (f"val/exit{k}/bpb" in metrics) == (model.objective == "causal")
+    # The tokenizer the model was trained with, beside the logs.
+    saved = Path(trainer.log_dir) / ("vocab.json" if data_spec["init_args"].get("level") else "tokenizer.json")
+    assert saved.is_file()
     routed = model_spec["init_args"].get("routing_threshold") is not None or model_spec["class_path"].endswith("ASHEM")
     assert ("val/routed/ppl" in metrics) == routed
     assert metrics["val/ppl"] == metrics["val/routed/ppl" if routed else f"val/exit{validated[-1]}/ppl"]
@@ -260,7 +264,9 @@ def test_missing_data_path_fails_with_the_path_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs/standard.yaml"), "--data.path", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
-    assert re.search(r"TextDataModule.path='.*nowhere' does not exist", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(r"TextDataModule.path='.*nowhere' does not exist", err)
+    assert "point --data.path at a folder with train and valid files, or give --data.path null" in err
 
 
 def test_ashem_validate_rebuilds_the_model_of_either_phase(corpus, tmp_path):

@@ -11,29 +11,45 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 class TokenBlocks(Dataset):
-    """Non-overlapping blocks of ``seq_len`` tokens cut from one stream, in order."""
+    """Non-overlapping blocks of ``seq_len`` tokens cut from one stream, in order.
 
-    def __init__(self, stream: Tensor, seq_len: int, max_samples: int | None = None) -> None:
-        n = (stream.numel() - 1) // seq_len
+    The stream may be a memory-mapped array on disk (:mod:`~lego_lightning.data.token_cache`):
+    a block is read from it when asked for, so memory does not grow with the corpus. With
+    ``nbytes`` (the UTF-8 bytes of text each token stands for) a sample also holds
+    ``target_bytes``, the bytes its targets cover, for bits per byte.
+    """
+
+    def __init__(
+        self,
+        stream: Tensor | np.ndarray,
+        seq_len: int,
+        max_samples: int | None = None,
+        nbytes: np.ndarray | None = None,
+        first: int = 0,
+    ) -> None:
+        n = (len(stream) - 1) // seq_len - first
         if max_samples is not None:
             n = min(n, max_samples)
         if n < 1:
             raise ValueError(
-                f"a stream of {stream.numel()} tokens holds no block of seq_len={seq_len} (+1 target token)"
+                f"a stream of {len(stream)} tokens holds no block of seq_len={seq_len} (+1 target token)"
+                + (f" after its first {first} blocks" if first else "")
             )
-        used = stream[: n * seq_len + 1].long()
-        self.input_ids = used[:-1].view(n, seq_len)
-        self.targets = used[1:].view(n, seq_len)
+        self._stream, self._nbytes, self._seq_len, self._first, self._n = stream, nbytes, seq_len, first, n
+        self._tensors: tuple[Tensor, Tensor] | None = None
 
     def subset(self, start: int, stop: int) -> TokenBlocks:
-        """Blocks ``start..stop-1`` as their own set (views, no copy)."""
-        return TokenBlocks.from_tensors(self.input_ids[start:stop], self.targets[start:stop])
+        """Blocks ``start..stop-1`` as their own set (no copy)."""
+        if self._tensors is not None:
+            return TokenBlocks.from_tensors(self._tensors[0][start:stop], self._tensors[1][start:stop])
+        return TokenBlocks(self._stream, self._seq_len, stop - start, self._nbytes, self._first + start)
 
     @classmethod
     def from_tensors(cls, input_ids: Tensor, targets: Tensor) -> TokenBlocks:
@@ -43,18 +59,49 @@ class TokenBlocks(Dataset):
                 f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} must be equal (N, T)"
             )
         self = cls.__new__(cls)
-        self.input_ids, self.targets = input_ids.long(), targets.long()
+        self._tensors = (input_ids.long(), targets.long())
+        self._n, self._seq_len, self._nbytes = input_ids.shape[0], input_ids.shape[1], None
         return self
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self._n
+
+    def _span(self, i: int) -> tuple[int, int]:
+        start = (self._first + i) * self._seq_len
+        return start, start + self._seq_len + 1
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids[i], "targets": self.targets[i], "index": torch.tensor(i)}
+        if self._tensors is not None:
+            return {"input_ids": self._tensors[0][i], "targets": self._tensors[1][i], "index": torch.tensor(i)}
+        if not 0 <= i < self._n:
+            raise IndexError(f"block {i} of {self._n}")
+        start, stop = self._span(i)
+        block = torch.as_tensor(np.asarray(self._stream[start:stop], dtype=np.int64))
+        sample = {"input_ids": block[:-1], "targets": block[1:], "index": torch.tensor(i)}
+        if self._nbytes is not None:
+            sample["target_bytes"] = torch.tensor(int(self._nbytes[start + 1 : stop].sum(dtype=np.int64)))
+        return sample
+
+    def _all(self) -> tuple[Tensor, Tensor]:
+        if self._tensors is not None:
+            return self._tensors
+        start, stop = self._first * self._seq_len, (self._first + self._n) * self._seq_len + 1
+        used = torch.as_tensor(np.asarray(self._stream[start:stop], dtype=np.int64))
+        return used[:-1].view(self._n, self._seq_len), used[1:].view(self._n, self._seq_len)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """Every block's inputs, ``(N, T)``, read into memory (for small sets: tests, mining on a slice)."""
+        return self._all()[0]
+
+    @property
+    def targets(self) -> Tensor:
+        """Every block's targets, ``(N, T)``, read into memory."""
+        return self._all()[1]
 
     @property
     def seq_len(self) -> int:
-        return self.input_ids.shape[1]
+        return self._seq_len
 
 
 class EpochSeededRandomSampler(RandomSampler):

@@ -1,27 +1,40 @@
-"""Word- or character-level text data from a local folder or the Hugging Face hub.
+"""Text data from a local corpus or the Hugging Face hub, tokenized once into arrays on disk.
 
-Loading, tokenization and caching go through Hugging Face ``datasets``: the tokenized splits
-are cached as Arrow files keyed by their inputs, so a second run does not re-tokenize.
+The corpus (:mod:`~lego_lightning.data.corpus`) is read as a stream; the tokenizer
+(:mod:`~lego_lightning.data.tokenizer`) is built or trained on the training split and cached;
+each split is tokenized once into a memory-mapped array (:mod:`~lego_lightning.data.token_cache`)
+keyed by a fingerprint of its text and of the tokenizer, so a second run reuses both and memory
+does not grow with the corpus.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lego_lightning.data import token_cache
 from lego_lightning.data.blocks import EpochSeededRandomSampler, ResumableDataLoader, TokenBlocks
-from lego_lightning.data.vocab import LEVELS, Level, Vocabulary, encode_line
+from lego_lightning.data.corpus import Corpus, local_corpus
+from lego_lightning.data.tokenizer import (
+    KINDS,
+    TRAINED_KINDS,
+    TextTokenizer,
+    VocabularyTokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_from_state,
+)
+from lego_lightning.data.vocab import LEVELS, Level, Vocabulary
 
-# File names tried for each split of a local folder, in order.
-SPLIT_FILES: dict[str, tuple[str, ...]] = {
-    "train": ("train.txt", "wiki.train.tokens"),
-    "validation": ("valid.txt", "validation.txt", "wiki.valid.tokens"),
-    "test": ("test.txt", "wiki.test.tokens"),
-}
+DEFAULT_TRAINED_VOCAB = 8192
+# The smallest vocabulary each trained kind can have: its special tokens plus one (BPE also
+# keeps all 256 bytes, so that no text is ever <unk>).
+MIN_VOCAB = {"word": 3, "char": 3, "bpe": 256 + 1 + 1, "unigram": 2 + 1}
 
 
 def _positive_or_none(name: str, value: int | None) -> None:
@@ -29,62 +42,41 @@ def _positive_or_none(name: str, value: int | None) -> None:
         raise ValueError(f"TextDataModule.{name} must be a positive integer or None, got {value!r}")
 
 
-def find_split_files(path: str | Path) -> dict[str, Path]:
-    """The split files of a local corpus folder; train and validation are required."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise ValueError(f"TextDataModule.path={str(path)!r} does not exist")
-    if not folder.is_dir():
-        raise ValueError(f"TextDataModule.path={str(path)!r} is not a folder")
-    found = {}
-    for split, names in SPLIT_FILES.items():
-        for name in names:
-            if (folder / name).is_file():
-                found[split] = folder / name
-                break
-    for required in ("train", "validation"):
-        if required not in found:
-            raise ValueError(
-                f"TextDataModule.path={str(path)!r} has no {required} split: expected one of "
-                f"{list(SPLIT_FILES[required])}"
-            )
-    return found
-
-
-def check_utf8_text(file: Path) -> None:
-    """Raise a clear error for a corpus file that is not UTF-8 or holds no text at all."""
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{file} is not UTF-8 text: byte {err.start} is {data[err.start : err.start + 1]!r}; "
-            "allowed: UTF-8 encoded text"
-        ) from None
-    if not text.strip():
-        raise ValueError(f"{file} is empty: the corpus must hold some text")
-
-
 class TextDataModule(L.LightningDataModule):
     """Blocks of ``seq_len`` tokens from a text corpus.
 
     Args:
-        path: a local folder with ``train.txt``/``valid.txt`` (``test.txt`` optional) or
-            ``wiki.{train,valid,test}.tokens``. When ``None``, ``dataset_name`` and
-            ``dataset_config`` are loaded from the Hugging Face hub (needs internet once).
-        level: ``"word"`` (whitespace tokens) or ``"char"``; every line ends in ``<eos>``.
+        path: a local folder whose splits are ``train``, ``valid`` (or ``validation``) and
+            optionally ``test``, each ``.txt``, ``.jsonl``/``.json``, ``.parquet`` or ``.csv``
+            (or ``wiki.{train,valid,test}.tokens``). When ``None`` and ``files`` is not given,
+            ``dataset_name`` and ``dataset_config`` are loaded from the Hugging Face hub (needs
+            internet once).
+        level: the older name for ``tokenizer: word`` or ``char``.
         seq_len: tokens per block.
         max_train_samples / max_val_samples: keep the first N blocks (the research used 10K
             blocks of 32 words, and 100K/10K characters).
+        max_vocab_size: ``word``/``char``: keep the most frequent tokens, the rest become
+            ``<unk>``; ``bpe``/``unigram``: the size trained (default 8,192).
         calibration_samples: blocks held out of the training split, right after the training
             blocks (or at its end when all of it is used), for calibrating an early-exit
             threshold on tokens the model never trained on (``calibration_dataloader``).
         seed: of the per-epoch shuffle; defaults to the seed given to ``seed_everything``.
-        max_vocab_size: keep the most frequent tokens, the rest become ``<unk>``.
-        cache_dir: where ``datasets`` caches; its default (``~/.cache/huggingface``) otherwise.
+        cache_dir: where the tokenizer and the token arrays are cached (and ``datasets``
+            caches hub data); default ``$LEGO_CACHE`` or ``~/.cache/lego_lightning`` (and
+            ``datasets``' own).
+        tokenizer: ``word`` (whitespace words, ``<eos>`` ending each line), ``char``, ``byte``,
+            ``bpe`` (byte-level BPE) or ``unigram`` trained on the training split, or the path
+            of a ``tokenizer.json`` or of a folder holding one (a pretrained model's). Default:
+            ``level``.
+        files: the files of each split by glob, relative to ``path`` when it is given, e.g.
+            ``{"train": "shards/train-*.parquet", "validation": "valid.jsonl"}``.
+        text_field: the field holding the text in JSON-lines, Parquet, CSV and hub records.
 
-    The vocabulary is built from the training split and saved in checkpoints; loading a
-    checkpoint whose vocabulary differs raises an error that names the first difference.
+    The tokenizer is saved beside the logs (``tokenizer.json``, or ``vocab.json`` for words
+    and characters) and in every checkpoint; loading a checkpoint whose tokenizer differs
+    raises an error that says so (for words and characters, the first token that differs).
+    Validation batches hold ``target_bytes``, the UTF-8 bytes of text their targets cover,
+    from which the modules report bits per byte.
     """
 
     def __init__(
@@ -103,6 +95,9 @@ class TextDataModule(L.LightningDataModule):
         seed: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        tokenizer: str | None = None,
+        files: dict[str, str] | None = None,
+        text_field: str = "text",
     ) -> None:
         super().__init__()
         if level not in LEVELS:
@@ -114,85 +109,115 @@ class TextDataModule(L.LightningDataModule):
         _positive_or_none("max_val_samples", max_val_samples)
         if not isinstance(calibration_samples, int) or calibration_samples < 0:
             raise ValueError(f"TextDataModule.calibration_samples must be an integer >= 0, got {calibration_samples!r}")
-        if max_vocab_size is not None and (not isinstance(max_vocab_size, int) or max_vocab_size < 3):
-            raise ValueError(f"TextDataModule.max_vocab_size must be an integer >= 3 or None, got {max_vocab_size!r}")
         if num_workers < 0:
             raise ValueError(f"TextDataModule.num_workers must be >= 0, got {num_workers}")
-        self.files = find_split_files(path) if path is not None else None
-        for file in (self.files or {}).values():
-            check_utf8_text(file)
+        if tokenizer is not None and level != "word" and tokenizer != level:
+            raise ValueError(
+                f"TextDataModule.tokenizer={tokenizer!r} and level={level!r} disagree: give tokenizer alone"
+            )
+        kind = tokenizer if tokenizer in KINDS else level if tokenizer is None else "file"
+        if kind == "file":
+            load_tokenizer(tokenizer)  # type: ignore[arg-type]  # refuses a path that is not a tokenizer, now
+        self._check_vocab_size(kind, max_vocab_size)
+        if path is not None or files is not None:
+            self.corpus = local_corpus(path, files, text_field)
+        else:
+            self.corpus = Corpus(None, dataset_name, dataset_config, text_field, cache_dir)
         self.save_hyperparameters()
         self.path, self.dataset_name, self.dataset_config = path, dataset_name, dataset_config
+        self.kind, self.tokenizer_path = kind, tokenizer if kind == "file" else None
         self.level, self.seq_len, self.batch_size = level, seq_len, batch_size
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.max_vocab_size, self.shuffle, self.num_workers = max_vocab_size, shuffle, num_workers
         self.calibration_samples, self.seed = calibration_samples, seed
-        self.cache_dir = cache_dir
-        self._vocab: Vocabulary | None = None
-        self._raw_splits: Any = None
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else token_cache.default_cache_dir()
+        self._tokenizer: TextTokenizer | None = None
+        self._fingerprints: dict[str, str] = {}
         self.splits: dict[str, TokenBlocks] = {}
 
-    # ------------------------------------------------------------------------------- loading
-    def _raw(self) -> Any:
-        """The text splits as a ``datasets.DatasetDict`` with a ``text`` column (loaded once)."""
-        if self._raw_splits is None:
-            self._raw_splits = self._load_raw()
-        return self._raw_splits
+    @staticmethod
+    def _check_vocab_size(kind: str, size: int | None) -> None:
+        if size is None:
+            return
+        if kind not in MIN_VOCAB:
+            raise ValueError(
+                f"TextDataModule.max_vocab_size={size!r} does not apply to tokenizer {kind!r}: it applies to "
+                f"{sorted(MIN_VOCAB)} (the byte tokenizer has 257 tokens, a ready one its own)"
+            )
+        if not isinstance(size, int) or isinstance(size, bool) or size < MIN_VOCAB[kind]:
+            why = "its special tokens, the 256 bytes and one merge" if kind == "bpe" else "its special tokens plus one"
+            raise ValueError(
+                f"TextDataModule.max_vocab_size={size!r} is too small for tokenizer {kind!r}: allowed an integer "
+                f">= {MIN_VOCAB[kind]} ({why})"
+            )
 
-    def _load_raw(self) -> Any:
-        import datasets
+    # ---------------------------------------------------------------------------- tokenizer
+    def _fingerprint(self, split: str) -> str:
+        if split not in self._fingerprints:
+            self._fingerprints[split] = self.corpus.fingerprint(split)
+        return self._fingerprints[split]
 
-        if self.files is not None:
-            files = {split: str(file) for split, file in self.files.items()}
-            return datasets.load_dataset("text", data_files=files, cache_dir=self.cache_dir)
-        raw = datasets.load_dataset(self.dataset_name, self.dataset_config, cache_dir=self.cache_dir)
-        for required in ("train", "validation"):
-            if required not in raw:
-                raise ValueError(
-                    f"dataset {self.dataset_name!r} ({self.dataset_config!r}) has no {required!r} split; "
-                    f"it has {list(raw)}"
-                )
-        return raw
+    @property
+    def text_tokenizer(self) -> TextTokenizer:
+        """The tokenizer: loaded, or built from the training split on first use and cached on disk."""
+        if self._tokenizer is None:
+            self._tokenizer = self._build_tokenizer()
+        return self._tokenizer
+
+    def _build_tokenizer(self) -> TextTokenizer:
+        if self.kind == "file":
+            return load_tokenizer(self.tokenizer_path)  # type: ignore[arg-type]
+        size = self.max_vocab_size
+        if size is None and self.kind in TRAINED_KINDS:
+            size = DEFAULT_TRAINED_VOCAB
+        key = token_cache.cache_key("tokenizer", self.kind, str(size), self._fingerprint("train"))
+        cached = self.cache_dir / f"{key}.tokenizer.json"
+        if cached.is_file():
+            return tokenizer_from_state(json.loads(cached.read_text(encoding="utf-8")))
+        if self.kind in TRAINED_KINDS:
+            rank_zero_info(f"Training a {self.kind} tokenizer of {size} tokens on the training split ...")
+        built = build_tokenizer(self.kind, size, self.corpus.lines("train"))
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{id(self)}.tmp")
+        tmp.write_text(json.dumps(built.state_dict(), ensure_ascii=False), encoding="utf-8")
+        tmp.replace(cached)
+        return built
 
     @property
     def vocab(self) -> Vocabulary:
-        """Built from the training split on first use (the CLI links ``vocab_size`` to the model)."""
-        if self._vocab is None:
-            self._vocab = Vocabulary.build(self._raw()["train"]["text"], self.level, self.max_vocab_size)
-        return self._vocab
+        """The word or character vocabulary (``tokenizer`` ``word`` or ``char``)."""
+        if not isinstance(self.text_tokenizer, VocabularyTokenizer):
+            raise AttributeError(f"the {self.kind} tokenizer has no word vocabulary: use text_tokenizer")
+        return self.text_tokenizer.vocab
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return len(self.text_tokenizer)
 
-    def _tokenized(self) -> Any:
-        from datasets import Features, Sequence, Value
-
-        vocab = self.vocab
-        raw = self._raw()
-        for split in ("train", "validation"):
-            if not any(line.strip() for line in raw[split]["text"]):
-                raise ValueError(f"the {split} split of {self.path or self.dataset_name} holds no text")
-        return raw.map(
-            _encode_batch,
-            batched=True,
-            remove_columns=raw["train"].column_names,
-            features=Features({"ids": Sequence(Value("int32"))}),
-            fn_kwargs={"index": vocab.index, "level": vocab.level},
-            desc="tokenizing",
-        )
+    # ------------------------------------------------------------------------------- tokens
+    def _arrays(self, split: str) -> token_cache.TokenArrays:
+        tokenizer = self.text_tokenizer
+        key = token_cache.cache_key("tokens", tokenizer.fingerprint(), self._fingerprint(split))
+        arrays = token_cache.load_arrays(self.cache_dir, key)
+        if arrays is None:
+            rank_zero_info(f"Tokenizing the {split} split into {self.cache_dir} ...")
+            arrays = token_cache.write_arrays(self.cache_dir, key, self.corpus.lines(split), tokenizer)
+        return arrays
 
     def prepare_data(self) -> None:
         # Rank 0 tokenizes and fills the cache; the other ranks read it in setup.
-        self._tokenized()
+        for split in self.corpus.splits:
+            self._arrays(split)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        tokenized = self._tokenized()
-        for split, ds in tokenized.items():
+        for split in self.corpus.splits:
+            arrays = self._arrays(split)
             limit = None if split == "train" else self.max_val_samples
-            self.splits[split] = TokenBlocks(_flat_ids(ds), self.seq_len, limit)
+            if split in ("train", "validation") and not arrays.nbytes.any():
+                raise ValueError(f"the {split} split of {self.path or self.dataset_name} holds no text")
+            self.splits[split] = TokenBlocks(arrays.ids, self.seq_len, limit, arrays.nbytes)
         full, n_held = self.splits["train"], self.calibration_samples
         n_train = min(self.max_train_samples or len(full), len(full) - n_held)
         if n_train < 1:
@@ -202,6 +227,12 @@ class TextDataModule(L.LightningDataModule):
         self.splits["train"] = full.subset(0, n_train)
         if n_held:
             self.splits["calibration"] = full.subset(n_train, n_train + n_held)
+        trainer = getattr(self, "trainer", None)
+        if stage == "fit" and trainer is not None and trainer.loggers:  # beside the logs, when there are logs
+            log_dir = trainer.log_dir  # on every rank: under DDP it is a broadcast
+            if trainer.is_global_zero and log_dir:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                self.text_tokenizer.save(Path(log_dir))
 
     # ----------------------------------------------------------------------------- loaders
     @property
@@ -239,20 +270,10 @@ class TextDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"vocab": self.vocab.state_dict()}
+        state = self.text_tokenizer.state_dict()
+        # Words and characters keep today's key, so earlier checkpoints load.
+        return {"vocab": state} if isinstance(self.text_tokenizer, VocabularyTokenizer) else {"tokenizer": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = Vocabulary.from_state_dict(state_dict["vocab"])
-        self.vocab.check_matches(saved, "the checkpoint")
-
-
-def _encode_batch(batch: dict[str, list[str]], index: dict[str, int], level: Level) -> dict[str, list[list[int]]]:
-    return {"ids": [encode_line(line, index, level) for line in batch["text"]]}
-
-
-def _flat_ids(ds: Any) -> torch.Tensor:
-    """All token ids of a tokenized split, in order, as one int32 tensor."""
-    import pyarrow.compute as pc
-
-    column = ds.data.column("ids")
-    return torch.from_numpy(pc.list_flatten(column).to_numpy().copy())  # arrow memory is read-only
+        saved = tokenizer_from_state(state_dict["vocab"] if "vocab" in state_dict else state_dict["tokenizer"])
+        self.text_tokenizer.check_matches(saved, "the checkpoint")

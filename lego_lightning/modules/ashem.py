@@ -126,7 +126,7 @@ class ASHEM(PhasedExitLM):
         m = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
         lines = [
             f"ASHEM two-stage evaluation (phase {self.phase}, threshold {self.routing_threshold})",
-            f"{'exit':<10}{'PPL':>12}{'acc':>10}{'hard PPL':>12}{'easy PPL':>12}{'tokens here':>13}",
+            f"{'exit':<10}{'PPL':>12}{'acc':>10}{'hard PPL':>12}{'easy PPL':>12}{'tokens here':>13}{'bits/byte':>11}",
         ]
 
         def cell(key: str, width: int, spec: str) -> str:
@@ -142,10 +142,13 @@ class ASHEM(PhasedExitLM):
                 cell(f"exit{k}/hard_ppl", 12, ".2f"),
                 cell(f"exit{k}/easy_ppl", 12, ".2f"),
                 cell(f"routed/exit{k}_frac", 13, ".1%"),
+                cell(f"exit{k}/bpb", 11, ".3f"),
             )
             lines.append("".join(cells))
         if "routed/ppl" in m:
-            lines.append(f"{'routed':<10}{m['routed/ppl']:>12.2f}{m['routed/acc']:>10.2%}")
+            lines.append(
+                f"{'routed':<10}{m['routed/ppl']:>12.2f}{m['routed/acc']:>10.2%}{'':>37}{cell('routed/bpb', 11, '.3f')}"
+            )
             lines.append(
                 f"compute of the routed model against the {self.config.n_layers}-layer model: "
                 f"FLOPs of everything that runs {m['routed/flops_ratio']:.1%}, layers only (the research's measure) "

@@ -1,7 +1,8 @@
 """Token-level evaluation metrics for every exit and for the routed model.
 
-Built on torchmetrics ``MeanMetric``, which sums values and counts across ranks, so
-perplexity and accuracy under DDP equal those of one process over the same tokens.
+Built on torchmetrics ``MeanMetric`` and ``SumMetric``, which sum values and counts across
+ranks, so perplexity, accuracy and bits per byte under DDP equal those of one process over the
+same tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 
 class ExitMetrics(nn.Module):
@@ -28,6 +29,9 @@ class ExitMetrics(nn.Module):
         self.routed_frac = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.routed_nll = MeanMetric()
         self.routed_acc = MeanMetric()
+        # Bits per byte: the tokens scored and the UTF-8 bytes of text they cover.
+        self.tokens = SumMetric()
+        self.text_bytes = SumMetric()
 
     def update_exit(self, exit_layer: int, nll: Tensor, correct: Tensor, hard: Tensor | None = None) -> None:
         """``hard`` ``(N,)`` marks tokens below the routing threshold at the first exit, when there is one."""
@@ -46,13 +50,22 @@ class ExitMetrics(nn.Module):
         for i, k in enumerate(exit_layers):
             self.routed_frac[str(k)].update((exit_position == i).float())
 
+    def update_bytes(self, tokens: int, text_bytes: Tensor) -> None:
+        """Every exit scored ``tokens`` targets that cover ``text_bytes`` bytes of text."""
+        self.tokens.update(torch.tensor(float(tokens), device=text_bytes.device))
+        self.text_bytes.update(text_bytes.sum().float())
+
     @property
     def has_routed(self) -> bool:
         return bool(self.routed_nll.update_count)
 
     def compute(self) -> dict[str, float]:
-        """Plain floats, already reduced across ranks. Keys: ``exit{k}/loss|ppl|acc`` and ``routed/...``."""
+        """Plain floats, already reduced across ranks. Keys: ``exit{k}/loss|ppl|acc|bpb`` and ``routed/...``."""
         out: dict[str, float] = {}
+        # nats per token -> bits per byte: x tokens / (bytes * ln 2), lm-eval's wikitext convention.
+        to_bpb = None
+        if self.text_bytes.update_count:
+            to_bpb = (self.tokens.compute() / (self.text_bytes.compute() * math.log(2))).item()
         for k in self.exit_layers:
             if not self.nll[str(k)].update_count:
                 continue
@@ -60,6 +73,8 @@ class ExitMetrics(nn.Module):
             out[f"exit{k}/loss"] = nll.item()
             out[f"exit{k}/ppl"] = torch.exp(nll).item()
             out[f"exit{k}/acc"] = self.acc[str(k)].compute().item()
+            if to_bpb is not None:
+                out[f"exit{k}/bpb"] = nll.item() * to_bpb
             for split, metric in (("hard", self.hard_nll[str(k)]), ("easy", self.easy_nll[str(k)])):
                 # Decide on update_count, equal on every rank: compute() is a collective under DDP.
                 # No hard (or easy) token anywhere gives 0/0, which is dropped.
@@ -72,6 +87,8 @@ class ExitMetrics(nn.Module):
             out["routed/loss"] = nll.item()
             out["routed/ppl"] = torch.exp(nll).item()
             out["routed/acc"] = self.routed_acc.compute().item()
+            if to_bpb is not None:
+                out["routed/bpb"] = nll.item() * to_bpb
             for k in self.exit_layers:
                 if self.routed_frac[str(k)].update_count:
                     out[f"routed/exit{k}_frac"] = self.routed_frac[str(k)].compute().item()
@@ -79,5 +96,5 @@ class ExitMetrics(nn.Module):
 
     def reset(self) -> None:
         for metric in self.modules():
-            if isinstance(metric, MeanMetric):
+            if isinstance(metric, (MeanMetric, SumMetric)):
                 metric.reset()

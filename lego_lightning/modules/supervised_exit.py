@@ -109,8 +109,10 @@ class SupervisedExitLM(L.LightningModule):
             ``tie_embeddings``); on the command line ``--model.d_model 64`` as before.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
-    ``val/ppl``, and with routing ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}``
-    and ``val/exit{k}/{hard,easy}_ppl``. Under DDP, ``val/*`` are reduced over every rank's
+    ``val/ppl``, ``val/exit{k}/bpb`` (and ``val/routed/bpb``) when the data gives the bytes of
+    text its targets cover (``TextDataModule`` does; causal objective only), and with routing
+    ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}`` and
+    ``val/exit{k}/{hard,easy}_ppl``. Under DDP, ``val/*`` are reduced over every rank's
     tokens (equal on all ranks); ``train/*`` are the logging rank's own batch, as usual in
     Lightning, to keep steps free of extra syncs.
     """
@@ -303,6 +305,8 @@ class SupervisedExitLM(L.LightningModule):
             if threshold is not None:
                 confidences.append(self.exit_confidence(k, h, logits))
         hard = confidences[0] < threshold if threshold is not None else None
+        if isinstance(batch, Mapping) and "target_bytes" in batch and self.objective == "causal":
+            metrics.update_bytes(targets.numel(), batch["target_bytes"])
         for k, nll, correct in zip(exits, nlls, corrects):
             metrics.update_exit(k, nll, correct, hard)
         if threshold is not None:

@@ -58,12 +58,12 @@ def test_wiki_tokens_file_names_and_optional_test_split(tmp_path: Path):
 def test_second_run_reads_the_tokenized_cache(corpus: Path, tmp_path: Path):
     first = TextDataModule(path=str(corpus), seq_len=8, cache_dir=str(tmp_path))
     first.prepare_data()
-    files = sorted(tmp_path.rglob("cache-*.arrow"))
-    assert files, "tokenized splits were not written to the datasets cache"
+    files = sorted(tmp_path.glob("*.ids")) + sorted(tmp_path.glob("*.tokenizer.json"))
+    assert len(files) == 3, "the tokenizer and both splits' token arrays were not written to the cache"
     stamps = {f: f.stat().st_mtime_ns for f in files}
     second = TextDataModule(path=str(corpus), seq_len=8, cache_dir=str(tmp_path))
     second.setup("fit")
-    assert sorted(tmp_path.rglob("cache-*.arrow")) == files
+    assert sorted(tmp_path.glob("*.ids")) + sorted(tmp_path.glob("*.tokenizer.json")) == files
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     first.setup("fit")
     assert torch.equal(first.splits["train"].input_ids, second.splits["train"].input_ids)
@@ -125,7 +125,7 @@ def test_corpus_shorter_than_one_block_is_a_clear_error(tmp_path: Path):
         ({"level": "byte"}, r"TextDataModule.level='byte' is not one of \('word', 'char'\)"),
         ({"seq_len": 0}, r"TextDataModule.seq_len must be a positive integer, got 0"),
         ({"max_train_samples": 0}, r"max_train_samples must be a positive integer or None, got 0"),
-        ({"max_vocab_size": 2}, r"max_vocab_size must be an integer >= 3 or None, got 2"),
+        ({"max_vocab_size": 2}, r"max_vocab_size=2 is too small for tokenizer .word.: allowed an integer >= 3"),
     ],
 )
 def test_bad_arguments(corpus: Path, kwargs, message):

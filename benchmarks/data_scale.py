@@ -1,0 +1,143 @@
+"""Data preparation at scale (issue 17): time, throughput and peak memory at 1x, 10x (and 100x) WikiText-2.
+
+The training split is N concatenated copies of WikiText-2's, made at run time in a temporary
+folder (never committed); validation is WikiText-2's. For each scale and tokenizer (word level,
+byte-level BPE of 8,192 tokens), one fresh process prepares the data (trains the tokenizer,
+tokenizes every split into arrays on disk) and iterates one epoch of training blocks (batch
+64 x 32); a second process does the same with the cache the first one left. Each reports its
+wall time and peak resident memory (``ru_maxrss``, the process's own, imports included).
+
+    python -m benchmarks.data_scale                     # 1x and 10x, word and bpe
+    python -m benchmarks.data_scale --scales 1 10 100   # 100x: 1 GB of text on disk, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DEFAULT_DATA, REPO, write_results
+
+TOKENIZERS = {"word": {"tokenizer": "word"}, "bpe8k": {"tokenizer": "bpe", "max_vocab_size": 8192}}
+
+
+def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Run in a child process: prepare the data, iterate one epoch, report times and peak memory."""
+    from lego_lightning.data import TextDataModule
+
+    start = time.perf_counter()
+    dm = TextDataModule(path=folder, seq_len=32, batch_size=64, cache_dir=cache, **settings)
+    dm.prepare_data()
+    dm.setup("fit")
+    prepared = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = 0
+    for batch in dm.train_dataloader():
+        tokens += batch["input_ids"].numel()
+    iterated = time.perf_counter() - start
+    return {
+        "prepare_s": prepared,
+        "epoch_s": iterated,
+        "epoch_tokens": tokens,
+        "train_tokens": len(dm.splits["train"]) * 32,
+        "vocab_size": dm.vocab_size,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child(folder: Path, cache: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    code = (
+        "import json, sys; from benchmarks.data_scale import prepare_and_iterate; "
+        "print(json.dumps(prepare_and_iterate(*json.loads(sys.argv[1]))))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([str(folder), str(cache), settings])],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def make_corpus(source: Path, folder: Path, copies: int) -> int:
+    """``copies`` of ``source``'s training split as one train.txt, its validation split as is; bytes of train."""
+    folder.mkdir(parents=True)
+    train = (source / "train.txt").read_bytes()
+    with open(folder / "train.txt", "wb") as f:
+        for _ in range(copies):
+            f.write(train)
+    shutil.copy(source / "valid.txt", folder / "valid.txt")
+    return len(train) * copies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS), choices=list(TOKENIZERS))
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--name", default="data_scale")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for scale in args.scales:
+            folder = Path(work) / f"x{scale}"
+            text_bytes = make_corpus(args.data, folder, scale)
+            for name in args.tokenizers:
+                cache = Path(work) / f"cache-x{scale}-{name}"
+                first = child(folder, cache, TOKENIZERS[name])
+                second = child(folder, cache, TOKENIZERS[name])
+                row = {
+                    "scale": scale,
+                    "tokenizer": name,
+                    "train_mb": text_bytes / 1e6,
+                    "first": first,
+                    "cached": second,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(cache)
+            shutil.rmtree(folder)
+    write_results(args.name, rows, report(rows), extra={"settings": {"scales": args.scales}})
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| tokenizer | scale | train MB | vocab | first run: prepare s | MB/s | epoch s | peak RSS MiB | "
+        "cached run: prepare s | peak RSS MiB | peak RSS vs 1x (first run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {r["tokenizer"]: r["first"]["peak_rss_mib"] for r in rows if r["scale"] == 1}
+    for r in rows:
+        f, c = r["first"], r["cached"]
+        ratio = f["peak_rss_mib"] / base[r["tokenizer"]] if r["tokenizer"] in base else float("nan")
+        lines.append(
+            f"| {r['tokenizer']} | {r['scale']}x | {r['train_mb']:.0f} | {f['vocab_size']} | {f['prepare_s']:.1f} | "
+            f"{r['train_mb'] / f['prepare_s']:.1f} | {f['epoch_s']:.1f} | {f['peak_rss_mib']:.0f} | "
+            f"{c['prepare_s']:.1f} | {c['peak_rss_mib']:.0f} | {ratio:.2f} |"
+        )
+    return "\n\n".join(
+        [
+            "# Data preparation at scale (issue 17)",
+            "The training split is N copies of WikiText-2's; each row's first run trains the tokenizer and "
+            "tokenizes every split into arrays on disk, then iterates one epoch of training blocks (64 x 32); the "
+            "cached run does the same with what the first left. Peak RSS is each process's own (imports "
+            "included). MB/s is training-split megabytes over the first run's preparation time (validation "
+            "included in the time).",
+            "\n".join(lines),
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Tokenized splits on disk: flat memory-mapped arrays of token ids, written once, read by every run.
+
+Each split becomes two files in the cache folder, named by a fingerprint of the split's text
+and of the tokenizer: ``{key}.ids`` (``uint16`` when the vocabulary fits, else ``uint32``) and
+``{key}.bytes`` (``uint16``: the UTF-8 bytes of text each token stands for, what bits per byte
+divides by), plus ``{key}.json`` (their dtype and length), written last, so a run killed
+mid-way leaves no array that looks finished. Lines are tokenized a batch at a time and written
+as they come: memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from lego_lightning.data.tokenizer import TextTokenizer
+
+FORMAT = 1  # bump when the files' layout or the tokenization of lines changes
+LINES_PER_BATCH = 8192
+
+
+def default_cache_dir() -> Path:
+    """``$LEGO_CACHE``, else ``~/.cache/lego_lightning``."""
+    return Path(os.environ.get("LEGO_CACHE", "~/.cache/lego_lightning")).expanduser()
+
+
+def cache_key(*parts: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (str(FORMAT), *parts):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenArrays:
+    """A split's token ids and bytes per token, memory-mapped read-only."""
+
+    ids: np.ndarray
+    nbytes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def load_arrays(folder: Path, key: str) -> TokenArrays | None:
+    """The arrays of ``key`` when a finished run wrote them, else ``None``."""
+    meta = folder / f"{key}.json"
+    if not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    return TokenArrays(
+        ids=_memmap(folder / f"{key}.ids", info["ids_dtype"], info["tokens"]),
+        nbytes=_memmap(folder / f"{key}.bytes", "uint16", info["tokens"]),
+    )
+
+
+def _memmap(file: Path, dtype: str, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+
+
+def write_arrays(folder: Path, key: str, lines: Iterable[str], tokenizer: TextTokenizer) -> TokenArrays:
+    """Tokenize ``lines`` into the arrays of ``key``, a batch of lines at a time; returns them mapped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = ids_dtype(len(tokenizer))
+    tmp = f".{os.getpid()}.tmp"
+    ids_file, bytes_file = folder / f"{key}.ids{tmp}", folder / f"{key}.bytes{tmp}"
+    tokens = 0
+    with open(ids_file, "wb") as ids_out, open(bytes_file, "wb") as bytes_out:
+        for batch in _batches(lines, LINES_PER_BATCH):
+            ids, nbytes = tokenizer.encode_lines(batch)
+            ids_out.write(np.asarray(ids, dtype=dtype).tobytes())
+            bytes_out.write(np.minimum(np.asarray(nbytes, dtype=np.int64), 0xFFFF).astype(np.uint16).tobytes())
+            tokens += len(ids)
+    os.replace(ids_file, folder / f"{key}.ids")
+    os.replace(bytes_file, folder / f"{key}.bytes")
+    meta_tmp = folder / f"{key}.json{tmp}"
+    meta_tmp.write_text(json.dumps({"ids_dtype": dtype.name, "tokens": tokens, "format": FORMAT}))
+    os.replace(meta_tmp, folder / f"{key}.json")
+    arrays = load_arrays(folder, key)
+    assert arrays is not None
+    return arrays
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(lines)
+    while batch := list(islice(iterator, size)):
+        yield batch

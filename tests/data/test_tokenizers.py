@@ -1,0 +1,149 @@
+"""Tokenizers: byte, BPE and unigram trained locally, ready ones from a tokenizer.json, in checkpoints and caches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from lego_lightning.data import TextDataModule
+from lego_lightning.data.token_cache import ids_dtype
+from tests.conftest import write_corpus
+
+TEXT = ["The café's naïve façade — 3.5 km², 東京 🙂", "", "  = Valkyria Chronicles III =  ", "a\tb"]
+
+
+def stream_of(dm: TextDataModule, split: str = "train") -> np.ndarray:
+    dm.setup("fit")
+    blocks = dm.splits[split]
+    return np.concatenate([blocks.input_ids.flatten().numpy(), blocks.targets[-1, -1:].numpy()])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = write_corpus(tmp_path_factory.mktemp("tok_corpus"))
+    with open(folder / "train.txt", "a", encoding="utf-8") as f:
+        f.write("\n".join(TEXT) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(("kind", "size"), [("byte", None), ("bpe", 300), ("unigram", 120)])
+def test_each_kind_covers_every_byte_of_the_text_once(corpus, tmp_path, kind, size):
+    dm = TextDataModule(path=str(corpus), tokenizer=kind, max_vocab_size=size, seq_len=8, cache_dir=str(tmp_path))
+    tokenizer = dm.text_tokenizer
+    # BPE reaches the size asked for; unigram stops short of it on a corpus this small.
+    assert (
+        len(tokenizer) == 257 if kind == "byte" else len(tokenizer) == size if kind == "bpe" else len(tokenizer) <= size
+    )
+    ids, nbytes = tokenizer.encode_lines(TEXT)
+    assert sum(nbytes) == sum(len(line.encode("utf-8")) + 1 for line in TEXT)  # each line and its line break
+    assert len(ids) == len(nbytes) and min(nbytes) >= 0
+    if kind != "unigram":  # byte-level: the text comes back exactly, nothing is <unk>
+        assert tokenizer.decode(ids) == "".join(line + "\n" for line in TEXT)
+
+
+def test_word_and_char_bytes_add_up_to_each_line_with_its_break(corpus, tmp_path):
+    for level in ("word", "char"):
+        dm = TextDataModule(path=str(corpus), level=level, seq_len=8, cache_dir=str(tmp_path))
+        ids, nbytes = dm.text_tokenizer.encode_lines(TEXT)
+        assert sum(nbytes) == sum(len(line.encode("utf-8")) + 1 for line in TEXT)
+        assert ids == [i for line in TEXT for i in dm.vocab.encode(line)]
+
+
+def test_the_stream_on_disk_is_what_the_tokenizer_gives_line_by_line(corpus, tmp_path):
+    dm = TextDataModule(path=str(corpus), tokenizer="bpe", max_vocab_size=300, seq_len=8, cache_dir=str(tmp_path))
+    lines = (corpus / "train.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    expected = dm.text_tokenizer.encode_lines(lines)[0]
+    stream = stream_of(dm)
+    assert stream.tolist() == expected[: len(stream)]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["target_bytes"].shape == (batch["input_ids"].shape[0],)
+    assert (batch["target_bytes"] > 0).all()
+
+
+def test_a_ready_tokenizer_json_gives_the_ids_transformers_users_get(corpus, tmp_path):
+    trained = TextDataModule(path=str(corpus), tokenizer="bpe", max_vocab_size=280, cache_dir=str(tmp_path / "c"))
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    file = trained.text_tokenizer.save(folder)
+    assert file.name == "tokenizer.json"
+    reference = Tokenizer.from_file(str(file))
+    for path in (file, folder):  # the file, or a folder holding one
+        dm = TextDataModule(path=str(corpus), tokenizer=str(path), seq_len=8, cache_dir=str(tmp_path / "c"))
+        assert dm.vocab_size == reference.get_vocab_size()
+        first_lines = (corpus / "train.txt").read_text(encoding="utf-8").split("\n")[:3]
+        expected = [i for line in first_lines for i in reference.encode(line + "\n", add_special_tokens=False).ids]
+        assert stream_of(dm)[: len(expected)].tolist() == expected
+
+
+def test_ids_past_65535_are_stored_as_uint32(corpus, tmp_path):
+    words = {f"w{i}": i for i in range(70_000)}
+    words["[UNK]"] = 70_000
+    big = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    big.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    big.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "data").mkdir()
+    line = " ".join(f"w{i}" for i in range(65_530, 65_546))
+    for name in ("train.txt", "valid.txt"):
+        (tmp_path / "data" / name).write_text((line + "\n") * 4, encoding="utf-8")
+    dm = TextDataModule(path=str(tmp_path / "data"), tokenizer=str(tmp_path), seq_len=4, cache_dir=str(tmp_path))
+    assert ids_dtype(dm.vocab_size) == np.uint32 and ids_dtype(65_536) == np.uint16
+    assert stream_of(dm)[:16].tolist() == list(range(65_530, 65_546))
+
+
+def test_the_checkpoint_carries_the_tokenizer_and_refuses_another(corpus, tmp_path):
+    def bpe(size):
+        return TextDataModule(path=str(corpus), tokenizer="bpe", max_vocab_size=size, cache_dir=str(tmp_path))
+
+    torch.save(bpe(300).state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    bpe(300).load_state_dict(state)  # the same tokenizer loads
+    with pytest.raises(ValueError, match=r"the checkpoint: its tokenizer \(bpe, 300 tokens\) differs from the data's"):
+        bpe(290).load_state_dict(state)
+    word = TextDataModule(path=str(corpus), cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"its tokenizer \(bpe, 300 tokens\) differs from the data's \(word"):
+        word.load_state_dict(state)
+
+
+def test_a_trained_tokenizer_is_cached_and_not_trained_again(corpus, tmp_path):
+    first = TextDataModule(path=str(corpus), tokenizer="unigram", max_vocab_size=100, cache_dir=str(tmp_path))
+    first.prepare_data()
+    (cached,) = tmp_path.glob("*.tokenizer.json")
+    stamp = cached.stat().st_mtime_ns
+    second = TextDataModule(path=str(corpus), tokenizer="unigram", max_vocab_size=100, cache_dir=str(tmp_path))
+    assert second.text_tokenizer.fingerprint() == first.text_tokenizer.fingerprint()
+    assert cached.stat().st_mtime_ns == stamp
+    assert np.array_equal(stream_of(first), stream_of(second))
+    other = TextDataModule(path=str(corpus), tokenizer="unigram", max_vocab_size=90, cache_dir=str(tmp_path))
+    other.prepare_data()
+    assert len(list(tmp_path.glob("*.tokenizer.json"))) == 2  # another size is another tokenizer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tokenizer": "missing/tokenizer.json"}, r"tokenizer='missing/tokenizer.json' is neither one of \('word'"),
+        ({"tokenizer": "bpe", "max_vocab_size": 257}, r"max_vocab_size=257 is too small for tokenizer 'bpe'.*>= 258"),
+        ({"tokenizer": "unigram", "max_vocab_size": 2}, r"max_vocab_size=2 is too small for tokenizer 'unigram'.*>= 3"),
+        ({"tokenizer": "byte", "max_vocab_size": 300}, r"max_vocab_size=300 does not apply to tokenizer 'byte'"),
+        ({"tokenizer": "bpe", "level": "char"}, r"tokenizer='bpe' and level='char' disagree"),
+    ],
+)
+def test_bad_tokenizer_settings_fail_at_construction(corpus, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TextDataModule(path=str(corpus), **kwargs)
+
+
+def test_a_unigram_size_below_the_corpus_characters_is_named(corpus, tmp_path):
+    dm = TextDataModule(path=str(corpus), tokenizer="unigram", max_vocab_size=20, cache_dir=str(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"max_vocab_size=20: training the unigram tokenizer failed: .*not large enough"
+    ):
+        dm.prepare_data()
+
+
+def test_a_file_that_is_not_a_tokenizer_is_named(corpus, tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a tokenizer.json"):
+        TextDataModule(path=str(corpus), tokenizer=str(tmp_path))
