@@ -231,7 +231,7 @@ def end_state(folder: Path) -> dict[str, Any]:
         "step": ckpt["global_step"],
         "epoch": ckpt["epoch"],
         "threshold": ckpt.get("routing_threshold"),
-        "hard_set": ckpt.get("hard_mask"),  # a phased module's own hard-token set
+        "hard_set": ckpt.get("hard_tokens"),  # a phased module's own hard-token set
     }
 
 

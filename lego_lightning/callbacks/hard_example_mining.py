@@ -8,10 +8,16 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lego_lightning.callbacks.phase_trigger import PhaseTriggeredCallback, log_once
+from lego_lightning.data.token_set import TokenSet
 from lego_lightning.model.lean_loss import IGNORE_INDEX
+
+
+def on_device(tokens: TokenSet, cached: TokenSet | None, device: torch.device) -> TokenSet:
+    """``tokens`` on ``device``, copied once (``cached`` when it is there already), not every step."""
+    return cached if cached is not None and cached.bits.device == device else tokens.to(device)
 
 
 def only_hard_targets(targets: Tensor, hard: Tensor) -> Tensor:
@@ -20,42 +26,64 @@ def only_hard_targets(targets: Tensor, hard: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def mark_tokens(
+    dataset: Dataset,
+    confidence: Callable[[Tensor], Tensor],
+    threshold: float,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 256,
+) -> TokenSet:
+    """The tokens of ``dataset``'s blocks ``rank, rank + world_size, ...`` whose confidence is below ``threshold``.
+
+    ``dataset`` holds dicts with ``input_ids``, ``targets`` and ``index``. The set takes one bit
+    per training token, and a batch of blocks at a time is scored: memory grows with the set's
+    bits, not with the logits or the number of tokens.
+    """
+    n = len(dataset)
+    seq_len = dataset[0]["input_ids"].shape[0]
+    marks = TokenSet.empty(n, seq_len, device)
+    for batch in DataLoader(Subset(dataset, range(rank, n, world_size)), batch_size=batch_size):
+        input_ids = batch["input_ids"].to(device)
+        hard = (confidence(input_ids) < threshold) & (batch["targets"].to(device) != IGNORE_INDEX)
+        marks.mark(batch["index"], hard)
+    return marks
+
+
 def mine_hard_tokens(
     trainer: L.Trainer,
     pl_module: L.LightningModule,
     confidence: Callable[[Tensor], Tensor],
     threshold: float,
     batch_size: int = 256,
-) -> Tensor:
-    """``(N, T)`` bool: training tokens whose ``confidence(input_ids)`` is below ``threshold``, equal on every rank.
+) -> TokenSet:
+    """Training tokens whose ``confidence(input_ids)`` is below ``threshold``, the same set on every rank.
 
     ``trainer.datamodule.train_dataset`` holds dicts with ``input_ids``, ``targets`` and
-    ``index``. Each rank scores every ``world_size``-th block and the marks are summed across
-    ranks, so every rank holds the set one process finds. A set without a hard token is an error.
+    ``index``. Each rank marks every ``world_size``-th block (:func:`mark_tokens`) and the ranks'
+    bits are summed: the rows are disjoint, so the sum is their union, the set one process
+    finds. A set without a hard token is an error.
     """
-    dataset = trainer.datamodule.train_dataset
-    n = len(dataset)
-    shard = Subset(dataset, range(trainer.global_rank, n, trainer.world_size))
-    marks: Tensor | None = None
     was_training = pl_module.training
     pl_module.eval()
-    for batch in DataLoader(shard, batch_size=batch_size):
-        input_ids = batch["input_ids"].to(pl_module.device)
-        hard = (confidence(input_ids) < threshold) & (batch["targets"].to(pl_module.device) != IGNORE_INDEX)
-        if marks is None:
-            marks = torch.zeros(n, input_ids.shape[1], dtype=torch.int32, device=pl_module.device)
-        marks[batch["index"].to(pl_module.device)] = hard.int()
+    marks = mark_tokens(
+        trainer.datamodule.train_dataset,
+        confidence,
+        threshold,
+        pl_module.device,
+        trainer.global_rank,
+        trainer.world_size,
+        batch_size,
+    )
     pl_module.train(was_training)
-    if marks is None:  # a rank with no block of its own still joins the sum
-        seq_len = dataset[0]["input_ids"].shape[0]
-        marks = torch.zeros(n, seq_len, dtype=torch.int32, device=pl_module.device)
-    mask = trainer.strategy.reduce(marks, reduce_op="sum").bool().cpu()
-    if not mask.any():
+    hard = TokenSet(trainer.strategy.reduce(marks.bits, reduce_op="sum").cpu(), marks.seq_len)
+    if not hard.count():
         raise ValueError(
             f"mining found no hard tokens: every training token has confidence >= {threshold}; raise the threshold "
             "(or the calibration's hard_ratio)"
         )
-    return mask
+    return hard
 
 
 class HardExampleMining(PhaseTriggeredCallback):
@@ -78,7 +106,7 @@ class HardExampleMining(PhaseTriggeredCallback):
 
     Each rank scores every ``world_size``-th block and the marks are summed across ranks, so
     every rank holds the same set, equal to what one process finds. The set is saved in
-    checkpoints (``hard_mask``, ``(N, T)`` bool): a resumed run trains on the same tokens.
+    checkpoints (``hard_tokens``, one bit per training token): a resumed run trains on the same tokens.
 
     Logged once: ``{log_prefix}/hard_frac``, the fraction of training tokens mined.
     """
@@ -90,8 +118,8 @@ class HardExampleMining(PhaseTriggeredCallback):
             raise ValueError(f"HardExampleMining.batch_size must be a positive integer, got {batch_size!r}")
         super().__init__(at_phase)
         self.exit_layer, self.batch_size, self.log_prefix = exit_layer, batch_size, log_prefix
-        self.hard_mask: Tensor | None = None
-        self._device_mask: Tensor | None = None
+        self.hard_tokens: TokenSet | None = None
+        self._device_tokens: TokenSet | None = None
 
     @property
     def state_key(self) -> str:
@@ -116,27 +144,35 @@ class HardExampleMining(PhaseTriggeredCallback):
                 "or set a threshold"
             )
         confidence = lambda input_ids: pl_module.token_confidence(input_ids, self.exit_layer)  # noqa: E731
-        self.hard_mask = mine_hard_tokens(trainer, pl_module, confidence, threshold, self.batch_size)
-        self._device_mask = None
-        log_once(trainer, {f"{self.log_prefix}/hard_frac": float(self.hard_mask.float().mean())})
+        self.hard_tokens = mine_hard_tokens(trainer, pl_module, confidence, threshold, self.batch_size)
+        self._device_tokens = None
+        log_once(trainer, {f"{self.log_prefix}/hard_frac": self.hard_tokens.fraction()})
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.hard_mask is not None:
-            if self._device_mask is None or self._device_mask.device != batch["targets"].device:
-                self._device_mask = self.hard_mask.to(batch["targets"].device)  # once, not every step
-            batch["targets"] = only_hard_targets(batch["targets"], self._device_mask[batch["index"]])
+        if self.hard_tokens is not None:
+            self._device_tokens = on_device(self.hard_tokens, self._device_tokens, batch["targets"].device)
+            batch["targets"] = only_hard_targets(batch["targets"], self._device_tokens.rows(batch["index"]))
+
+    @property
+    def hard_mask(self) -> Tensor | None:
+        """The hard set as ``(N, T)`` bool, read into memory (small sets: tests, reports)."""
+        return None if self.hard_tokens is None else self.hard_tokens.to_mask()
 
     @property
     def hard_frac(self) -> float | None:
-        return None if self.hard_mask is None else float(self.hard_mask.float().mean())
+        return None if self.hard_tokens is None else self.hard_tokens.fraction()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "hard_mask": self.hard_mask}
+        return {
+            **super().state_dict(),
+            "hard_tokens": None if self.hard_tokens is None else self.hard_tokens.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.hard_mask = state_dict.get("hard_mask")
-        self._device_mask = None
+        # Earlier checkpoints kept the set as an (N, T) bool mask.
+        self.hard_tokens = TokenSet.from_state(state_dict.get("hard_tokens", state_dict.get("hard_mask")))
+        self._device_tokens = None

@@ -12,8 +12,8 @@ tokens (``tokens="hard"``), initialise the grown layers, set the loss weights, f
 unfreeze, set every parameter group's learning rate (in the optimizer and its scheduler, so
 checkpoints carry it), log and print the change.
 
-The hard-token set lives in the module (``hard_mask``, saved in checkpoints) and its own
-training step applies it; no callback changes a batch.
+The hard-token set lives in the module (``hard_tokens``, one bit per training token, saved in
+checkpoints) and its own training step applies it; no callback changes a batch.
 
 Every layer the plan will reach is built up front: DDP cannot see modules added after it wraps
 the model (DESIGN.md, known traps), so growth initialises a stage that was there, unused, all
@@ -36,9 +36,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lego_lightning.callbacks.exit_classifier_training import fit_exit_classifier
-from lego_lightning.callbacks.hard_example_mining import mine_hard_tokens, only_hard_targets
+from lego_lightning.callbacks.hard_example_mining import mine_hard_tokens, on_device, only_hard_targets
 from lego_lightning.callbacks.phase_trigger import log_once
 from lego_lightning.callbacks.quantile_threshold_calibration import calibrate_threshold
+from lego_lightning.data.token_set import TokenSet
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, as_stage, validate_stages
 from lego_lightning.model.lean_loss import IGNORE_INDEX
@@ -118,8 +119,8 @@ class PhasedExitLM(SupervisedExitLM):
             self.log_prefix = log_prefix
         self.phase = 1
         self.phase_start_epoch = 0
-        self.hard_mask: Tensor | None = None  # (training blocks, T) bool, set by a phase with hard tokens
-        self._device_mask: Tensor | None = None
+        self.hard_tokens: TokenSet | None = None  # one bit per training token, set by a phase with hard tokens
+        self._device_tokens: TokenSet | None = None
         self.exit_classifier_stats: dict[int, dict[str, float]] = {}  # per exit, from the last fit
         self.exit_loss_weights = self._loss_weights(self.plan[0])
         self._save_plain_hyperparameters(inspect.currentframe())
@@ -128,6 +129,11 @@ class PhasedExitLM(SupervisedExitLM):
         super()._save_plain_hyperparameters(frame)
         if self.hparams.get("phases"):
             self.hparams["phases"] = [as_phase(p, i).to_dict() for i, p in enumerate(self.hparams["phases"])]
+
+    @property
+    def hard_mask(self) -> Tensor | None:
+        """The hard-token set as ``(training blocks, T)`` bool, read into memory (small sets: tests, reports)."""
+        return None if self.hard_tokens is None else self.hard_tokens.to_mask()
 
     # ---------------------------------------------------------------------------- the plan
     @property
@@ -250,11 +256,11 @@ class PhasedExitLM(SupervisedExitLM):
             )
             if r.phase.confidence is None:  # the routing measure: route with the calibrated threshold
                 self.routing_threshold = threshold
-            self.hard_mask = mine_hard_tokens(trainer, self, confidence, threshold)
-            log_once(trainer, {f"{self.log_prefix}/hard_frac": float(self.hard_mask.float().mean())})
+            self.hard_tokens = mine_hard_tokens(trainer, self, confidence, threshold)
+            log_once(trainer, {f"{self.log_prefix}/hard_frac": self.hard_tokens.fraction()})
         else:
-            self.hard_mask = None
-        self._device_mask = None
+            self.hard_tokens = None
+        self._device_tokens = None
         if self._grow(r):
             log_once(trainer, {"growth/init": float(GROW_INITS.index(r.phase.grow_init))})
         self.set_trainable()
@@ -312,10 +318,10 @@ class PhasedExitLM(SupervisedExitLM):
         r = self.current
         lines = [f"Phase {ended}/{self.num_phases} ended{': ' + why if why else ''}."]
         if threshold is not None:
-            assert self.hard_mask is not None
+            assert self.hard_tokens is not None
             lines.append(
                 f"  hard tokens: threshold {threshold:.4g} at exit {r.hard_exit} (hard_ratio {r.phase.hard_ratio}), "
-                f"{float(self.hard_mask.float().mean()):.1%} of the training tokens"
+                f"{self.hard_tokens.fraction():.1%} of the training tokens"
             )
         grown = (
             f", layers {r.previous_depth + 1}-{r.depth} new ({r.phase.grow_init})" if r.depth > r.previous_depth else ""
@@ -384,11 +390,10 @@ class PhasedExitLM(SupervisedExitLM):
         return losses
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.hard_mask is not None:
+        if self.hard_tokens is not None:
             targets = batch["targets"]
-            if self._device_mask is None or self._device_mask.device != targets.device:
-                self._device_mask = self.hard_mask.to(targets.device)  # once, not every step
-            batch = {**batch, "targets": only_hard_targets(targets, self._device_mask[batch["index"]])}
+            self._device_tokens = on_device(self.hard_tokens, self._device_tokens, targets.device)
+            batch = {**batch, "targets": only_hard_targets(targets, self._device_tokens.rows(batch["index"]))}
         return super().training_step(batch, batch_idx)
 
     # ---------------------------------------------------------------------------------- hooks
@@ -431,7 +436,7 @@ class PhasedExitLM(SupervisedExitLM):
         elif trainer.ckpt_path:
             r = self.current
             threshold = "" if self.routing_threshold is None else f", routing threshold {self.routing_threshold:.4g}"
-            hard = "" if self.hard_mask is None else f", {float(self.hard_mask.float().mean()):.1%} of tokens hard"
+            hard = "" if self.hard_tokens is None else f", {self.hard_tokens.fraction():.1%} of tokens hard"
             rank_zero_info(
                 f"Resumed in phase {self.phase}/{self.num_phases} (epoch {trainer.current_epoch}, {r.depth} layers"
                 f"{threshold}{hard})"
@@ -453,7 +458,7 @@ class PhasedExitLM(SupervisedExitLM):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["phase"] = {"phase": self.phase, "phase_start_epoch": self.phase_start_epoch}
-        checkpoint["hard_mask"] = self.hard_mask
+        checkpoint["hard_tokens"] = None if self.hard_tokens is None else self.hard_tokens.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -469,9 +474,11 @@ class PhasedExitLM(SupervisedExitLM):
             self.phase_start_epoch = int(state["phase_start_epoch"])
         if checkpoint.get("routing_threshold") is not None:
             self.routing_threshold = checkpoint["routing_threshold"]
-        mask = checkpoint.get("hard_mask")
-        if mask is None:  # checkpoints written before the set moved into the module kept it in a callback
+        # Earlier checkpoints kept the set as an (N, T) bool mask: in "hard_mask", or before the set
+        # moved into the module, in a callback's state.
+        state = checkpoint.get("hard_tokens", checkpoint.get("hard_mask"))
+        if state is None:
             old = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("HardExampleMining")]
-            mask = old[0].get("hard_mask") if old else None
-        self.hard_mask = mask
-        self._device_mask = None
+            state = old[0].get("hard_mask") if old else None
+        self.hard_tokens = TokenSet.from_state(state)
+        self._device_tokens = None

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 from lego_lightning import ASHEM
 from lego_lightning.callbacks import BestAndLastCheckpoint
+from lego_lightning.data.token_set import TokenSet
 from tests.helpers import TINY_PHASED, quiet_trainer, synthetic, tiny_ashem
 
 FROZEN = ("model.tok_emb.", "model.pos_emb.", "model.blocks.0.", "model.blocks.1.", "model.heads.0.")
@@ -169,7 +170,9 @@ def test_checkpoints_of_both_phases_load_with_weights_only(tmp_path):
     # ...and already holds phase 2's model: calibrated, mined, grown (identity), with phase 2's loss weights.
     boundary = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
     assert boundary["routing_threshold"] is not None
-    assert boundary["hard_mask"].shape == (64, 16) and boundary["hard_mask"].any()
+    hard = TokenSet.from_state(boundary["hard_tokens"])
+    assert hard.to_mask().shape == (64, 16) and hard.count() > 0
+    assert boundary["hard_tokens"]["bits"].shape == (64, 2)  # one bit per training token
     assert boundary["exit_loss_weights"] == [0.0, 1.0]
     assert boundary["state_dict"]["model.blocks.2.mlp.proj.weight"].abs().sum() == 0
 

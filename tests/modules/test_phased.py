@@ -154,7 +154,7 @@ def test_every_checkpoint_loads_weights_only_and_validates_at_its_phases_depth(t
         state = torch.load(path, weights_only=True)
         phase = state["phase"]["phase"]
         phases[state["epoch"]] = phase
-        assert (state["hard_mask"] is not None) == (phase == 3)
+        assert (state["hard_tokens"] is not None) == (phase == 3)
         module = four_phase_model()
         (metrics,) = quiet_trainer(tmp_path).validate(module, synthetic(), ckpt_path=str(path), verbose=False)
         assert module.phase == phase
@@ -288,7 +288,7 @@ def test_the_validation_that_ends_a_phase_ranks_in_that_phase_with_its_model(tmp
     (phase1,) = tmp_path.glob("phase=1-epoch=0-*.ckpt")
     assert ckpt.phase_best_model_paths == {1: str(phase1)}
     state = torch.load(phase1, weights_only=True)
-    assert state["phase"]["phase"] == 1 and state["hard_mask"] is None
+    assert state["phase"]["phase"] == 1 and state["hard_tokens"] is None
     assert state["state_dict"]["model.blocks.2.mlp.proj.weight"].abs().sum() > 0  # layer 3 not yet grown (identity)
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert last["phase"]["phase"] == 2 and "phase=2-" in ckpt.best_model_path
