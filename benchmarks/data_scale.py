@@ -32,12 +32,8 @@ TOKENIZERS = {"word": {"tokenizer": "word"}, "bpe8k": {"tokenizer": "bpe", "max_
 
 def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Run in a child process: prepare the data, iterate one epoch, report times and peak memory."""
-    from lego_lightning.data import TextDataModule
-
     start = time.perf_counter()
-    dm = TextDataModule(path=folder, seq_len=32, batch_size=64, cache_dir=cache, **settings)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = text_data(folder, cache, settings)
     prepared = time.perf_counter() - start
     start = time.perf_counter()
     tokens = 0
@@ -54,10 +50,51 @@ def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> di
     }
 
 
-def child(folder: Path, cache: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def mine(folder: str, cache: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Run in a child process, after the data is cached: mark the hard tokens of the whole training split.
+
+    The model is small (d_model 16, untrained, seed 0) and its confidence is the learned exit
+    classifier's at exit 1, so no vocabulary-sized head runs: what is measured is the memory and
+    time of scoring every training token and keeping the set, not the set's quality.
+    """
+    import lightning as L
+
+    from lego_lightning import SupervisedExitLM
+    from lego_lightning.callbacks.hard_example_mining import mark_tokens
+
+    dm = text_data(folder, cache, settings)
+    L.seed_everything(0, verbose=False)
+    model = SupervisedExitLM(
+        vocab_size=dm.vocab_size,
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        max_seq_len=32,
+        stages=[{"layers": [1, 1]}, {"layers": [2, 2]}],
+        confidence="learned",  # a classifier on exit 1's hidden state: no vocabulary-sized head runs
+    ).eval()
+    start = time.perf_counter()
+    hard = mark_tokens(dm.splits["train"], lambda ids: model.token_confidence(ids, 1), 0.5, batch_size=256)
+    return {
+        "mine_s": time.perf_counter() - start,
+        "mined_tokens": len(hard) * hard.seq_len,
+        "hard_frac": hard.fraction(),
+        "set_mib": hard.bits.numel() / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def text_data(folder: str, cache: str, settings: dict[str, Any]) -> Any:
+    from lego_lightning.data import TextDataModule
+
+    dm = TextDataModule(path=folder, seq_len=32, batch_size=64, cache_dir=cache, **settings)
+    dm.setup("fit")
+    return dm
+
+
+def child(folder: Path, cache: Path, settings: dict[str, Any], job: str = "prepare_and_iterate") -> dict[str, Any]:
     code = (
-        "import json, sys; from benchmarks.data_scale import prepare_and_iterate; "
-        "print(json.dumps(prepare_and_iterate(*json.loads(sys.argv[1]))))"
+        f"import json, sys; from benchmarks.data_scale import {job}; print(json.dumps({job}(*json.loads(sys.argv[1]))))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run(
@@ -85,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS), choices=list(TOKENIZERS))
+    parser.add_argument("--mine", nargs="*", default=["bpe8k"], choices=list(TOKENIZERS), help="tokenizers to mine at")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--name", default="data_scale")
     args = parser.parse_args()
@@ -97,18 +135,20 @@ def main() -> None:
                 cache = Path(work) / f"cache-x{scale}-{name}"
                 first = child(folder, cache, TOKENIZERS[name])
                 second = child(folder, cache, TOKENIZERS[name])
+                mined = child(folder, cache, TOKENIZERS[name], "mine") if name in args.mine else None
                 row = {
                     "scale": scale,
                     "tokenizer": name,
                     "train_mb": text_bytes / 1e6,
                     "first": first,
                     "cached": second,
+                    "mined": mined,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(cache)
             shutil.rmtree(folder)
-    write_results(args.name, rows, report(rows), extra={"settings": {"scales": args.scales}})
+    write_results(args.name, rows, report(rows), extra={"settings": {"scales": args.scales, "mine": args.mine}})
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -126,6 +166,18 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"{r['train_mb'] / f['prepare_s']:.1f} | {f['epoch_s']:.1f} | {f['peak_rss_mib']:.0f} | "
             f"{c['prepare_s']:.1f} | {c['peak_rss_mib']:.0f} | {ratio:.2f} |"
         )
+    mining = [
+        "| tokenizer | scale | tokens mined | seconds | hard fraction | set MiB | peak RSS MiB | peak RSS vs 1x |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    mined_base = {r["tokenizer"]: r["mined"]["peak_rss_mib"] for r in rows if r["scale"] == 1 and r["mined"]}
+    for r in rows:
+        if m := r["mined"]:
+            ratio = m["peak_rss_mib"] / mined_base.get(r["tokenizer"], float("nan"))
+            mining.append(
+                f"| {r['tokenizer']} | {r['scale']}x | {m['mined_tokens']:,} | {m['mine_s']:.1f} | "
+                f"{m['hard_frac']:.1%} | {m['set_mib']:.2f} | {m['peak_rss_mib']:.0f} | {ratio:.2f} |"
+            )
     return "\n\n".join(
         [
             "# Data preparation at scale (issue 17)",
@@ -135,6 +187,11 @@ def report(rows: list[dict[str, Any]]) -> str:
             "included). MB/s is training-split megabytes over the first run's preparation time (validation "
             "included in the time).",
             "\n".join(lines),
+            "## Mining the whole training split\n\n"
+            "An untrained model (d_model 16) scores every training token with the learned exit classifier at "
+            "exit 1 (threshold 0.5); the set keeps one bit per token. Peak RSS is the mining process's own "
+            "(imports and the memory-mapped data included).",
+            "\n".join(mining),
         ]
     )
 
