@@ -16,22 +16,24 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from lego_lightning.data.token_cache import DiskArray
+
 
 class TokenBlocks(Dataset):
     """Non-overlapping blocks of ``seq_len`` tokens cut from one stream, in order.
 
-    The stream may be a memory-mapped array on disk (:mod:`~lego_lightning.data.token_cache`):
-    a block is read from it when asked for, so memory does not grow with the corpus. With
+    The stream may be an array on disk (:class:`~lego_lightning.data.token_cache.DiskArray`): a
+    block is read from it when asked for, so memory does not grow with the corpus. With
     ``nbytes`` (the UTF-8 bytes of text each token stands for) a sample also holds
     ``target_bytes``, the bytes its targets cover, for bits per byte.
     """
 
     def __init__(
         self,
-        stream: Tensor | np.ndarray,
+        stream: Tensor | np.ndarray | DiskArray,
         seq_len: int,
         max_samples: int | None = None,
-        nbytes: np.ndarray | None = None,
+        nbytes: np.ndarray | DiskArray | None = None,
         first: int = 0,
     ) -> None:
         n = (len(stream) - 1) // seq_len - first

@@ -2,7 +2,7 @@
 
 The corpus (:mod:`~lego_lightning.data.corpus`) is read as a stream; the tokenizer
 (:mod:`~lego_lightning.data.tokenizer`) is built or trained on the training split and cached;
-each split is tokenized once into a memory-mapped array (:mod:`~lego_lightning.data.token_cache`)
+each split is tokenized once into an array on disk (:mod:`~lego_lightning.data.token_cache`)
 keyed by a fingerprint of its text and of the tokenizer, so a second run reuses both and memory
 does not grow with the corpus.
 """
@@ -215,7 +215,7 @@ class TextDataModule(L.LightningDataModule):
         for split in self.corpus.splits:
             arrays = self._arrays(split)
             limit = None if split == "train" else self.max_val_samples
-            if split in ("train", "validation") and not arrays.nbytes.any():
+            if split in ("train", "validation") and not len(arrays):
                 raise ValueError(f"the {split} split of {self.path or self.dataset_name} holds no text")
             self.splits[split] = TokenBlocks(arrays.ids, self.seq_len, limit, arrays.nbytes)
         full, n_held = self.splits["train"], self.calibration_samples

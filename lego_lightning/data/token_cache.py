@@ -1,11 +1,13 @@
-"""Tokenized splits on disk: flat memory-mapped arrays of token ids, written once, read by every run.
+"""Tokenized splits on disk: flat arrays of token ids, written once, read a slice at a time by every run.
 
 Each split becomes two files in the cache folder, named by a fingerprint of the split's text
 and of the tokenizer: ``{key}.ids`` (``uint16`` when the vocabulary fits, else ``uint32``) and
 ``{key}.bytes`` (``uint16``: the UTF-8 bytes of text each token stands for, what bits per byte
 divides by), plus ``{key}.json`` (their dtype and length), written last, so a run killed
 mid-way leaves no array that looks finished. Lines are tokenized a batch at a time and written
-as they come: memory does not grow with the corpus.
+as they come, and blocks are read with ``pread`` (:class:`DiskArray`), not a memory map, whose
+pages would stay in the process's resident memory once read: memory does not grow with the
+corpus.
 """
 
 from __future__ import annotations
@@ -39,12 +41,47 @@ def cache_key(*parts: str) -> str:
     return digest.hexdigest()
 
 
+class DiskArray:
+    """A flat array in a file; ``array[a:b]`` reads those elements into a new numpy array.
+
+    The file is opened once per process (a DataLoader worker reopens it), and read with
+    ``os.pread``, which keeps no file position, so processes sharing it never interfere.
+    """
+
+    def __init__(self, file: Path, dtype: str | np.dtype, length: int) -> None:
+        self.file, self.dtype, self.length = Path(file), np.dtype(dtype), length
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError(f"a DiskArray is read by slices, got {key!r}")
+        start, stop, step = key.indices(self.length)
+        if step != 1:
+            raise ValueError("a DiskArray is read by contiguous slices")
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        if self._fd is None:
+            self._fd = os.open(self.file, os.O_RDONLY)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self._fd, (stop - start) * size, start * size), dtype=self.dtype)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}  # a worker process opens its own
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 @dataclass(frozen=True)
 class TokenArrays:
-    """A split's token ids and bytes per token, memory-mapped read-only."""
+    """A split's token ids and bytes per token, on disk."""
 
-    ids: np.ndarray
-    nbytes: np.ndarray
+    ids: DiskArray
+    nbytes: DiskArray
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,19 +98,13 @@ def load_arrays(folder: Path, key: str) -> TokenArrays | None:
         return None
     info = json.loads(meta.read_text())
     return TokenArrays(
-        ids=_memmap(folder / f"{key}.ids", info["ids_dtype"], info["tokens"]),
-        nbytes=_memmap(folder / f"{key}.bytes", "uint16", info["tokens"]),
+        ids=DiskArray(folder / f"{key}.ids", info["ids_dtype"], info["tokens"]),
+        nbytes=DiskArray(folder / f"{key}.bytes", "uint16", info["tokens"]),
     )
 
 
-def _memmap(file: Path, dtype: str, n: int) -> np.ndarray:
-    if n == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(file, dtype=dtype, mode="r", shape=(n,))
-
-
 def write_arrays(folder: Path, key: str, lines: Iterable[str], tokenizer: TextTokenizer) -> TokenArrays:
-    """Tokenize ``lines`` into the arrays of ``key``, a batch of lines at a time; returns them mapped."""
+    """Tokenize ``lines`` into the arrays of ``key``, a batch of lines at a time; returns them."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = ids_dtype(len(tokenizer))
     tmp = f".{os.getpid()}.tmp"

@@ -147,3 +147,20 @@ def test_a_file_that_is_not_a_tokenizer_is_named(corpus, tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(ValueError, match=r"tokenizer.json is not a tokenizer.json"):
         TextDataModule(path=str(corpus), tokenizer=str(tmp_path))
+
+
+def test_worker_processes_read_the_same_blocks_from_disk(corpus, tmp_path):
+    def first_batches(workers):
+        dm = TextDataModule(
+            path=str(corpus),
+            tokenizer="byte",
+            seq_len=8,
+            batch_size=4,
+            shuffle=False,
+            num_workers=workers,
+            cache_dir=str(tmp_path),
+        )
+        dm.setup("fit")
+        return [b["input_ids"] for b, _ in zip(dm.train_dataloader(), range(3))]
+
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(0), first_batches(2)))
