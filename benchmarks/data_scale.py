@@ -190,7 +190,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             "## Mining the whole training split\n\n"
             "An untrained model (d_model 16) scores every training token with the learned exit classifier at "
             "exit 1 (threshold 0.5); the set keeps one bit per token. Peak RSS is the mining process's own "
-            "(imports and the memory-mapped data included).",
+            "(imports included).",
             "\n".join(mining),
         ]
     )
