@@ -10,6 +10,7 @@ does not grow with the corpus.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ class TextDataModule(L.LightningDataModule):
             rank_zero_info(f"Training a {self.kind} tokenizer of {size} tokens on the training split ...")
         built = build_tokenizer(self.kind, size, self.corpus.lines("train"))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f"{cached.name}.{id(self)}.tmp")
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # ranks building at once never share one
         tmp.write_text(json.dumps(built.state_dict(), ensure_ascii=False), encoding="utf-8")
         tmp.replace(cached)
         return built
