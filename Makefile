@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python -m benchmarks.faults
 	$(BIN)/python -m benchmarks.growth_plans
 	$(BIN)/python -m benchmarks.ashem_phase2
+	$(BIN)/python -m benchmarks.data_scale
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info
