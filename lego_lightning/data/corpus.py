@@ -182,11 +182,20 @@ def _record_fields(file: Path) -> list[str]:
 
         return list(pacsv.open_csv(file).schema.names)
     with open(file, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                record = json.loads(line)
-                return list(record) if isinstance(record, dict) else []
+                return list(_json_record(line, file, number))
     return []
+
+
+def _json_record(line: str, file: Path, number: int) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"{file}, line {number} is not a JSON object: allowed JSON lines, one object per line")
+    return record
 
 
 def _file_lines(file: Path, text_field: str) -> Iterator[str]:
@@ -211,7 +220,7 @@ def _file_lines(file: Path, text_field: str) -> Iterator[str]:
         with open(file, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    record = json.loads(line)
+                    record = _json_record(line, file, number)
                     if text_field not in record:
                         raise ValueError(
                             f"{file}, line {number}: TextDataModule.text_field={text_field!r} is not a field; "

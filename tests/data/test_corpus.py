@@ -104,3 +104,10 @@ def test_a_file_of_another_format_is_refused(tmp_path):
     (tmp_path / "valid.txt").write_text("a b\n")
     with pytest.raises(ValueError, match=r"train.xml has the suffix '.xml': allowed \['.txt'"):
         TextDataModule(path=str(tmp_path), files={"train": "train.xml", "validation": "valid.txt"})
+
+
+def test_a_json_file_that_is_not_json_lines_is_named(text_corpus, tmp_path):
+    (tmp_path / "train.json").write_text('[{"text": "a b"},\n {"text": "c"}]\n')
+    (tmp_path / "valid.txt").write_text("a b\n")
+    with pytest.raises(ValueError, match=r"train.json, line 1 is not a JSON object: allowed JSON lines"):
+        TextDataModule(path=str(tmp_path))
