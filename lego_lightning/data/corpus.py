@@ -55,6 +55,12 @@ class Corpus:
         for file in self.files[split]:
             yield from _file_lines(file, self.text_field)
 
+    def size(self, split: str) -> int:
+        """Bytes of the split's files (of its Arrow data for a hub dataset)."""
+        if self.files is None:
+            return int(self._hub()[split].data.nbytes)
+        return sum(file.stat().st_size for file in self.files[split])
+
     def fingerprint(self, split: str) -> str:
         """Changes whenever the split's text changes: a hash of its files' bytes (read in pieces)."""
         digest = hashlib.blake2b(digest_size=16)

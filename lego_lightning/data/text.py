@@ -201,8 +201,10 @@ class TextDataModule(L.LightningDataModule):
         key = token_cache.cache_key("tokens", tokenizer.fingerprint(), self._fingerprint(split))
         arrays = token_cache.load_arrays(self.cache_dir, key)
         if arrays is None:
-            rank_zero_info(f"Tokenizing the {split} split into {self.cache_dir} ...")
-            arrays = token_cache.write_arrays(self.cache_dir, key, self.corpus.lines(split), tokenizer)
+            processes = (os.cpu_count() or 1) if self.corpus.size(split) >= token_cache.PARALLEL_MIN_BYTES else 1
+            workers = "1 process" if processes == 1 else f"{processes} processes"
+            rank_zero_info(f"Tokenizing the {split} split into {self.cache_dir} ({workers}) ...")
+            arrays = token_cache.write_arrays(self.cache_dir, key, self.corpus.lines(split), tokenizer, processes)
         return arrays
 
     def prepare_data(self) -> None:

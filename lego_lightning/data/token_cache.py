@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -26,6 +28,8 @@ from lego_lightning.data.tokenizer import TextTokenizer
 
 FORMAT = 1  # bump when the files' layout or the tokenization of lines changes
 LINES_PER_BATCH = 8192
+# A split this large is tokenized in a process per core; below it, starting them costs more than it saves.
+PARALLEL_MIN_BYTES = 32 << 20
 
 
 def default_cache_dir() -> Path:
@@ -103,16 +107,21 @@ def load_arrays(folder: Path, key: str) -> TokenArrays | None:
     )
 
 
-def write_arrays(folder: Path, key: str, lines: Iterable[str], tokenizer: TextTokenizer) -> TokenArrays:
-    """Tokenize ``lines`` into the arrays of ``key``, a batch of lines at a time; returns them."""
+def write_arrays(
+    folder: Path, key: str, lines: Iterable[str], tokenizer: TextTokenizer, processes: int = 1
+) -> TokenArrays:
+    """Tokenize ``lines`` into the arrays of ``key``, a batch of lines at a time; returns them.
+
+    With ``processes > 1`` the batches are tokenized in that many worker processes, in order,
+    with at most two batches per worker in flight, so memory stays bounded.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     dtype = ids_dtype(len(tokenizer))
     tmp = f".{os.getpid()}.tmp"
     ids_file, bytes_file = folder / f"{key}.ids{tmp}", folder / f"{key}.bytes{tmp}"
     tokens = 0
     with open(ids_file, "wb") as ids_out, open(bytes_file, "wb") as bytes_out:
-        for batch in _batches(lines, LINES_PER_BATCH):
-            ids, nbytes = tokenizer.encode_lines(batch)
+        for ids, nbytes in _encoded(_batches(lines, LINES_PER_BATCH), tokenizer, processes):
             ids_out.write(np.asarray(ids, dtype=dtype).tobytes())
             bytes_out.write(np.minimum(np.asarray(nbytes, dtype=np.int64), 0xFFFF).astype(np.uint16).tobytes())
             tokens += len(ids)
@@ -124,6 +133,40 @@ def write_arrays(folder: Path, key: str, lines: Iterable[str], tokenizer: TextTo
     arrays = load_arrays(folder, key)
     assert arrays is not None
     return arrays
+
+
+_WORKER_TOKENIZER: TextTokenizer | None = None
+
+
+def _start_worker(tokenizer: TextTokenizer) -> None:
+    global _WORKER_TOKENIZER
+    # Hugging Face tokenizers would warn that the process was forked after its threads ran, and
+    # each worker is one of the parallel parts already.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(batch: list[str]) -> tuple[list[int], list[int]]:
+    assert _WORKER_TOKENIZER is not None
+    return _WORKER_TOKENIZER.encode_lines(batch)
+
+
+def _encoded(
+    batches: Iterator[list[str]], tokenizer: TextTokenizer, processes: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Each batch's ids and bytes per token, in order; in ``processes`` forked workers when more than one."""
+    if processes <= 1:
+        yield from (tokenizer.encode_lines(batch) for batch in batches)
+        return
+    context = multiprocessing.get_context("fork")  # the workers inherit the tokenizer, nothing is pickled
+    with context.Pool(processes, initializer=_start_worker, initargs=(tokenizer,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:

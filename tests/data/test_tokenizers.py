@@ -1,5 +1,6 @@
 """Tokenizers: byte, BPE and unigram trained locally, ready ones from a tokenizer.json, in checkpoints and caches."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lego_lightning.data import TextDataModule
+from lego_lightning.data import TextDataModule, token_cache
 from lego_lightning.data.token_cache import ids_dtype
 from tests.conftest import write_corpus
 
@@ -164,3 +165,25 @@ def test_worker_processes_read_the_same_blocks_from_disk(corpus, tmp_path):
         return [b["input_ids"] for b, _ in zip(dm.train_dataloader(), range(3))]
 
     assert all(torch.equal(a, b) for a, b in zip(first_batches(0), first_batches(2)))
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_a_large_split_is_tokenized_in_worker_processes_to_the_same_arrays(corpus, tmp_path, monkeypatch, caplog, kind):
+    caplog.set_level("INFO")
+
+    def stream_with(min_bytes, cache):
+        monkeypatch.setattr(token_cache, "PARALLEL_MIN_BYTES", min_bytes)
+        monkeypatch.setattr(token_cache, "LINES_PER_BATCH", 16)  # many batches, several in flight
+        dm = TextDataModule(
+            path=str(corpus),
+            tokenizer=kind,
+            max_vocab_size=300 if kind == "bpe" else None,
+            seq_len=8,
+            cache_dir=str(tmp_path / cache),
+        )
+        return stream_of(dm), np.concatenate([dm.splits["train"][i]["target_bytes"][None].numpy() for i in range(5)])
+
+    serial, parallel = stream_with(1 << 40, "serial"), stream_with(0, "parallel")
+    assert "Tokenizing the train split" in caplog.text and "(1 process)" in caplog.text
+    assert f"({os.cpu_count()} processes)" in caplog.text
+    assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
