@@ -190,7 +190,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
         "threshold": threshold,
         "calibration_hard_frac": (p1["calibration"].confidence[0] < threshold).float().mean().item(),
         "calibration_mean_confidence": p1["calibration"].confidence[0].mean().item(),
-        "train_hard_frac": float(module.hard_mask.float().mean()),
+        "train_hard_frac": module.hard_tokens.fraction(),
         "phase1_hard_ppl": p1["val"].exit_ppl(shallow, hard_val),
         "phase1_easy_ppl": p1["val"].exit_ppl(shallow, ~hard_val),
         "phase2_ppl": best2["ppl"],

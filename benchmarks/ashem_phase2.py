@@ -165,7 +165,7 @@ def run_variant(
     module.load_state_dict(phase1["weights"])
     recorder = Phase2Recorder(threshold)
     trainer(args, [recorder]).fit(module, dm)
-    hard_frac = None if module.hard_mask is None else float(module.hard_mask.float().mean())
+    hard_frac = None if module.hard_tokens is None else module.hard_tokens.fraction()
     best = min(recorder.history, key=lambda h: h["routed/ppl"])
     return {
         "variant": name,

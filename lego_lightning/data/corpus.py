@@ -14,7 +14,7 @@ import glob
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,21 @@ SUFFIXES = (*TEXT_SUFFIXES, *RECORD_SUFFIXES)
 READ_CHUNK = 1 << 20  # characters or records read at a time
 
 
-@dataclass(frozen=True)
+@dataclass
 class Corpus:
-    """The files of each split (local), or a hub dataset's name and config; ``text_field`` of records."""
+    """The files of each split (local), or a hub dataset's name and config; ``text_field`` of records.
+
+    ``digests`` holds a hash of each local file's bytes, taken while :func:`check_file` read it,
+    so a run reads its corpus once to check and fingerprint it.
+    """
 
     files: Mapping[str, tuple[Path, ...]] | None
     dataset_name: str | None = None
     dataset_config: str | None = None
     text_field: str = "text"
     cache_dir: str | None = None
+    digests: Mapping[Path, str] = field(default_factory=dict)
+    _hub_splits: Any = field(default=None, repr=False)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -62,7 +68,7 @@ class Corpus:
         return sum(file.stat().st_size for file in self.files[split])
 
     def fingerprint(self, split: str) -> str:
-        """Changes whenever the split's text changes: a hash of its files' bytes (read in pieces)."""
+        """Changes whenever the split's text changes: from its files' names and bytes, or the hub's own."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(self.text_field.encode())
         if self.files is None:
@@ -71,15 +77,13 @@ class Corpus:
             return digest.hexdigest()
         for file in self.files[split]:
             digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                while chunk := f.read(READ_CHUNK):
-                    digest.update(chunk)
+            digest.update((self.digests.get(file) or file_digest(file)).encode())
         return digest.hexdigest()
 
     def _hub(self) -> Any:
         import datasets
 
-        if not hasattr(self, "_hub_splits"):
+        if self._hub_splits is None:
             raw = datasets.load_dataset(self.dataset_name, self.dataset_config, cache_dir=self.cache_dir)
             for required in ("train", "validation"):
                 if required not in raw:
@@ -92,7 +96,7 @@ class Corpus:
                     f"TextDataModule.text_field={self.text_field!r} is not a column of {self.dataset_name!r}: "
                     f"it has {raw['train'].column_names}"
                 )
-            object.__setattr__(self, "_hub_splits", raw)
+            self._hub_splits = raw
         return self._hub_splits
 
 
@@ -133,33 +137,45 @@ def local_corpus(path: str | None, files: Mapping[str, str] | None, text_field: 
                 f"TextDataModule.path={str(path)!r} has no {required} split: expected one of {expected} "
                 "(or name the files with TextDataModule.files)"
             )
-    for split_files in found.values():
-        for file in split_files:
-            check_file(file, text_field)
-    return Corpus(files=found, text_field=text_field)
+    digests = {file: check_file(file, text_field) for split_files in found.values() for file in split_files}
+    return Corpus(files=found, text_field=text_field, digests=digests)
 
 
-def check_file(file: Path, text_field: str) -> None:
-    """Refuse a file that is not UTF-8 text, holds no text, or (records) lacks ``text_field``; reads in pieces."""
+def check_file(file: Path, text_field: str) -> str:
+    """Refuse a file that is not UTF-8 text, holds no text, or (records) lacks ``text_field``; reads in pieces.
+
+    Returns the hash of its bytes (:func:`file_digest`), taken on the same read for text files.
+    """
     suffix = file.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{file} has the suffix {file.suffix!r}: allowed {list(SUFFIXES)}")
     if suffix in TEXT_SUFFIXES:
-        _check_utf8_text(file)
-        return
+        return _check_utf8_text(file)
     fields = _record_fields(file)
     if text_field not in fields:
         raise ValueError(f"TextDataModule.text_field={text_field!r} is not a field of {file}: it has {fields}")
     if not any(line.strip() for line in _file_lines(file, text_field)):
         raise ValueError(f"{file} is empty: the corpus must hold some text")
+    return file_digest(file)
 
 
-def _check_utf8_text(file: Path) -> None:
+def file_digest(file: Path) -> str:
+    """A hash of the file's bytes, read in pieces."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(file, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_utf8_text(file: Path) -> str:
     decoder = codecs.getincrementaldecoder("utf-8")()
+    digest = hashlib.blake2b(digest_size=16)  # the same as file_digest's
     offset, has_text = 0, False  # offset: bytes read before this chunk
     with open(file, "rb") as f:
         while True:
             chunk = f.read(READ_CHUNK)
+            digest.update(chunk)
             pending = len(decoder.getstate()[0])  # the start of a character cut by the last chunk
             try:
                 text = decoder.decode(chunk, final=not chunk)
@@ -175,6 +191,7 @@ def _check_utf8_text(file: Path) -> None:
                 break
     if not has_text:
         raise ValueError(f"{file} is empty: the corpus must hold some text")
+    return digest.hexdigest()
 
 
 def _record_fields(file: Path) -> list[str]:

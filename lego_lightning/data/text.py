@@ -117,8 +117,8 @@ class TextDataModule(L.LightningDataModule):
                 f"TextDataModule.tokenizer={tokenizer!r} and level={level!r} disagree: give tokenizer alone"
             )
         kind = tokenizer if tokenizer in KINDS else level if tokenizer is None else "file"
-        if kind == "file":
-            load_tokenizer(tokenizer)  # type: ignore[arg-type]  # refuses a path that is not a tokenizer, now
+        # A ready tokenizer is read now: a path that is not one is refused before anything runs.
+        ready = load_tokenizer(tokenizer) if kind == "file" else None  # type: ignore[arg-type]
         self._check_vocab_size(kind, max_vocab_size)
         if path is not None or files is not None:
             self.corpus = local_corpus(path, files, text_field)
@@ -126,13 +126,13 @@ class TextDataModule(L.LightningDataModule):
             self.corpus = Corpus(None, dataset_name, dataset_config, text_field, cache_dir)
         self.save_hyperparameters()
         self.path, self.dataset_name, self.dataset_config = path, dataset_name, dataset_config
-        self.kind, self.tokenizer_path = kind, tokenizer if kind == "file" else None
+        self.kind = kind
         self.level, self.seq_len, self.batch_size = level, seq_len, batch_size
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.max_vocab_size, self.shuffle, self.num_workers = max_vocab_size, shuffle, num_workers
         self.calibration_samples, self.seed = calibration_samples, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else token_cache.default_cache_dir()
-        self._tokenizer: TextTokenizer | None = None
+        self._tokenizer: TextTokenizer | None = ready
         self._fingerprints: dict[str, str] = {}
         self.splits: dict[str, TokenBlocks] = {}
 
@@ -166,8 +166,6 @@ class TextDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def _build_tokenizer(self) -> TextTokenizer:
-        if self.kind == "file":
-            return load_tokenizer(self.tokenizer_path)  # type: ignore[arg-type]
         size = self.max_vocab_size
         if size is None and self.kind in TRAINED_KINDS:
             size = DEFAULT_TRAINED_VOCAB

@@ -18,11 +18,11 @@ plus its line break. That is what bits per byte divides by.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lego_lightning.data.vocab import LEVELS, Level, Vocabulary, split_line
+from lego_lightning.data.vocab import LEVELS, UNK, Vocabulary, split_line
 
 TRAINED_KINDS = ("bpe", "unigram")
 KINDS = (*LEVELS, "byte", *TRAINED_KINDS)
@@ -32,15 +32,15 @@ UNKNOWN = "<unk>"
 SPECIAL_TOKENS = (END_OF_TEXT, UNKNOWN)
 
 
-def tokenizer_file(path: str | Path, field: str = "TextDataModule.tokenizer") -> Path:
+def tokenizer_file(path: str | Path) -> Path:
     """The ``tokenizer.json`` that ``path`` names (the file, or a folder holding one)."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
         raise ValueError(
-            f"{field}={str(path)!r} is neither one of {KINDS} nor a tokenizer.json or a folder holding one "
-            f"({p} does not exist)"
+            f"TextDataModule.tokenizer={str(path)!r} is neither one of {KINDS} nor a tokenizer.json or a folder "
+            f"holding one ({p} does not exist)"
         )
     return p
 
@@ -92,7 +92,7 @@ class VocabularyTokenizer(TextTokenizer):
         return len(self.vocab)
 
     def encode_lines(self, lines: Sequence[str]) -> tuple[list[int], list[int]]:
-        index, unk = self.vocab.index, self.vocab.index["<unk>"]
+        index, unk = self.vocab.index, self.vocab.index[UNK]
         ids: list[int] = []
         nbytes: list[int] = []
         for line in lines:
@@ -133,7 +133,7 @@ class HFTokenizer(TextTokenizer):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode_lines(self, lines: Sequence[str]) -> tuple[list[int], list[int]]:
-        texts = [line.rstrip("\n") + "\n" for line in lines]
+        texts = [with_line_break(line) for line in lines]
         ids: list[int] = []
         nbytes: list[int] = []
         # encode_batch runs over every core; add_special_tokens=False: no BOS/EOS inside the stream.
@@ -152,6 +152,11 @@ class HFTokenizer(TextTokenizer):
         file = Path(folder) / "tokenizer.json"
         self.tokenizer.save(str(file))
         return file
+
+
+def with_line_break(line: str) -> str:
+    """The line as the Hugging Face tokenizers see it, in training and in encoding: with its line break."""
+    return line.rstrip("\n") + "\n"
 
 
 def _bytes_per_token(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
@@ -201,22 +206,22 @@ def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str
             vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), unk_token=UNKNOWN, show_progress=False
         )
     else:
-        alphabet = sorted(_BYTE_OF_SYMBOL)
-        if kind == "byte":  # the 256 byte values, nothing merged
-            vocab = _BYTE_OF_SYMBOL  # id = the byte's value
-            tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        else:
-            tokenizer = Tokenizer(models.BPE())
+        # byte: the 256 byte values (id = the byte's value), nothing merged; bpe: merges trained on them.
+        model = models.BPE(vocab=_BYTE_OF_SYMBOL, merges=[]) if kind == "byte" else models.BPE()
+        tokenizer = Tokenizer(model)
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         if kind == "byte":
             tokenizer.add_special_tokens([END_OF_TEXT])
             return HFTokenizer(tokenizer, kind)
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[END_OF_TEXT], initial_alphabet=alphabet, show_progress=False
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=sorted(_BYTE_OF_SYMBOL),
+            show_progress=False,
         )
     try:
-        tokenizer.train_from_iterator(_with_line_breaks(train_lines), trainer)
+        tokenizer.train_from_iterator((with_line_break(line) for line in train_lines), trainer)
     except Exception as err:  # tokenizers raises a bare Exception, e.g. for a size below the corpus's characters
         raise ValueError(
             f"TextDataModule.max_vocab_size={vocab_size}: training the {kind} tokenizer failed: {err}"
@@ -224,11 +229,6 @@ def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str
     # Its text form, read back: a trained model's scores print with more digits than a reloaded
     # one's, and the fingerprint (cache keys, checkpoint checks) must not change on reload.
     return HFTokenizer(Tokenizer.from_str(tokenizer.to_str()), kind)
-
-
-def _with_line_breaks(lines: Iterable[str]) -> Iterator[str]:
-    for line in lines:
-        yield line.rstrip("\n") + "\n"
 
 
 def load_tokenizer(path: str | Path) -> HFTokenizer:
@@ -254,7 +254,6 @@ def tokenizer_from_state(state: dict[str, Any]) -> TextTokenizer:
 __all__ = [
     "KINDS",
     "HFTokenizer",
-    "Level",
     "TextTokenizer",
     "VocabularyTokenizer",
     "build_tokenizer",
