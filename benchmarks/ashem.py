@@ -83,6 +83,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shared_head_trained": {"head_sharing": "shared", "freeze_shallow_exit": False},
     "no_context": {"phase2_context": "none"},
     "research": {"head_sharing": "shared", "freeze_shallow_exit": False, "phase2_context": "none"},
+    # A classifier on the hidden state: a token sent deeper skips the shallow head (issue 17's table).
+    "learned": {"confidence": "learned"},
 }
 BASELINES: dict[str, list[Stage]] = {
     "standard_4_layers": [Stage((1, 4))],
@@ -159,7 +161,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
     cfg, shallow, deep = module.config, module.shallow_exit, module.deep_exit
     final = collect_exit_outputs(module, dm.val_dataloader(), [shallow, deep])
     threshold = module.routing_threshold
-    two_stage = routed_metrics(final, threshold, cfg)
+    two_stage = routed_metrics(final, threshold, cfg, module.confidence)
     p1 = recorder.phase1
     hard_val = p1["val"].confidence[0] < threshold
     phase1_hist, phase2_hist = recorder.phase(1), recorder.phase(2)
@@ -193,6 +195,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
         "train_hard_frac": module.hard_tokens.fraction(),
         "phase1_hard_ppl": p1["val"].exit_ppl(shallow, hard_val),
         "phase1_easy_ppl": p1["val"].exit_ppl(shallow, ~hard_val),
+        "phase1_bpb": p1["val"].exit_bpb(shallow),
         "phase2_ppl": best2["ppl"],
         "phase2_best_epoch": best2["epoch"] - phase1_hist[-1]["epoch"],
         "phase2_epochs": len(phase2_hist),
@@ -201,7 +204,9 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
         "shallow_ppl_after": final.exit_ppl(shallow),
         "shallow_drift": final.exit_ppl(shallow) / p1["val"].exit_ppl(shallow) - 1,
         "deep_ppl": final.exit_ppl(deep),
+        "deep_bpb": final.exit_bpb(deep),
         "two_stage_ppl": two_stage["ppl"],
+        "two_stage_bpb": two_stage["bpb"],
         "two_stage_acc": two_stage["acc"],
         "exit2_frac": two_stage["fractions"][shallow],
         "exit4_frac": two_stage["fractions"][deep],
@@ -215,7 +220,7 @@ def run_ashem(variant: str, seed: int, dm: TextDataModule, args: argparse.Namesp
         "tokens_phase2": recorder.tokens[2],
         "two_layer_flops_ratio": flops.single_exit_flops(cfg, shallow, context).total
         / flops.full_flops(cfg, context).total,
-        "sweep": threshold_sweep(final, cfg, sweep_thresholds(final)),
+        "sweep": threshold_sweep(final, cfg, sweep_thresholds(final), module.confidence),
     }
 
 
@@ -256,6 +261,7 @@ def run_baseline(name: str, seed: int, budget: float, dm: TextDataModule, args: 
         "steps": steps,
         "training_flops": steps * BATCH * SEQ_LEN * per_token.total,
         "deep_ppl": final_outputs.exit_ppl(deepest),
+        "deep_bpb": final_outputs.exit_bpb(deepest),
         "deep_acc": final_outputs.exit_acc(deepest),
     }
     if len(stages) > 1:
@@ -471,16 +477,22 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def text_of(args: argparse.Namespace) -> str:
+    return "Word-level WikiText-2" if args.tokenizer is None else f"WikiText-2 in {args.tokenizer} tokens"
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> None:
     ours = [r for r in rows if r["variant"] == "ours"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     has_plot = plot(rows, RESULTS / f"{args.name}_sweep.png")
     vocab = "the full vocabulary (33,279)" if args.vocab_cap is None else f"the vocabulary capped at {args.vocab_cap}"
+    if args.tokenizer is not None:
+        vocab = f"a {args.tokenizer} vocabulary of {args.vocab_cap or 8192} trained on the training split"
     markdown = "\n\n".join(
         [
             "# ASHEM (SEEDS.md section 2): the research's table, its variant, and baselines"
             + ("" if done else " (partial)"),
-            f"Word-level WikiText-2, {args.train_samples} training blocks of {SEQ_LEN} tokens, 2,000 held-out "
+            f"{text_of(args)}, {args.train_samples} training blocks of {SEQ_LEN} tokens, 2,000 held-out "
             f"calibration blocks, 2,000 validation blocks, {vocab}, d_model 64, 4 heads, batch {BATCH}, lr 1e-3 "
             f"(phase 2 0.1x), dropout {args.dropout}, at most {args.max_epochs} epochs per phase, patience 1 and 3. "
             "The research used a 69,830-word vocabulary and one seed, so absolute perplexities differ; compare "
@@ -513,6 +525,9 @@ def main() -> None:
         "--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES), help="at ours' training FLOPs"
     )
     parser.add_argument("--vocab-cap", type=int, default=None)
+    parser.add_argument(
+        "--tokenizer", default=None, help="TextDataModule's tokenizer (bpe, unigram, ...); the default is words"
+    )
     parser.add_argument("--train-samples", type=int, default=10_000)
     parser.add_argument("--max-epochs", type=int, default=50)
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -531,10 +546,13 @@ def main() -> None:
         max_val_samples=2000,
         calibration_samples=2000,
         max_vocab_size=args.vocab_cap,
+        tokenizer=args.tokenizer,
     )
     dm.setup("fit")
     variant_seeds = args.seeds if args.variant_seeds is None else args.variant_seeds
     args.settings = {k: getattr(args, k) for k in ("vocab_cap", "train_samples", "max_epochs", "dropout", "precision")}
+    if args.tokenizer is not None:  # word-level results stored before this option resume as before
+        args.settings["tokenizer"] = args.tokenizer
     rows, args.resumed_from = resumed_runs(args, "rows", args.settings)
     run_at = index_runs(rows, lambda r: (r["variant"], r["seed"]))
 

@@ -9,7 +9,7 @@ training uses the module's own DDP-aware metrics).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +25,18 @@ from lego_lightning.model.routing import route
 
 @dataclass
 class ExitOutputs:
-    """Per-token results at each exit: ``(n_exits, N)`` tensors, exits in ``exit_layers`` order."""
+    """Per-token results at each exit: ``(n_exits, N)`` tensors, exits in ``exit_layers`` order.
+
+    ``target_bytes`` is the UTF-8 bytes of text all ``N`` targets cover, when the batches carry it
+    (causal text data): bits per byte are then the summed loss over those bytes.
+    """
 
     exit_layers: tuple[int, ...]
     nll: Tensor
     correct: Tensor
     confidence: Tensor
     seq_len: int
+    target_bytes: int | None = None
 
     def exit_ppl(self, exit_layer: int, mask: Tensor | None = None) -> float:
         i = self.exit_layers.index(exit_layer)
@@ -40,6 +45,16 @@ class ExitOutputs:
 
     def exit_acc(self, exit_layer: int) -> float:
         return self.correct[self.exit_layers.index(exit_layer)].float().mean().item()
+
+    def exit_bpb(self, exit_layer: int) -> float | None:
+        """Bits per byte at one exit; ``None`` without ``target_bytes``."""
+        return self.bits_per_byte(self.nll[self.exit_layers.index(exit_layer)])
+
+    def bits_per_byte(self, nll: Tensor) -> float | None:
+        """Bits per byte of per-token losses (nats) over all ``N`` targets; ``None`` without ``target_bytes``."""
+        if self.target_bytes is None:
+            return None
+        return nll.double().sum().item() / math.log(2) / self.target_bytes
 
 
 @torch.no_grad()
@@ -57,10 +72,14 @@ def collect_exit_outputs(
     module.eval()
     nll, correct, conf = [], [], []
     seq_len = 0
+    target_bytes: int | None = 0
     for batch_idx, batch in enumerate(batches):
         input_ids, targets = (t.to(module.device) for t in module.model_inputs(batch, batch_idx))
         seq_len = input_ids.shape[1]
         keep = targets.flatten() != IGNORE_INDEX
+        if target_bytes is not None:  # a block's bytes cover all its targets: only a loss that keeps them all
+            has_bytes = isinstance(batch, Mapping) and "target_bytes" in batch and bool(keep.all())
+            target_bytes = target_bytes + int(batch["target_bytes"].sum()) if has_bytes else None
         y = targets.flatten()[keep]
         hidden = module.exit_hidden_states(input_ids, exit_layers)
         rows = []
@@ -74,7 +93,12 @@ def collect_exit_outputs(
         conf.append(torch.stack([r[2] for r in rows]))
     module.train(was_training)
     return ExitOutputs(
-        exit_layers, torch.cat(nll, 1).cpu(), torch.cat(correct, 1).cpu(), torch.cat(conf, 1).cpu(), seq_len
+        exit_layers,
+        torch.cat(nll, 1).cpu(),
+        torch.cat(correct, 1).cpu(),
+        torch.cat(conf, 1).cpu(),
+        seq_len,
+        target_bytes or None,
     )
 
 
@@ -86,9 +110,11 @@ def routed_metrics(outputs: ExitOutputs, threshold: float, cfg: Any, confidence:
     for i, k in enumerate(outputs.exit_layers):
         fractions[k] = (position == i).float().mean().item()
     context = flops.mean_context(outputs.seq_len, cfg.causal)
+    routed_nll = outputs.nll.gather(0, pick)
     return {
         "threshold": threshold,
-        "ppl": math.exp(outputs.nll.gather(0, pick).mean().item()),
+        "ppl": math.exp(routed_nll.mean().item()),
+        "bpb": outputs.bits_per_byte(routed_nll),
         "acc": outputs.correct.gather(0, pick).float().mean().item(),
         "fractions": fractions,
         "flops_ratio": flops.routed_flops_ratio(cfg, fractions, context, confidence),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lego_lightning import SupervisedExitLM
 from lego_lightning.data import TextDataModule
+from lego_lightning.evaluation import collect_exit_outputs, routed_metrics
 from tests.conftest import write_corpus
 from tests.helpers import quiet_trainer, synthetic, tiny_lm
 
@@ -54,3 +55,23 @@ def test_the_masked_objective_logs_no_bits_per_byte(tmp_path):
     module = SupervisedExitLM(vocab_size=data.vocab_size, n_layers=2, d_model=16, n_heads=2, objective="masked")
     m = validate(module, data, tmp_path)
     assert "val/exit2/ppl" in m and not any(k.endswith("/bpb") for k in m)
+
+
+def test_offline_bits_per_byte_match_the_modules_own_at_each_exit_and_routed(tmp_path):
+    data = TextDataModule(path=str(write_corpus(tmp_path / "c")), tokenizer="byte", seq_len=16, cache_dir=str(tmp_path))
+    data.setup("validate")
+    module = tiny_lm(vocab_size=data.vocab_size, stages=[{"layers": [1, 1]}, {"layers": [2, 3]}])
+    outputs = collect_exit_outputs(module, data.val_dataloader())
+    threshold = outputs.confidence[0].median().item()
+    module.routing_threshold = threshold
+    m = validate(module, data, tmp_path)
+    assert outputs.exit_bpb(1) == pytest.approx(m["val/exit1/bpb"], rel=1e-5)
+    assert outputs.exit_bpb(3) == pytest.approx(m["val/exit3/bpb"], rel=1e-5)
+    assert routed_metrics(outputs, threshold, module.config)["bpb"] == pytest.approx(m["val/routed/bpb"], rel=1e-5)
+
+
+def test_offline_outputs_without_the_bytes_of_their_text_have_no_bits_per_byte(tmp_path):
+    module, data = tiny_lm(), synthetic()
+    outputs = collect_exit_outputs(module, data.val_dataloader())
+    assert outputs.target_bytes is None and outputs.exit_bpb(3) is None
+    assert routed_metrics(outputs, 0.5, module.config)["bpb"] is None
