@@ -5,7 +5,11 @@ folder (never committed); validation is WikiText-2's. For each scale and tokeniz
 byte-level BPE of 8,192 tokens), one fresh process prepares the data (trains the tokenizer,
 tokenizes every split into arrays on disk) and iterates one epoch of training blocks (batch
 64 x 32); a second process does the same with the cache the first one left. Each reports its
-wall time and peak resident memory (``ru_maxrss``, the process's own, imports included).
+wall time and peak resident memory (``ru_maxrss``, the process's own, imports included) and the
+peak memory its tokenizing workers add: the sum of their unique set sizes (pages no other process
+shares; a forked worker shares its parent's until it writes them), sampled every 0.1 s. Where a split
+is large enough to be tokenized in a process per core, a first run in one process, with a cache
+of its own, gives the speed-up of the parallel one measured in the same benchmark run.
 
     python -m benchmarks.data_scale                     # 1x and 10x, word and bpe
     python -m benchmarks.data_scale --scales 1 10 100   # 100x: 1 GB of text on disk, minutes
@@ -21,19 +25,55 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import DEFAULT_DATA, REPO, write_results
+from lego_lightning.data.token_cache import PARALLEL_MIN_BYTES
 
 TOKENIZERS = {"word": {"tokenizer": "word"}, "bpe8k": {"tokenizer": "bpe", "max_vocab_size": 8192}}
 
 
+class WorkerMemory:
+    """The largest sum, over this process's children, of their unique set sizes, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.peak_bytes, self.most_workers = 0, 0
+        self._interval_s, self._stop = interval_s, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(self._interval_s):
+            total, alive = 0, 0
+            for worker in me.children(recursive=True):
+                try:
+                    total += worker.memory_full_info().uss
+                    alive += 1
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue  # it ended between the listing and the reading
+            self.peak_bytes, self.most_workers = max(self.peak_bytes, total), max(self.most_workers, alive)
+
+
 def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Run in a child process: prepare the data, iterate one epoch, report times and peak memory."""
+    from lego_lightning.data import token_cache
+
     start = time.perf_counter()
-    dm = text_data(folder, cache, settings)
+    with WorkerMemory() as workers:
+        dm = text_data(folder, cache, settings)
     prepared = time.perf_counter() - start
     start = time.perf_counter()
     tokens = 0
@@ -46,7 +86,10 @@ def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> di
         "epoch_tokens": tokens,
         "train_tokens": len(dm.splits["train"]) * 32,
         "vocab_size": dm.vocab_size,
+        "tokenize_processes": token_cache.tokenize_processes(dm.corpus.size("train"), dm.tokenize_processes),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "workers_peak_uss_mib": workers.peak_bytes / 2**20,
+        "workers_seen": workers.most_workers,
     }
 
 
@@ -133,6 +176,10 @@ def main() -> None:
             text_bytes = make_corpus(args.data, folder, scale)
             for name in args.tokenizers:
                 cache = Path(work) / f"cache-x{scale}-{name}"
+                serial = None
+                if text_bytes >= PARALLEL_MIN_BYTES:  # the library tokenizes this split in a process per core
+                    serial = child(folder, Path(work) / "serial", {**TOKENIZERS[name], "tokenize_processes": 1})
+                    shutil.rmtree(Path(work) / "serial")
                 first = child(folder, cache, TOKENIZERS[name])
                 second = child(folder, cache, TOKENIZERS[name])
                 mined = child(folder, cache, TOKENIZERS[name], "mine") if name in args.mine else None
@@ -140,6 +187,7 @@ def main() -> None:
                     "scale": scale,
                     "tokenizer": name,
                     "train_mb": text_bytes / 1e6,
+                    "serial": serial,
                     "first": first,
                     "cached": second,
                     "mined": mined,
@@ -153,18 +201,24 @@ def main() -> None:
 
 def report(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| tokenizer | scale | train MB | vocab | first run: prepare s | MB/s | epoch s | peak RSS MiB | "
-        "cached run: prepare s | peak RSS MiB | peak RSS vs 1x (first run) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokenizer | scale | train MB | vocab | first run: processes | prepare s | MB/s | epoch s | peak RSS MiB "
+        "| workers' peak unique memory MiB | one process: prepare s | speed-up | cached run: prepare s | peak RSS MiB "
+        "| peak RSS vs 1x (first run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["tokenizer"]: r["first"]["peak_rss_mib"] for r in rows if r["scale"] == 1}
     for r in rows:
-        f, c = r["first"], r["cached"]
+        f, c, one = r["first"], r["cached"], r.get("serial")
         ratio = f["peak_rss_mib"] / base[r["tokenizer"]] if r["tokenizer"] in base else float("nan")
+        workers = f.get("workers_peak_uss_mib") if f.get("workers_seen") else None
+        one_s = f"{one['prepare_s']:.1f}" if one else "n/a"
+        speedup = f"{one['prepare_s'] / f['prepare_s']:.2f}x" if one else "n/a"
         lines.append(
-            f"| {r['tokenizer']} | {r['scale']}x | {r['train_mb']:.0f} | {f['vocab_size']} | {f['prepare_s']:.1f} | "
-            f"{r['train_mb'] / f['prepare_s']:.1f} | {f['epoch_s']:.1f} | {f['peak_rss_mib']:.0f} | "
-            f"{c['prepare_s']:.1f} | {c['peak_rss_mib']:.0f} | {ratio:.2f} |"
+            f"| {r['tokenizer']} | {r['scale']}x | {r['train_mb']:.0f} | {f['vocab_size']} "
+            f"| {f.get('tokenize_processes', 1)} | {f['prepare_s']:.1f} | {r['train_mb'] / f['prepare_s']:.1f} "
+            f"| {f['epoch_s']:.1f} | {f['peak_rss_mib']:.0f} | {'none' if workers is None else f'{workers:.0f}'} "
+            f"| {one_s} | {speedup} "
+            f"| {c['prepare_s']:.1f} | {c['peak_rss_mib']:.0f} | {ratio:.2f} |"
         )
     mining = [
         "| tokenizer | scale | tokens mined | seconds | hard fraction | set MiB | peak RSS MiB | peak RSS vs 1x |",
@@ -184,8 +238,12 @@ def report(rows: list[dict[str, Any]]) -> str:
             "The training split is N copies of WikiText-2's; each row's first run trains the tokenizer and "
             "tokenizes every split into arrays on disk, then iterates one epoch of training blocks (64 x 32); the "
             "cached run does the same with what the first left. Peak RSS is each process's own (imports "
-            "included). MB/s is training-split megabytes over the first run's preparation time (validation "
-            "included in the time).",
+            "included); the workers' column is what the processes forked to tokenize add to it: the largest sum of "
+            "their unique set sizes (pages they share with no other process), sampled every 0.1 s. MB/s is "
+            "training-split megabytes over the first "
+            "run's preparation time (validation and, for BPE, training the tokenizer included in the time). "
+            "Where the library tokenizes the split in a process per core, the same preparation in one process "
+            "(`tokenize_processes: 1`, a cache of its own) gives the speed-up.",
             "\n".join(lines),
             "## Mining the whole training split\n\n"
             "An untrained model (d_model 16) scores every training token with the learned exit classifier at "

@@ -72,6 +72,8 @@ class TextDataModule(L.LightningDataModule):
         files: the files of each split by glob, relative to ``path`` when it is given, e.g.
             ``{"train": "shards/train-*.parquet", "validation": "valid.jsonl"}``.
         text_field: the field holding the text in JSON-lines, Parquet, CSV and hub records.
+        tokenize_processes: processes that tokenize a split (the arrays are the same for any
+            number); default one per core for a split of 32 MB or more, one below.
 
     The tokenizer is saved beside the logs (``tokenizer.json``, or ``vocab.json`` for words
     and characters) and in every checkpoint; loading a checkpoint whose tokenizer differs
@@ -99,6 +101,7 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         files: dict[str, str] | None = None,
         text_field: str = "text",
+        tokenize_processes: int | None = None,
     ) -> None:
         super().__init__()
         if level not in LEVELS:
@@ -108,6 +111,7 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"TextDataModule.{name} must be a positive integer, got {value!r}")
         _positive_or_none("max_train_samples", max_train_samples)
         _positive_or_none("max_val_samples", max_val_samples)
+        _positive_or_none("tokenize_processes", tokenize_processes)
         if not isinstance(calibration_samples, int) or calibration_samples < 0:
             raise ValueError(f"TextDataModule.calibration_samples must be an integer >= 0, got {calibration_samples!r}")
         if num_workers < 0:
@@ -131,6 +135,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.max_vocab_size, self.shuffle, self.num_workers = max_vocab_size, shuffle, num_workers
         self.calibration_samples, self.seed = calibration_samples, seed
+        self.tokenize_processes = tokenize_processes
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else token_cache.default_cache_dir()
         self._tokenizer: TextTokenizer | None = ready
         self._fingerprints: dict[str, str] = {}
@@ -199,7 +204,7 @@ class TextDataModule(L.LightningDataModule):
         key = token_cache.cache_key("tokens", tokenizer.fingerprint(), self._fingerprint(split))
         arrays = token_cache.load_arrays(self.cache_dir, key)
         if arrays is None:
-            processes = (os.cpu_count() or 1) if self.corpus.size(split) >= token_cache.PARALLEL_MIN_BYTES else 1
+            processes = token_cache.tokenize_processes(self.corpus.size(split), self.tokenize_processes)
             workers = "1 process" if processes == 1 else f"{processes} processes"
             rank_zero_info(f"Tokenizing the {split} split into {self.cache_dir} ({workers}) ...")
             arrays = token_cache.write_arrays(self.cache_dir, key, self.corpus.lines(split), tokenizer, processes)

@@ -17,7 +17,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,6 +30,13 @@ FORMAT = 1  # bump when the files' layout or the tokenization of lines changes
 LINES_PER_BATCH = 8192
 # A split this large is tokenized in a process per core; below it, starting them costs more than it saves.
 PARALLEL_MIN_BYTES = 32 << 20
+
+
+def tokenize_processes(split_bytes: int, requested: int | None = None) -> int:
+    """``requested``; by default a process per core for a split of ``PARALLEL_MIN_BYTES`` or more, else one."""
+    if requested is not None:
+        return requested
+    return (os.cpu_count() or 1) if split_bytes >= PARALLEL_MIN_BYTES else 1
 
 
 def default_cache_dir() -> Path:
@@ -75,9 +82,10 @@ class DiskArray:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None}  # a worker process opens its own
 
-    def __del__(self) -> None:
+    def __del__(self, close: Callable[[int], None] = os.close) -> None:
+        # ``close`` is bound at definition: at interpreter exit this module's ``os`` may already be None.
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            close(self._fd)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ def test_corpus_shorter_than_one_block_is_a_clear_error(tmp_path: Path):
         ({"level": "byte"}, r"TextDataModule.level='byte' is not one of \('word', 'char'\)"),
         ({"seq_len": 0}, r"TextDataModule.seq_len must be a positive integer, got 0"),
         ({"max_train_samples": 0}, r"max_train_samples must be a positive integer or None, got 0"),
+        ({"tokenize_processes": 0}, r"tokenize_processes must be a positive integer or None, got 0"),
         ({"max_vocab_size": 2}, r"max_vocab_size=2 is too small for tokenizer .word.: allowed an integer >= 3"),
     ],
 )

@@ -1,6 +1,8 @@
 """Tokenizers: byte, BPE and unigram trained locally, ready ones from a tokenizer.json, in checkpoints and caches."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +173,7 @@ def test_worker_processes_read_the_same_blocks_from_disk(corpus, tmp_path):
 def test_a_large_split_is_tokenized_in_worker_processes_to_the_same_arrays(corpus, tmp_path, monkeypatch, caplog, kind):
     caplog.set_level("INFO")
 
-    def stream_with(min_bytes, cache):
+    def stream_with(min_bytes, cache, **processes):
         monkeypatch.setattr(token_cache, "PARALLEL_MIN_BYTES", min_bytes)
         monkeypatch.setattr(token_cache, "LINES_PER_BATCH", 16)  # many batches, several in flight
         dm = TextDataModule(
@@ -180,6 +182,7 @@ def test_a_large_split_is_tokenized_in_worker_processes_to_the_same_arrays(corpu
             max_vocab_size=300 if kind == "bpe" else None,
             seq_len=8,
             cache_dir=str(tmp_path / cache),
+            **processes,
         )
         return stream_of(dm), np.concatenate([dm.splits["train"][i]["target_bytes"][None].numpy() for i in range(5)])
 
@@ -187,3 +190,20 @@ def test_a_large_split_is_tokenized_in_worker_processes_to_the_same_arrays(corpu
     assert "Tokenizing the train split" in caplog.text and "(1 process)" in caplog.text
     assert f"({os.cpu_count()} processes)" in caplog.text
     assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
+    chosen = stream_with(1 << 40, "chosen", tokenize_processes=3)  # asked for: whatever the split's size
+    assert "(3 processes)" in caplog.text
+    assert np.array_equal(serial[0], chosen[0]) and np.array_equal(serial[1], chosen[1])
+
+
+def test_data_still_open_at_interpreter_exit_closes_quietly(corpus, tmp_path):
+    # A DataLoader left mid-epoch keeps its arrays open until the interpreter tears modules down.
+    code = (
+        "from lego_lightning.data import TextDataModule\n"
+        f"dm = TextDataModule(path={str(corpus)!r}, seq_len=8, batch_size=2, cache_dir={str(tmp_path)!r})\n"
+        "dm.setup('fit')\n"
+        "for i, batch in zip(range(2), dm.train_dataloader()): pass\n"
+        "print(batch['input_ids'].shape[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "8"
+    assert "Exception ignored" not in out.stderr, out.stderr
