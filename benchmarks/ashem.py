@@ -25,6 +25,7 @@ Results are written after every run, so an interrupted benchmark still leaves wh
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -459,6 +460,126 @@ def observations(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def word_level_bits(args: argparse.Namespace) -> dict[str, float]:
+    """The word-level (capped) validation blocks' targets, the bytes they cover and their ``<unk>`` share.
+
+    Perplexity is the exponential of the mean loss over every target, so the stored word-level
+    perplexities give bits per byte exactly: ``ln(ppl) * targets / ln(2) / bytes``.
+    """
+    dm = TextDataModule(
+        path=str(args.data), seq_len=SEQ_LEN, max_val_samples=2000, max_vocab_size=args.vocab_cap, max_train_samples=1
+    )
+    dm.setup("validate")
+    blocks = dm.splits["validation"]
+    targets = blocks.targets
+    covered = sum(int(blocks[i]["target_bytes"]) for i in range(len(blocks)))
+    unk = dm.vocab.index["<unk>"]
+    return {"targets": targets.numel(), "bytes": covered, "unk_frac": (targets == unk).float().mean().item()}
+
+
+def ppl_to_bpb(ppl: float, word: dict[str, float]) -> float:
+    return math.log(ppl) * word["targets"] / math.log(2) / word["bytes"]
+
+
+def tokenizer_table(rows: list[dict[str, Any]], words: list[dict[str, Any]], word: dict[str, float], args) -> str:
+    """This run's models beside the word-level runs at the same vocabulary size, in bits per byte and PPL."""
+    by = {v: [r for r in rows if r["variant"] == v] for v in ("ours", "learned", "standard_4_layers")}
+    wby = {v: [r for r in words if r["variant"] == v] for v in ("ours", "standard_4_layers")}
+    lines = [
+        "| model | tokens | seeds | bits per byte | PPL per token | routed FLOPs ratio | exit 2 share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def add(label: str, tokens: str, mine: list[dict[str, Any]], bpb: list[float], ppl: str, ratio: str = "n/a"):
+        if mine:
+            share = _cell(_agg(mine, "exit2_frac"), 1, True) if "exit2_frac" in mine[0] and ratio != "n/a" else "n/a"
+            lines.append(f"| {label} | {tokens} | {len(mine)} | {_cell(summary(bpb), 3)} | {ppl} | {ratio} | {share} |")
+
+    tok = f"{args.tokenizer} {args.vocab_cap or 8192}"
+    for label, key_ppl, key_bpb, variant, routed in (
+        ("2 layers alone (ASHEM phase 1)", "phase1_ppl", "phase1_bpb", "ours", False),
+        ("ASHEM routed, max-prob confidence", "two_stage_ppl", "two_stage_bpb", "ours", True),
+        ("ASHEM routed, learned confidence", "two_stage_ppl", "two_stage_bpb", "learned", True),
+        ("ASHEM's 4 layers at full compute (max-prob run)", "deep_ppl", "deep_bpb", "ours", False),
+        ("4 layers, standard, same training FLOPs", "deep_ppl", "deep_bpb", "standard_4_layers", False),
+    ):
+        mine = by[variant]
+        add(
+            label,
+            tok,
+            mine,
+            [r[key_bpb] for r in mine],
+            _cell(_agg(mine, key_ppl)),
+            _cell(_agg(mine, "flops_ratio"), 3) if routed else "n/a",
+        )
+        theirs = wby.get(variant, [])
+        if theirs:
+            add(
+                label,
+                f"words, capped at {args.vocab_cap}",
+                theirs,
+                [ppl_to_bpb(r[key_ppl], word) for r in theirs],
+                _cell(_agg(theirs, key_ppl)),
+                _cell(_agg(theirs, "flops_ratio"), 3) if routed else "n/a",
+            )
+    return "\n".join(lines)
+
+
+def tokenizer_observations(rows: list[dict[str, Any]], word: dict[str, float], vocab: int) -> str:
+    ours = [r for r in rows if r["variant"] == "ours"]
+    learned = [r for r in rows if r["variant"] == "learned"]
+    base = [r for r in rows if r["variant"] == "standard_4_layers"]
+    out = [
+        f"- The word-level bits per byte come from the stored perplexities over the same 2,000 validation blocks "
+        f"({word['targets']:,} targets covering {word['bytes']:,} bytes); {word['unk_frac']:.1%} of those targets "
+        "are `<unk>` at the capped vocabulary, and predicting `<unk>` costs none of the bits its word's spelling "
+        "would, so the word level's bits per byte flatter it. The byte-level BPE has no `<unk>`: every "
+        "byte is paid for.",
+        "- The BPE validation blocks are the first 2,000 blocks of 32 BPE tokens, a shorter stretch of the same "
+        "validation text than the word level's first 2,000 blocks of 32 words.",
+    ]
+    if ours and base:
+        two = [r["two_stage_bpb"] for r in ours]
+        four = [r["deep_bpb"] for r in base]
+        out.append(
+            f"- At the same training FLOPs, ASHEM's routed model scores {statistics.fmean(two):.3f} bits per byte "
+            f"against the standard 4-layer model's {statistics.fmean(four):.3f} ({versus(two, four, 3)}), at "
+            f"{_agg(ours, 'flops_ratio')['mean']:.1%} of its inference FLOPs with max-prob confidence."
+        )
+        p1 = [r["phase1_bpb"] for r in ours]
+        out.append(
+            f"- The 2-layer model alone (ASHEM's phase 1) scores {statistics.fmean(p1):.3f} against ASHEM's routed "
+            f"{statistics.fmean(two):.3f} ({versus(two, p1, 3)}) and the 4-layer model's {statistics.fmean(four):.3f} "
+            f"({versus(p1, four, 3)})."
+        )
+    if ours and learned:
+        out.append(
+            f"- Routed FLOPs ratio with max-prob confidence {_agg(ours, 'flops_ratio')['mean']:.3f}, with the learned "
+            f"classifier {_agg(learned, 'flops_ratio')['mean']:.3f}: max-prob computes the shallow exit's "
+            f"{vocab:,}-way head for every token, also those sent deeper; the classifier reads the hidden "
+            "state, so a token pays one head. The learned run's routed bits per byte: "
+            f"{_agg(learned, 'two_stage_bpb')['mean']:.3f} (max-prob run {_agg(ours, 'two_stage_bpb')['mean']:.3f})."
+        )
+    return "\n".join(out)
+
+
+def tokenizer_section(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """This run beside the word-level runs of ``ashem.json`` at the same vocabulary size."""
+    stored = RESULTS / "ashem.json"
+    words = json.loads(stored.read_text())["rows"] if stored.exists() else []
+    if words and json.loads(stored.read_text())["settings"].get("vocab_cap") != args.vocab_cap:
+        words = []  # another vocabulary size: not the comparison this table makes
+    word = word_level_bits(args)
+    return (
+        f"## {args.tokenizer} {args.vocab_cap or 8192} beside the word level at the same vocabulary size\n\n"
+        "Word-level rows: `ashem.md`'s runs (vocabulary capped at the same size). Bits per byte compare across "
+        "tokenizers; perplexity per token does not.\n\n"
+        + tokenizer_table(rows, words, word, args)
+        + "\n\n"
+        + tokenizer_observations(rows, word, args.vocab_cap or 8192)
+    )
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     """Seed 0's sweeps of ASHEM and the multi-exit baselines, and each 4-layer baseline's single point."""
     try:
@@ -497,6 +618,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, done: bool) -> 
             f"(phase 2 0.1x), dropout {args.dropout}, at most {args.max_epochs} epochs per phase, patience 1 and 3. "
             "The research used a 69,830-word vocabulary and one seed, so absolute perplexities differ; compare "
             "directions and ratios.",
+            *([tokenizer_section(rows, args)] if args.tokenizer is not None else []),
             "## The research's table\n\n" + research_table(ours),
             "## ASHEM against baselines at the same training FLOPs\n\n" + comparison_table(rows),
             "## What each fix changes (the research's variants)\n\n" + variant_table(rows),
