@@ -13,8 +13,12 @@ from typing import Any, Literal, get_args
 
 Positions = Literal["learned", "rotary"]
 HeadSharing = Literal["shared", "separate"]
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "gelu_tanh", "swiglu"]
 POSITIONS: tuple[str, ...] = get_args(Positions)
 HEAD_SHARING: tuple[str, ...] = get_args(HeadSharing)
+NORMS: tuple[str, ...] = get_args(Norm)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,16 @@ class TransformerConfig:
         head_sharing: ``shared``: every exit uses one LM head; ``separate``: a head per exit.
         tie_embeddings: the LM head reuses the token embedding's weights.
         stages: the LEGO blocks; default one stage over all layers (a standard model, one exit).
+        n_kv_heads: key/value heads (grouped-query attention, as Llama 3, Mistral and Qwen2);
+            default ``n_heads``. Must divide ``n_heads``.
+        norm: ``layernorm`` (GPT-2) or ``rmsnorm`` (Llama family), before each block's attention
+            and MLP and in every exit head.
+        norm_eps: the norms' epsilon.
+        activation: the MLP's: ``gelu`` (exact), ``gelu_tanh`` (GPT-2's approximation) or
+            ``swiglu`` (Llama family: ``down(silu(gate(x)) * up(x))``, ``d_ff`` wide).
+        qkv_bias: the query/key/value projection has a bias (GPT-2, Qwen2; not Llama).
+        bias: the attention's output projection and the MLP have biases (GPT-2; not Llama).
+        rope_base: the rotary embedding's base (``rope_theta`` in Hugging Face configs).
     """
 
     vocab_size: int
@@ -134,6 +148,13 @@ class TransformerConfig:
     head_sharing: HeadSharing = "shared"
     tie_embeddings: bool = False
     stages: tuple[Stage, ...] = field(default_factory=tuple)
+    n_kv_heads: int | None = None
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Activation = "gelu"
+    qkv_bias: bool = True
+    bias: bool = True
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
@@ -156,6 +177,21 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.positions={self.positions!r} is not one of {POSITIONS}")
         if self.head_sharing not in HEAD_SHARING:
             raise ValueError(f"TransformerConfig.head_sharing={self.head_sharing!r} is not one of {HEAD_SHARING}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        elif not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"TransformerConfig.n_kv_heads must be a positive integer dividing n_heads={self.n_heads}, "
+                f"got {self.n_kv_heads!r}"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"TransformerConfig.norm={self.norm!r} is not one of {NORMS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"TransformerConfig.activation={self.activation!r} is not one of {ACTIVATIONS}")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be a finite number > 0, got {value!r}")
         stages = tuple(as_stage(s) for s in self.stages) or (Stage(layers=(1, self.n_layers)),)
         self.stages = validate_stages(stages, self.n_layers)
 

@@ -79,10 +79,9 @@ def _block_for_active(model: ExitTransformer, block: Block, x: Tensor, pack: _Pa
     q = attn.to_heads(q_act.new_zeros(B * pack.slots, D).index_copy(0, pack.query, q_act).view(B, pack.slots, D))
     if model.rotary is not None:
         q, k = model.rotary(q, pack.positions), model.rotary(k)
-    if pack.positions is None:  # the full layout: positions 0..T-1, the causal kernel
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.mask)
+    # The full layout (positions 0..T-1) takes the causal kernel; a packed one its mask.
+    mask = {"is_causal": True} if pack.positions is None else {"attn_mask": pack.mask}
+    y = attn.attend(q, k, v, **mask)
     y = attn.from_heads(y).reshape(B * pack.slots, D).index_select(0, pack.query)
     x_act = block.after_attention(flat.index_select(0, pack.token), attn.proj(y))
     return flat.index_copy(0, pack.token, x_act).view(B, T, D)
@@ -196,13 +195,13 @@ def _attend_cached(
     if everyone:
         if model.rotary is not None:
             q = model.rotary(q, pos)
-        y = F.scaled_dot_product_attention(q, cache_k[:, :, : position + 1], cache_v[:, :, : position + 1])
+        y = attn.attend(q, cache_k[:, :, : position + 1], cache_v[:, :, : position + 1])
         return block.after_attention(x, attn.proj(attn.from_heads(y)))
     (q,) = attn.project(h[rows], "q")
     q = attn.to_heads(q)
     if model.rotary is not None:
         q = model.rotary(q, pos[rows])
-    y = F.scaled_dot_product_attention(q, cache_k[rows, :, : position + 1], cache_v[rows, :, : position + 1])
+    y = attn.attend(q, cache_k[rows, :, : position + 1], cache_v[rows, :, : position + 1])
     x = x.clone()
     x[rows] = block.after_attention(x[rows], attn.proj(attn.from_heads(y)))
     return x
@@ -220,7 +219,7 @@ def _prefill(model: ExitTransformer, prompt: Tensor, caches: list[tuple[Tensor, 
             q, k = model.rotary(q), model.rotary(k)
         caches[i - 1][0][:, :, :P] = k
         caches[i - 1][1][:, :, :P] = v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=model.config.causal)
+        y = attn.attend(q, k, v, is_causal=model.config.causal)
         x = block.after_attention(x, attn.proj(attn.from_heads(y)))
         if i in model.exit_layers:
             at_exits[i] = x[:, -1]
@@ -254,7 +253,7 @@ def generate(
             f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}"
         )
     cfg, dev = model.config, prompt.device
-    hd, H = cfg.head_dim, cfg.n_heads
+    hd, H = cfg.head_dim, cfg.n_kv_heads
     ref = next(model.parameters())
     caches = [
         tuple(torch.zeros(B, H, total, hd, device=dev, dtype=ref.dtype) for _ in "kv") for _ in range(cfg.n_layers)

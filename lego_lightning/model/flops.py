@@ -19,9 +19,17 @@ from dataclasses import dataclass
 from lego_lightning.model.confidence import SOFTMAX_FLOPS_PER_ELEMENT, get_confidence
 from lego_lightning.model.config import TransformerConfig
 
-NORM_FLOPS_PER_ELEMENT = 7  # mean, centre, square, sum, normalise, scale, shift
-GELU_FLOPS_PER_ELEMENT = 8  # erf-based GELU, an estimate
+NORM_FLOPS_PER_ELEMENT = 7  # layer norm: mean, centre, square, sum, normalise, scale, shift
+RMSNORM_FLOPS_PER_ELEMENT = 4  # square, sum, normalise, scale
+GELU_FLOPS_PER_ELEMENT = 8  # erf-based GELU, an estimate (its tanh form alike)
+SWIGLU_FLOPS_PER_ELEMENT = 5  # SiLU (an estimate, 4) and the product with the up projection
 ROTARY_FLOPS_PER_ELEMENT = 3  # two multiplies and an add per rotated element
+
+
+def norm_flops(cfg: TransformerConfig) -> float:
+    """One norm over one token's ``d_model`` elements."""
+    per_element = RMSNORM_FLOPS_PER_ELEMENT if cfg.norm == "rmsnorm" else NORM_FLOPS_PER_ELEMENT
+    return per_element * cfg.d_model
 
 
 @dataclass(frozen=True)
@@ -57,42 +65,45 @@ def embedding_flops(cfg: TransformerConfig) -> FlopCount:
 def layer_flops(cfg: TransformerConfig, context: float) -> FlopCount:
     """One layer for one token attending to ``context`` keys."""
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
-    assert F is not None
+    assert F is not None and cfg.n_kv_heads is not None
+    KV = cfg.n_kv_heads * cfg.head_dim  # key (and value) width: below D with grouped-query attention
+    mlp_in = 2 * F if cfg.activation == "swiglu" else F  # SwiGLU: gate and up projections
     matmul = (
-        2 * D * 3 * D  # q, k, v projections
+        2 * D * (D + 2 * KV)  # q, k, v projections
         + 2 * D * context  # q . k over the context, all heads together
         + 2 * D * context  # attention-weighted sum of values
         + 2 * D * D  # output projection
-        + 2 * D * F * 2  # MLP in and out
+        + 2 * D * mlp_in
+        + 2 * F * D  # MLP in and out
     )
+    activation = SWIGLU_FLOPS_PER_ELEMENT if cfg.activation == "swiglu" else GELU_FLOPS_PER_ELEMENT
     elementwise = (
-        2 * NORM_FLOPS_PER_ELEMENT * D  # two layer norms
-        + 3 * D
-        + D
-        + F
-        + D  # biases: qkv, out projection, MLP in, MLP out
+        2 * norm_flops(cfg)
+        + ((D + 2 * KV) if cfg.qkv_bias else 0)
+        + ((D + mlp_in + D) if cfg.bias else 0)  # biases: out projection, MLP in, MLP out
         + SOFTMAX_FLOPS_PER_ELEMENT * H * context  # attention softmax
-        + GELU_FLOPS_PER_ELEMENT * F
+        + activation * F
         + 2 * D  # two residual adds
-        + (ROTARY_FLOPS_PER_ELEMENT * 2 * D if cfg.positions == "rotary" else 0)
+        + (ROTARY_FLOPS_PER_ELEMENT * (D + KV) if cfg.positions == "rotary" else 0)  # queries and keys
     )
     return FlopCount(matmul, elementwise)
 
 
 def kv_flops(cfg: TransformerConfig) -> FlopCount:
     """What a deeper layer spends on a token that already left: its norm, key and value."""
-    D = cfg.d_model
+    assert cfg.n_kv_heads is not None
+    D, KV = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
     return FlopCount(
-        matmul=2 * D * 2 * D,
-        elementwise=NORM_FLOPS_PER_ELEMENT * D
-        + 2 * D
-        + (ROTARY_FLOPS_PER_ELEMENT * D if cfg.positions == "rotary" else 0),
+        matmul=2 * D * 2 * KV,
+        elementwise=norm_flops(cfg)
+        + (2 * KV if cfg.qkv_bias else 0)
+        + (ROTARY_FLOPS_PER_ELEMENT * KV if cfg.positions == "rotary" else 0),
     )
 
 
 def head_flops(cfg: TransformerConfig) -> FlopCount:
     """One exit head: norm and projection to the vocabulary."""
-    return FlopCount(matmul=2 * cfg.d_model * cfg.vocab_size, elementwise=NORM_FLOPS_PER_ELEMENT * cfg.d_model)
+    return FlopCount(matmul=2 * cfg.d_model * cfg.vocab_size, elementwise=norm_flops(cfg))
 
 
 def confidence_flops(cfg: TransformerConfig, confidence: str) -> FlopCount:

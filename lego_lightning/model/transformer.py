@@ -45,37 +45,67 @@ class RotaryEmbedding(nn.Module):
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in float32 as the Llama family does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention with one fused query/key/value projection.
 
-    :meth:`project` and :meth:`to_heads` / :meth:`from_heads` are also what the inference paths
+    With ``n_kv_heads < n_heads`` (grouped-query attention) keys and values have fewer heads,
+    each serving ``n_heads / n_kv_heads`` query heads. :meth:`project`, :meth:`to_heads` /
+    :meth:`from_heads` and :meth:`attend` are also what the inference paths
     (:mod:`~lego_lightning.model.early_exit`) use to run attention for some tokens or from a
-    cache, so the projection and the head layout are written once.
+    cache, so the projection, the head layout and the grouping are written once.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.n_heads = config.n_heads
+        assert config.n_kv_heads is not None
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.causal = config.causal
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
+        kv = config.n_kv_heads * config.head_dim
+        self.sizes = {"q": config.d_model, "k": kv, "v": kv}
+        self.qkv = nn.Linear(config.d_model, config.d_model + 2 * kv, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
     def project(self, h: Tensor, parts: str = "qkv") -> tuple[Tensor, ...]:
-        """``parts`` (``"qkv"``, ``"kv"`` or ``"q"``) of ``h`` ``(..., D)``, each ``(..., D)``, from the fused
-        projection's rows for those parts only (one product)."""
-        D = h.shape[-1]
+        """``parts`` (``"qkv"``, ``"kv"`` or ``"q"``) of ``h`` ``(..., D)`` from the fused projection's rows
+        for those parts only (one product)."""
+        sizes = [self.sizes[p] for p in parts]
         if parts == "qkv":
             fused = self.qkv(h)
         else:
-            start = "qkv".index(parts[0]) * D
-            rows = slice(start, start + len(parts) * D)
-            fused = F.linear(h, self.qkv.weight[rows], self.qkv.bias[rows])
-        return fused.split(D, dim=-1)
+            start = sum(self.sizes[p] for p in "qkv"[: "qkv".index(parts[0])])
+            rows = slice(start, start + sum(sizes))
+            bias = None if self.qkv.bias is None else self.qkv.bias[rows]
+            fused = F.linear(h, self.qkv.weight[rows], bias)
+        return fused.split(sizes, dim=-1)
 
-    def to_heads(self, t: Tensor) -> Tensor:  # (B, S, D) -> (B, H, S, hd)
-        B, S, D = t.shape
-        return t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)
+    def to_heads(self, t: Tensor) -> Tensor:  # (B, S, heads * hd) -> (B, heads, S, hd)
+        B, S, _ = t.shape
+        return t.view(B, S, -1, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+        """Scaled dot-product attention of ``(B, H, S, hd)`` queries over keys and values with ``n_kv_heads``."""
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv_heads != self.n_heads, **kwargs)
 
     @staticmethod
     def from_heads(t: Tensor) -> Tensor:  # (B, H, S, hd) -> (B, S, D)
@@ -86,21 +116,27 @@ class SelfAttention(nn.Module):
         q, k, v = (self.to_heads(t) for t in self.project(x))  # (B, H, T, hd)
         if rotary is not None:
             q, k = rotary(q), rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = self.attend(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(self.from_heads(y))
 
 
 class MLP(nn.Module):
+    """``proj(act(fc(x)))``; with SwiGLU ``fc`` holds the gate's and the up projection's rows, in that order."""
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         assert config.d_ff is not None
-        self.fc = nn.Linear(config.d_model, config.d_ff)
-        self.proj = nn.Linear(config.d_ff, config.d_model)
+        self.activation = config.activation
+        width = 2 * config.d_ff if config.activation == "swiglu" else config.d_ff
+        self.fc = nn.Linear(config.d_model, width, bias=config.bias)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        h = self.fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none"))
 
 
 class Block(nn.Module):
@@ -108,9 +144,9 @@ class Block(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model)
+        self.ln1 = make_norm(config)
         self.attn = SelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model)
+        self.ln2 = make_norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
@@ -136,7 +172,7 @@ class ExitHead(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(config.d_model)
+        self.norm = make_norm(config)
         self.proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def forward(self, h: Tensor) -> Tensor:  # (..., D) -> (..., V)
@@ -155,7 +191,11 @@ class ExitTransformer(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len) if config.positions == "rotary" else None
+        self.rotary = (
+            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+            if config.positions == "rotary"
+            else None
+        )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         n_heads = 1 if config.head_sharing == "shared" else len(config.stages)
@@ -292,7 +332,8 @@ class ExitTransformer(nn.Module):
             elif init == "identity":
                 for lin in block.residual_projections():
                     lin.weight.zero_()
-                    lin.bias.zero_()
+                    if lin.bias is not None:
+                        lin.bias.zero_()
         if self.config.head_sharing == "separate":
             self.heads[stage_index].load_state_dict(self.heads[stage_index - 1].state_dict())
 

@@ -9,11 +9,17 @@ from lego_lightning.model.early_exit import generate, routed_forward
 V = 40
 
 
+# "llama": the Llama family's layer (grouped-query attention, RMSNorm, SwiGLU, no biases) with rotary positions.
+LLAMA = {"positions": "rotary", "n_kv_heads": 1, "norm": "rmsnorm", "activation": "swiglu", "qkv_bias": False,
+         "bias": False}  # fmt: skip
+
+
 def model_for(seed, positions="learned", head_sharing="separate", stages=None, causal=True):
     torch.manual_seed(seed)
     stages = stages or [Stage((1, 1)), Stage((2, 3)), Stage((4, 4))]
-    cfg = TransformerConfig(vocab_size=V, n_layers=4, d_model=16, n_heads=2, max_seq_len=24, positions=positions,
-                            head_sharing=head_sharing, stages=stages, causal=causal)  # fmt: skip
+    layer = LLAMA if positions == "llama" else {"positions": positions}
+    cfg = TransformerConfig(vocab_size=V, n_layers=4, d_model=16, n_heads=2, max_seq_len=24, head_sharing=head_sharing,
+                            stages=stages, causal=causal, **layer)  # fmt: skip
     return ExitTransformer(cfg).eval()
 
 
@@ -27,7 +33,12 @@ def assert_batch_routes_like_each_row_alone(model, idx, threshold):
         assert_close(alone.logits, batched.logits[row : row + 1])
 
 
-CASES = [(seed, pos, heads) for seed in (0, 1, 2) for pos in ("learned", "rotary") for heads in ("shared", "separate")]
+CASES = [
+    (seed, pos, heads)
+    for seed in (0, 1, 2)
+    for pos in ("learned", "rotary", "llama")
+    for heads in ("shared", "separate")
+]
 
 
 @pytest.mark.parametrize(("seed", "positions", "heads"), CASES)
@@ -125,7 +136,7 @@ def naive_greedy(model, prompt, n, exit_layer):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("positions", ["learned", "rotary", "llama"])
 def test_generation_with_routing_off_is_plain_greedy_decoding_without_a_cache(seed, positions):
     model = model_for(seed, positions)
     prompt = torch.randint(0, V, (3, 5))
@@ -137,8 +148,9 @@ def test_generation_with_routing_off_is_plain_greedy_decoding_without_a_cache(se
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_batched_generation_with_mixed_exits_matches_each_sequence_alone(seed):
-    model = model_for(seed, "rotary")
+@pytest.mark.parametrize("positions", ["rotary", "llama"])
+def test_batched_generation_with_mixed_exits_matches_each_sequence_alone(seed, positions):
+    model = model_for(seed, positions)
     prompt = torch.randint(0, V, (4, 4))
     threshold = torch.softmax(model(prompt)[1], -1).amax(-1).median().item()
     batched = generate(model, prompt, 10, threshold=threshold)

@@ -45,11 +45,16 @@ def test_routed_mix_counts_every_head_confidence_and_propagated_keys():
     assert routed.total - without_kv.total == pytest.approx(0.6 * kv)
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
-def test_matmul_count_equals_torch_flop_counter(positions):
+LLAMA_LIKE = {"n_kv_heads": 2, "norm": "rmsnorm", "activation": "swiglu", "qkv_bias": False, "bias": False}
+
+
+@pytest.mark.parametrize(
+    ("positions", "family"), [("learned", {}), ("rotary", {}), ("rotary", LLAMA_LIKE), ("learned", {"n_kv_heads": 1})]
+)
+def test_matmul_count_equals_torch_flop_counter(positions, family):
     # FlopCounterMode counts attention over the full T x T block, so compare a bidirectional model.
     cfg = TransformerConfig(
-        vocab_size=50, n_layers=3, d_model=16, n_heads=4, max_seq_len=8, causal=False, positions=positions
+        vocab_size=50, n_layers=3, d_model=16, n_heads=4, max_seq_len=8, causal=False, positions=positions, **family
     )
     model = ExitTransformer(cfg).eval()
     B, T = 3, 8
