@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -203,6 +204,27 @@ class ExitTransformer(nn.Module):
         self.apply(self._init_weights)
         self._scale_residual_init(self.blocks)
         self._tie_heads()
+
+    # ----------------------------------------------------------------------------- pretrained
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        exits: Sequence[int] | None = None,
+        head_sharing: str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ExitTransformer:
+        """A GPT-2 or Llama-family checkpoint in the Hugging Face format (a folder, or a hub name),
+        converted, with exits after ``exits``; see :mod:`lego_lightning.model.pretrained`."""
+        from lego_lightning.model.pretrained import from_pretrained
+
+        return from_pretrained(path, exits, head_sharing, dtype)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """The trunk in the Hugging Face format, loadable by ``transformers``, and the exits beside it."""
+        from lego_lightning.model.pretrained import save_pretrained
+
+        return save_pretrained(self, path)
 
     # ----------------------------------------------------------------------------------- init
     @staticmethod
