@@ -203,6 +203,7 @@ class LegoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._check_phases(config)
+        self._tokenize_as_the_pretrained_model(config)
         if self.checkpoint is not None:
             self._check_checkpoint_class(config)
             if self.subcommand == "fit":
@@ -219,6 +220,16 @@ class LegoCLI(LightningCLI):
                 as_phase(dict(fields), i)
             except ValueError as err:
                 raise ValueError(f"model.init_args.{err}") from None
+
+    @staticmethod
+    def _tokenize_as_the_pretrained_model(config: Any) -> None:
+        """With ``model.pretrained`` and no ``data.tokenizer``, the data is tokenized as the checkpoint was."""
+        pretrained = getattr(getattr(config.get("model"), "init_args", None), "pretrained", None)
+        data_args = getattr(config.get("data"), "init_args", None)
+        if pretrained and data_args is not None and "tokenizer" in data_args and data_args["tokenizer"] is None:
+            from lego_lightning.model.pretrained import resolve
+
+            data_args["tokenizer"] = str(resolve(pretrained))
 
     def _check_checkpoint_class(self, config: Any) -> None:
         """A checkpoint of another model class fails here, not on an argument that class does not take."""

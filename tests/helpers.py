@@ -61,8 +61,14 @@ def synthetic(**kwargs: Any) -> SyntheticDataModule:
 
 REPO = Path(__file__).resolve().parent.parent
 # Every run config: configs/*.yaml and the subfolders' (bpe/), not the data-module parts in data/.
+# Configs that train from scratch; those of configs/pretrained/ need a checkpoint (tests/test_pretrained_cli.py).
 CONFIGS = sorted(
-    str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "data"
+    str(p.relative_to(REPO / "configs"))
+    for p in (REPO / "configs").rglob("*.yaml")
+    if p.parent.name not in ("data", "pretrained")
+)
+PRETRAINED_CONFIGS = sorted(
+    str(p.relative_to(REPO / "configs")) for p in (REPO / "configs" / "pretrained").glob("*.yaml")
 )
 LAUNCHER_VARS = {"LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 

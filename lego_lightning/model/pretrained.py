@@ -334,6 +334,36 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
     return tensors
 
 
+def read_config(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The checkpoint's folder, its ``config.json``, and the exits :func:`save_pretrained` wrote beside it."""
+    folder = resolve(path)
+    hf = json.loads((folder / "config.json").read_text())
+    saved = json.loads((folder / EXITS_FILE).read_text()) if (folder / EXITS_FILE).is_file() else {}
+    return folder, hf, saved
+
+
+def converted_state(folder: Path, model: ExitTransformer, saved_exit_heads: bool) -> dict[str, Tensor]:
+    """The checkpoint in ``folder`` as ``model``'s ``state_dict``: every exit's head starts as the final one
+    (or, with ``saved_exit_heads``, as :func:`save_pretrained` left it); a clear error when shapes differ."""
+    hf = json.loads((folder / "config.json").read_text())
+    state = state_from_hf(read_tensors(folder), model.config, hf["model_type"])
+    final = {k.removeprefix("heads.0."): state.pop(k) for k in list(state) if k.startswith("heads.0.")}
+    for i in range(len(model.heads)):
+        state.update({f"heads.{i}.{k}": v for k, v in final.items()})
+    if saved_exit_heads and len(model.heads) > 1 and (folder / EXIT_HEADS_FILE).is_file():
+        from safetensors.torch import load_file
+
+        state.update(load_file(str(folder / EXIT_HEADS_FILE)))
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise ValueError(
+                f"the checkpoint's tensor for {k} has shape {tuple(v.shape)}, its config.json says "
+                f"{tuple(expected[k].shape)}: the tensors do not match the config"
+            )
+    return state
+
+
 def from_pretrained(
     path: str | Path,
     exits: Sequence[int] | None = None,
@@ -348,29 +378,11 @@ def from_pretrained(
     """
     from lego_lightning.model.transformer import ExitTransformer
 
-    folder = resolve(path)
-    hf = json.loads((folder / "config.json").read_text())
-    saved = json.loads((folder / EXITS_FILE).read_text()) if (folder / EXITS_FILE).is_file() else {}
+    folder, hf, saved = read_config(path)
     sharing = head_sharing or (saved.get("head_sharing", "shared") if exits is None else "shared")
     cfg = config_from_hf(hf, exits if exits is not None else saved.get("exits"), sharing)
-    state = state_from_hf(read_tensors(folder), cfg, hf["model_type"])
     model = ExitTransformer(cfg)
-    final = {k.removeprefix("heads.0."): state.pop(k) for k in list(state) if k.startswith("heads.0.")}
-    for i in range(len(model.heads)):  # every exit starts as the final norm and LM head
-        state.update({f"heads.{i}.{k}": v for k, v in final.items()})
-    if exits is None and len(model.heads) > 1 and (folder / EXIT_HEADS_FILE).is_file():
-        from safetensors.torch import load_file
-
-        state.update(load_file(str(folder / EXIT_HEADS_FILE)))  # the earlier exits' own heads, as saved
-    expected = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
-    if mismatched:
-        k = mismatched[0]
-        raise ValueError(
-            f"the checkpoint's tensor for {k} has shape {tuple(state[k].shape)}, its config.json says "
-            f"{tuple(expected[k].shape)}: the tensors do not match the config"
-        )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(converted_state(folder, model, saved_exit_heads=exits is None), strict=True)
     if dtype is not None:
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model

@@ -35,6 +35,8 @@ from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrai
 
 Objective = Literal["causal", "masked"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+Trunk = Literal["train", "frozen"]
+TRUNKS: tuple[str, ...] = get_args(Trunk)
 
 # Config fields that fix the shape of the weights; a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = (
@@ -65,6 +67,53 @@ def check_size_fields(sizes: Mapping[str, Any], owner: str) -> None:
     unknown = sorted(set(sizes) - set(SIZE_FIELDS))
     if unknown:
         raise TypeError(f"{owner} got unexpected arguments {unknown}: the model's sizes are {list(SIZE_FIELDS)}")
+
+
+def pretrained_sizes(pretrained: str, data_vocab: int, sizes: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The vocabulary and sizes of a pretrained checkpoint; ``sizes`` may choose dropout, head sharing
+    and a shorter context, and any other size given must be the checkpoint's (or left at its default)."""
+    from lego_lightning.model.pretrained import config_from_hf, read_config
+
+    _, hf, _ = read_config(pretrained)
+    base = config_from_hf(hf)
+    if data_vocab > base.vocab_size:
+        raise ValueError(
+            f"the data's vocab_size={data_vocab} is larger than the pretrained model's {base.vocab_size}: "
+            f"tokenize with its tokenizer (data.tokenizer: {pretrained})"
+        )
+    defaults = {f.name: f.default for f in fields(TransformerConfig)}
+    chosen: dict[str, Any] = {}
+    for name in SIZE_FIELDS:
+        theirs, given = getattr(base, name), sizes.get(name, defaults[name])
+        if name in ("dropout", "head_sharing"):
+            chosen[name] = given
+        elif name == "max_seq_len" and given != defaults[name]:
+            if given > theirs:
+                raise ValueError(f"model.max_seq_len={given} is longer than the pretrained model's context {theirs}")
+            chosen[name] = given
+        elif given not in (defaults[name], theirs):
+            raise ValueError(
+                f"model.{name}={given!r} but the pretrained model has {name}={theirs!r}: its sizes come from "
+                f"{pretrained}; leave {name} out"
+            )
+        else:
+            chosen[name] = theirs
+    return base.vocab_size, chosen
+
+
+def freeze_trunk(model: ExitTransformer) -> None:
+    """Freeze the embeddings, every layer and the final exit's head; an error when nothing would train."""
+    final = model.head(model.config.n_layers)
+    for param in [*model.tok_emb.parameters(), *model.blocks.parameters(), *final.parameters()]:
+        param.requires_grad_(False)
+    if model.pos_emb is not None:
+        model.pos_emb.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"trunk='frozen' with head_sharing={model.config.head_sharing!r} and exits {model.config.exit_layers} "
+            "leaves nothing to train: the exits need their own heads (head_sharing: separate) and an exit "
+            "before the last layer"
+        )
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -103,10 +152,23 @@ class SupervisedExitLM(L.LightningModule):
         loss_chunk_size: training computes each exit's cross-entropy over chunks of this many
             tokens, so no exit ever holds a full ``tokens x vocab`` logit tensor (deep
             supervision's memory stays near standard training's); ``None`` uses the plain loss.
+        pretrained: a Hugging Face checkpoint of GPT-2 or the Llama family (a folder with
+            ``config.json`` and ``*.safetensors``, or a hub name), converted by
+            :mod:`lego_lightning.model.pretrained`: the sizes and the vocabulary come from it
+            (``dropout``, ``head_sharing`` and a shorter ``max_seq_len`` may be chosen), every
+            exit starts as its final norm and LM head, and the weights load when a trainer sets
+            the module up (a checkpoint given to the trainer then replaces them, as on resume).
+            The ``lego`` CLI tokenizes with the checkpoint's tokenizer unless ``data.tokenizer``
+            names one.
+        trunk: ``train``, or ``frozen``: the embeddings, every layer and the final exit's head
+            keep their weights, so the final exit's outputs never change, and only the other
+            exits' own heads (``head_sharing: separate``) train (EE-Tuning).
         **sizes: the model's sizes, declared once as the fields of
             :class:`~lego_lightning.model.TransformerConfig` (``n_layers``, ``d_model``,
             ``n_heads``, ``d_ff``, ``max_seq_len``, ``dropout``, ``positions``, ``head_sharing``,
-            ``tie_embeddings``); on the command line ``--model.d_model 64`` as before.
+            ``tie_embeddings``, and the pretrained families' forms ``n_kv_heads``, ``norm``,
+            ``norm_eps``, ``activation``, ``qkv_bias``, ``bias``, ``rope_base``); on the command
+            line ``--model.d_model 64`` as before.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
     ``val/ppl``, ``val/exit{k}/bpb`` (and ``val/routed/bpb``) when the data gives the bytes of
@@ -132,10 +194,14 @@ class SupervisedExitLM(L.LightningModule):
         objective: Objective = "causal",
         mask_prob: float = 0.15,
         loss_chunk_size: int | None = 1024,
+        pretrained: str | None = None,
+        trunk: Trunk = "train",
         **sizes: Any,
     ) -> None:
         super().__init__()
         check_size_fields(sizes, type(self).__name__)
+        if trunk not in TRUNKS:
+            raise ValueError(f"trunk={trunk!r} is not one of {TRUNKS}")
         if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size!r}")
         if objective not in OBJECTIVES:
@@ -152,14 +218,22 @@ class SupervisedExitLM(L.LightningModule):
         self._save_plain_hyperparameters(inspect.currentframe())
         self.objective, self.mask_prob, self.data_vocab_size = objective, mask_prob, vocab_size
         self.loss_chunk_size = loss_chunk_size
+        model_vocab = vocab_size + (1 if objective == "masked" else 0)  # the <mask> input id
+        if pretrained is not None:
+            if objective != "causal":
+                raise ValueError(f"pretrained={pretrained!r} is a causal model: objective must be 'causal'")
+            model_vocab, sizes = pretrained_sizes(pretrained, vocab_size, sizes)
         self.config = TransformerConfig(
-            vocab_size=vocab_size + (1 if objective == "masked" else 0),  # the <mask> input id
+            vocab_size=model_vocab,
             causal=objective == "causal",
             stages=tuple(as_stage(s) for s in stages or ()),
             **sizes,
         )
         self.model = ExitTransformer(self.config)
         freeze_untrainable_stages(self.model)
+        if trunk == "frozen":
+            freeze_trunk(self.model)
+        self._pretrained_to_load = pretrained
         self.confidence = confidence
         # Trained apart from the model (its own optimizer, the model frozen), so DDP and the
         # main optimizer never see it as trainable.
@@ -347,6 +421,11 @@ class SupervisedExitLM(L.LightningModule):
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
+        if self._pretrained_to_load is not None:  # before a trainer's checkpoint, which replaces them
+            from lego_lightning.model.pretrained import converted_state, resolve
+
+            self.model.load_state_dict(converted_state(resolve(self._pretrained_to_load), self.model, True))
+            self._pretrained_to_load = None
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_seq_len:

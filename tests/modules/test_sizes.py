@@ -57,7 +57,8 @@ def test_python_sizes_reach_the_model(cls, config, derived, changed):
     default = build(cls)
     for name, value in {**DEFAULTS, **changed}.items():
         if name not in derived and name != "max_seq_len":
-            expected = 4 * default.config.d_model if name == "d_ff" else value
+            # None for these two means "derived": 4 x d_model, and one key/value head per query head.
+            expected = {"d_ff": 4 * default.config.d_model, "n_kv_heads": default.config.n_heads}.get(name, value)
             assert getattr(default.config, name) == expected, name
 
 

@@ -1,0 +1,92 @@
+"""configs/pretrained/ through the real `lego` CLI, on a tiny random GPT-2 that transformers saves with a tokenizer."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lego_lightning.cli import LegoCLI
+from lego_lightning.model.pretrained import converted_state
+from tests.helpers import PRETRAINED_CONFIGS, cli_args
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus, tmp_path_factory) -> Path:
+    """A 12-layer GPT-2 (the depth the configs' stages are for) and a byte-level BPE trained on the corpus."""
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(corpus / "train.txt")], trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=12, n_head=4, n_positions=64, vocab_size=304)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def fit(config: str, checkpoint: Path, corpus: Path, logs: Path) -> LegoCLI:
+    args = cli_args("fit", config, corpus, logs, "--model.pretrained", str(checkpoint), "--data.seq_len", "16")
+    return LegoCLI(args=[*args, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"])
+
+
+def test_the_pretrained_configs_are_here():
+    assert {"pretrained/exit_tuning.yaml", "pretrained/layerskip.yaml"} <= set(PRETRAINED_CONFIGS)
+
+
+@pytest.mark.parametrize("config", PRETRAINED_CONFIGS)
+def test_each_pretrained_config_trains_on_the_checkpoint_with_its_tokenizer(config, checkpoint, corpus, tmp_path):
+    cli = fit(config, checkpoint, corpus, tmp_path)
+    model, data = cli.model, cli.datamodule
+    assert cli.trainer.global_step == 4
+    assert (
+        data.kind == "file"
+        and data.vocab_size == Tokenizer.from_file(str(checkpoint / "tokenizer.json")).get_vocab_size()
+    )
+    assert model.config.vocab_size == 304 and model.config.n_layers == 12  # from the checkpoint, not the data
+    assert model.config.exit_layers == (4, 8, 12)
+    for k in (4, 8, 12):
+        assert torch.isfinite(cli.trainer.callback_metrics[f"val/exit{k}/ppl"])
+    assert torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 4
+
+
+def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, corpus, tmp_path):
+    cli = fit("pretrained/exit_tuning.yaml", checkpoint, corpus, tmp_path)
+    model = cli.model.model
+    loaded = converted_state(checkpoint, model, saved_exit_heads=False)
+    after = model.state_dict()
+    trunk = [k for k in after if not k.startswith("heads.")] + [k for k in after if k.startswith("heads.2.")]
+    assert len(trunk) == 12 * 12 + 2 + 3  # every layer's tensors, both embeddings, the final head
+    assert all(torch.equal(after[k], loaded[k]) for k in trunk)
+    # The exits trained: GPT-2 ties its LM head to the embedding, so an exit's own part is its norm.
+    assert not torch.equal(after["heads.0.norm.weight"], loaded["heads.0.norm.weight"])
+
+
+def test_layerskip_trains_the_whole_model(checkpoint, corpus, tmp_path):
+    cli = fit("pretrained/layerskip.yaml", checkpoint, corpus, tmp_path)
+    model = cli.model.model
+    loaded = converted_state(checkpoint, model, saved_exit_heads=False)
+    after = model.state_dict()
+    assert not torch.equal(after["blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(after["tok_emb.weight"], loaded["tok_emb.weight"])
+
+
+def test_exit_tuning_with_nothing_to_train_is_refused_before_training(checkpoint, corpus, tmp_path):
+    args = cli_args(
+        "fit", "pretrained/exit_tuning.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint),
+        "--model.head_sharing", "shared",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"trunk='frozen' with head_sharing='shared' .* leaves nothing to train"):
+        LegoCLI(args=args)
+
+
+def test_a_size_that_contradicts_the_checkpoint_is_named(checkpoint, corpus, tmp_path):
+    args = cli_args(
+        "fit", "pretrained/layerskip.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint),
+        "--model.d_model", "48",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.d_model=48 but the pretrained model has d_model=32"):
+        LegoCLI(args=args)
