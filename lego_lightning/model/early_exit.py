@@ -17,7 +17,7 @@ Plain PyTorch, inference only (``torch.no_grad``), the model in eval mode.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,66 +164,149 @@ def routed_forward(
 # --------------------------------------------------------------------------------------- generation
 @dataclass
 class Generation:
-    tokens: Tensor  # (B, P + N): the prompt and the generated tokens
-    exit_position: Tensor  # (B, N): the exit each generated token came from
+    tokens: Tensor  # (B, P + N): the prompt (as given, padding included) and the generated tokens
+    exit_position: Tensor  # (B, N): the exit each generated token came from; -1 once the sequence has ended
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is chosen from an exit's logits: greedy at ``temperature`` 0, else sampled.
+
+    Sampling divides the logits by ``temperature``, keeps the ``top_k`` most likely tokens and
+    the smallest set whose probability reaches ``top_p``, then draws from each sequence's own
+    generator, so a sequence gets the same tokens alone or in any batch.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+    def pick(self, logits: Tensor, generators: list[torch.Generator]) -> Tensor:
+        """One token per row of ``logits`` ``(n, V)``; row ``i`` draws from ``generators[i]``."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            outside = probs.cumsum(-1) - probs >= self.top_p  # the mass before it already reaches top_p
+            scores = scores.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+        probs = scores.softmax(-1)
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
 
 
 def _attend_cached(
-    model: ExitTransformer, block: Block, x: Tensor, cache_k: Tensor, cache_v: Tensor, position: int, rows: Tensor
+    model: ExitTransformer,
+    block: Block,
+    x: Tensor,
+    cache: tuple[Tensor, Tensor],
+    column: int,
+    positions: Tensor,
+    keys_kept: Tensor,
+    rows: Tensor,
 ) -> Tensor:
     """One decoding step of one layer: every row writes its key/value; ``rows`` also attend and run the MLP.
 
-    Few operations per step matter as much as few FLOPs at decode time (each is a tiny matrix
+    ``column`` is the cache slot of this step, ``positions`` ``(B, 1)`` each row's position (its
+    own count of real tokens), ``keys_kept`` ``(B, S)`` which cached keys are not padding. Few
+    operations per step matter as much as few FLOPs at decode time (each is a tiny matrix
     product): with every row active this is the plain layer, one fused q/k/v projection and no
     gathers; rows that left pay one fused k/v projection.
     """
     B = x.shape[0]
     attn = block.attn
+    cache_k, cache_v = cache
     h = block.ln1(x)  # (B, 1, D)
     everyone = len(rows) == B
     if everyone:
         q, k, v = (attn.to_heads(t) for t in attn.project(h))
     else:
         k, v = (attn.to_heads(t) for t in attn.project(h, "kv"))
-    pos = torch.full((B, 1), position, dtype=torch.long, device=x.device)
     if model.rotary is not None:
-        k = model.rotary(k, pos)
-    cache_k[:, :, position : position + 1] = k
-    cache_v[:, :, position : position + 1] = v
+        k = model.rotary(k, positions)
+    cache_k[:, :, column : column + 1] = k
+    cache_v[:, :, column : column + 1] = v
     if len(rows) == 0:
         return x
+    mask = keys_kept[:, None, None, : column + 1]  # (B, 1, 1, S)
     if everyone:
         if model.rotary is not None:
-            q = model.rotary(q, pos)
-        y = attn.attend(q, cache_k[:, :, : position + 1], cache_v[:, :, : position + 1])
+            q = model.rotary(q, positions)
+        y = attn.attend(q, cache_k[:, :, : column + 1], cache_v[:, :, : column + 1], attn_mask=mask)
         return block.after_attention(x, attn.proj(attn.from_heads(y)))
     (q,) = attn.project(h[rows], "q")
     q = attn.to_heads(q)
     if model.rotary is not None:
-        q = model.rotary(q, pos[rows])
-    y = attn.attend(q, cache_k[rows, :, : position + 1], cache_v[rows, :, : position + 1])
+        q = model.rotary(q, positions[rows])
+    y = attn.attend(q, cache_k[rows, :, : column + 1], cache_v[rows, :, : column + 1], attn_mask=mask[rows])
     x = x.clone()
     x[rows] = block.after_attention(x[rows], attn.proj(attn.from_heads(y)))
     return x
 
 
-def _prefill(model: ExitTransformer, prompt: Tensor, caches: list[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
-    """All layers over the prompt, keys and values cached; hidden states at every exit, last position."""
-    x = model.embed(prompt)
+def _prefill(
+    model: ExitTransformer, prompt: Tensor, kept: Tensor, caches: list[tuple[Tensor, Tensor]]
+) -> dict[int, Tensor]:
+    """All layers over the prompt, keys and values cached; hidden states at every exit, last position.
+
+    ``kept`` ``(B, P)`` marks real tokens; padding (on the left) gets no attention from them, and
+    each real token has the position it would have without the padding.
+    """
     P = prompt.shape[1]
+    positions = (kept.long().cumsum(1) - 1).clamp(min=0)
+    x = model.embed(prompt, positions=positions)
+    causal = torch.ones(P, P, dtype=torch.bool, device=prompt.device).tril()
+    # A padding query attends to itself alone: its output is never read, and no row is all -inf.
+    mask = ((causal & kept[:, None, :]) | torch.eye(P, dtype=torch.bool, device=prompt.device)).unsqueeze(1)
     at_exits = {}
     for i, block in enumerate(model.blocks, start=1):
         attn = block.attn
         q, k, v = (attn.to_heads(t) for t in attn.project(block.ln1(x)))
         if model.rotary is not None:
-            q, k = model.rotary(q), model.rotary(k)
+            q, k = model.rotary(q, positions), model.rotary(k, positions)
         caches[i - 1][0][:, :, :P] = k
         caches[i - 1][1][:, :, :P] = v
-        y = attn.attend(q, k, v, is_causal=model.config.causal)
+        y = attn.attend(q, k, v, attn_mask=mask)
         x = block.after_attention(x, attn.proj(attn.from_heads(y)))
         if i in model.exit_layers:
             at_exits[i] = x[:, -1]
     return at_exits
+
+
+def _check_attention_mask(attention_mask: Tensor | None, prompt: Tensor) -> Tensor:
+    """The prompt's real tokens as a bool ``(B, P)``; padding must be on the left, each row with a real token."""
+    if attention_mask is None:
+        return torch.ones_like(prompt, dtype=torch.bool)
+    if attention_mask.shape != prompt.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {tuple(prompt.shape)}")
+    kept = attention_mask.bool()
+    if not kept[:, -1].all() or (kept[:, 1:].long() < kept[:, :-1].long()).any():
+        raise ValueError("attention_mask must pad prompts on the left: each row 0s, then 1s up to the last column")
+    return kept
+
+
+def _generators(seed: int | Sequence[int] | None, batch: int, device: torch.device) -> list[torch.Generator]:
+    """Each sequence's own generator: ``seed + i`` for row ``i`` of an int, or one seed per row."""
+    if seed is None:
+        seeds = [int(torch.randint(0, 2**62, ()).item()) for _ in range(batch)]
+    elif isinstance(seed, int):
+        seeds = [seed + i for i in range(batch)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"seed has {len(seeds)} values for {batch} sequences: give one per sequence or an int")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 @torch.no_grad()
@@ -234,67 +317,106 @@ def generate(
     threshold: float | None = None,
     confidence: str = "max_prob",
     hidden_confidence: HiddenConfidence | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
 ) -> Generation:
-    """Greedy decoding with a KV cache; each sequence picks its exit at every step by the routing rule.
+    """Decoding with a KV cache; each sequence picks its exit at every step by the routing rule.
 
     The prompt runs through every layer. A sequence whose confidence reaches ``threshold`` at
     an exit takes that exit's token; the layers it skips still get its key and value for this
     position, from the state carried up from its exit. ``threshold=None`` decodes at full depth
     and gives exactly the tokens of plain greedy decoding without a cache.
+
+    Prompts of different lengths are padded on the left with ``attention_mask`` marking the real
+    tokens (as ``transformers`` does); tokens are greedy at ``temperature`` 0, else sampled
+    (:class:`Sampling`) from each sequence's own generator (``seed``: an int gives row ``i``
+    ``seed + i``, or one seed per row), so a sequence gets the same tokens alone or in a batch.
+    A sequence that produces ``eos_token_id`` ends: later tokens are ``pad_token_id`` (default
+    the end token), its exit position -1, and it computes nothing but its keys and values.
     """
     if threshold is not None:
         check_threshold(threshold, "threshold")
     if not model.config.causal:
         raise ValueError("generate() needs a causal model; this one attends both ways (the masked objective)")
+    sampling = Sampling(temperature, top_k, top_p)
     B, P = prompt.shape
     total = P + max_new_tokens
-    if total > model.config.max_seq_len:
+    kept = _check_attention_mask(attention_mask, prompt)
+    lengths = kept.sum(1)  # each row's real prompt tokens: the position of its first new token
+    if int(lengths.max()) + max_new_tokens > model.config.max_seq_len:
         raise ValueError(
-            f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}"
+            f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={model.config.max_seq_len}"
         )
     cfg, dev = model.config, prompt.device
-    hd, H = cfg.head_dim, cfg.n_kv_heads
     ref = next(model.parameters())
     caches = [
-        tuple(torch.zeros(B, H, total, hd, device=dev, dtype=ref.dtype) for _ in "kv") for _ in range(cfg.n_layers)
+        tuple(torch.zeros(B, cfg.n_kv_heads, total, cfg.head_dim, device=dev, dtype=ref.dtype) for _ in "kv")
+        for _ in range(cfg.n_layers)
     ]
+    keys_kept = torch.cat([kept, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], dim=1)
+    generators = _generators(seed, B, dev)
     measure = get_confidence(confidence)
     exits = cfg.exit_layers
+    pad = eos_token_id if pad_token_id is None else pad_token_id
     tokens = torch.cat([prompt, torch.zeros(B, max_new_tokens, dtype=prompt.dtype, device=dev)], dim=1)
-    exit_position = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+    exit_position = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
-    at_exits = _prefill(model, prompt, caches)
-    decided = torch.zeros(B, dtype=torch.bool, device=dev)
-    next_token = torch.zeros(B, dtype=prompt.dtype, device=dev)
-    for s, e in enumerate(exits):
-        rows = (~decided).nonzero(as_tuple=True)[0]
-        token, leave = _exit_decision(
-            model, e, at_exits[e][rows], s == len(exits) - 1, threshold, measure, hidden_confidence
-        )
-        next_token[rows[leave]] = token[leave]
-        exit_position[rows[leave], 0] = s
-        decided[rows[leave]] = True
-    tokens[:, P] = next_token
-    for step in range(1, max_new_tokens):
-        position = P + step - 1
-        x = model.embed(tokens[:, position : position + 1], start=position)
-        active = torch.ones(B, dtype=torch.bool, device=dev)
-        next_token = torch.zeros(B, dtype=prompt.dtype, device=dev)
-        for s, stage in enumerate(cfg.stages):
-            first, last = stage.layers
-            rows = active.nonzero(as_tuple=True)[0]  # fixed within a stage: rows leave only at exits
-            for layer in range(first, last + 1):
-                k_cache, v_cache = caches[layer - 1]
-                x = _attend_cached(model, model.blocks[layer - 1], x, k_cache, v_cache, position, rows)
+    def decide(step: int, hidden_at: Callable[[int, Tensor], Tensor], stages: Callable) -> None:
+        """Run ``stages`` for the unfinished rows, take each row's token at its exit, mark the ones that end."""
+        next_token = torch.full((B,), 0 if pad is None else pad, dtype=prompt.dtype, device=dev)
+        active = ~finished
+        for s, rows in stages(active):
             if len(rows) == 0:
-                continue  # every row has left; deeper layers still wrote their keys and values
-            token, leave = _exit_decision(
-                model, last, x[rows, 0], s == len(exits) - 1, threshold, measure, hidden_confidence
+                continue
+            final = s == len(exits) - 1
+            pick = _exit_decision(
+                model, exits[s], hidden_at(exits[s], rows), final, threshold, measure, hidden_confidence
             )
-            next_token[rows[leave]] = token[leave]
-            exit_position[rows[leave], step] = s
-            active[rows[leave]] = False
-        tokens[:, position + 1] = next_token
+            leave, logits = pick
+            if leave.any():
+                chosen = rows[leave]
+                next_token[chosen] = sampling.pick(logits, [generators[r] for r in chosen.tolist()]).to(prompt.dtype)
+                exit_position[chosen, step] = s
+                active[chosen] = False
+        tokens[:, P + step] = next_token
+        if eos_token_id is not None:
+            finished.logical_or_(next_token == eos_token_id)
+
+    at_exits = _prefill(model, prompt, kept, caches)
+
+    def prompt_stages(active: Tensor):
+        for s in range(len(exits)):  # the prompt ran every layer: each exit decides in turn
+            yield s, active.nonzero(as_tuple=True)[0]
+
+    decide(0, lambda e, rows: at_exits[e][rows], prompt_stages)
+    for step in range(1, max_new_tokens):
+        if finished.all():
+            tokens[:, P + step :] = 0 if pad is None else pad
+            break
+        column = P + step - 1
+        positions = (lengths + step - 1).unsqueeze(1)
+        x = model.embed(tokens[:, column : column + 1], positions=positions)
+        state = {"x": x}
+
+        def decode_stages(active: Tensor, column=column, positions=positions, state=state):
+            for s, stage in enumerate(cfg.stages):
+                rows = active.nonzero(as_tuple=True)[0]  # fixed within a stage: rows leave only at exits
+                for layer in range(stage.layers[0], stage.layers[1] + 1):
+                    state["x"] = _attend_cached(
+                        model, model.blocks[layer - 1], state["x"], caches[layer - 1], column, positions,
+                        keys_kept, rows,
+                    )  # fmt: skip
+                yield s, rows  # every row that left still gave deeper layers its keys and values
+
+        decide(step, lambda e, rows, state=state: state["x"][rows, 0], decode_stages)
     return Generation(tokens, exit_position)
 
 
@@ -307,19 +429,16 @@ def _exit_decision(
     measure,
     hidden_confidence: HiddenConfidence | None,
 ) -> tuple[Tensor, Tensor]:
-    """Greedy token of every row at this exit (only rows that leave run the head) and which rows leave."""
+    """Which rows leave at this exit, and the logits of those that do (only they run the head)."""
     head = model.head(exit_layer)
+    everyone = torch.ones(len(h), dtype=torch.bool, device=h.device)
     if final:
-        return head(h).argmax(-1), torch.ones(len(h), dtype=torch.bool, device=h.device)
+        return everyone, head(h)
     if threshold is None or threshold >= 1:
-        return torch.zeros(len(h), dtype=torch.long, device=h.device), torch.zeros(
-            len(h), dtype=torch.bool, device=h.device
-        )
-    token = torch.zeros(len(h), dtype=torch.long, device=h.device)
+        return ~everyone, h.new_zeros(0, model.config.vocab_size)
     if hidden_confidence is not None:
         leave = hidden_confidence(exit_layer, h) >= threshold
-        if leave.any():
-            token[leave] = head(h[leave]).argmax(-1)
-        return token, leave
+        return leave, head(h[leave]) if leave.any() else h.new_zeros(0, model.config.vocab_size)
     logits = head(h)
-    return logits.argmax(-1), measure(logits) >= threshold
+    leave = measure(logits) >= threshold
+    return leave, logits[leave]

@@ -287,16 +287,18 @@ class ExitTransformer(nn.Module):
             yield stage, name, param
 
     # -------------------------------------------------------------------------------- forward
-    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
-        """Token (and learned position) embeddings: ``(B, T) -> (B, T, D)``, positions from ``start``."""
+    def embed(self, idx: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Token (and learned position) embeddings: ``(B, T) -> (B, T, D)``, positions from ``start``,
+        or each token's own ``positions`` ``(B, T)`` (prompts padded on the left)."""
         T = idx.shape[1]
-        if self.config.max_seq_len < start + T:
+        last = start + T if positions is None else int(positions.max()) + 1
+        if self.config.max_seq_len < last:
             raise ValueError(
-                f"sequence length {start + T} is larger than the model's context max_seq_len={self.config.max_seq_len}"
+                f"sequence length {last} is larger than the model's context max_seq_len={self.config.max_seq_len}"
             )
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         return self.drop(x)
 
     def hidden_states(self, idx: Tensor, exit_layers: Sequence[int] | None = None) -> dict[int, Tensor]:
