@@ -90,3 +90,14 @@ def test_a_size_that_contradicts_the_checkpoint_is_named(checkpoint, corpus, tmp
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"model.d_model=48 but the pretrained model has d_model=32"):
         LegoCLI(args=args)
+
+
+def test_a_checkpoint_of_exit_tuning_validates_with_its_own_weights(checkpoint, corpus, tmp_path):
+    cli = fit("pretrained/exit_tuning.yaml", checkpoint, corpus, tmp_path)
+    last = cli.trainer.checkpoint_callback.last_model_path
+    trained = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    args = cli_args("validate", "pretrained/exit_tuning.yaml", corpus, tmp_path / "v", "--ckpt_path", last)
+    again = LegoCLI(args=[*args, "--model.pretrained", str(checkpoint), "--data.seq_len", "16"])
+    # The pretrained weights load at set-up; the checkpoint's replace them.
+    assert all(torch.equal(v, trained[k]) for k, v in again.model.state_dict().items())
+    assert torch.isfinite(again.trainer.callback_metrics["val/exit4/ppl"])
