@@ -101,3 +101,11 @@ def test_a_checkpoint_of_exit_tuning_validates_with_its_own_weights(checkpoint, 
     # The pretrained weights load at set-up; the checkpoint's replace them.
     assert all(torch.equal(v, trained[k]) for k, v in again.model.state_dict().items())
     assert torch.isfinite(again.trainer.callback_metrics["val/exit4/ppl"])
+
+
+def test_layerskip_trains_under_bf16_mixed_precision(checkpoint, corpus, tmp_path):
+    args = cli_args("fit", "pretrained/layerskip.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))
+    bf16 = ["--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    cli = LegoCLI(args=[*args, "--data.seq_len", "16", *bf16])
+    assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
+    assert torch.isfinite(cli.trainer.callback_metrics["val/exit12/ppl"])

@@ -161,3 +161,14 @@ def test_a_layer_no_hugging_face_architecture_has_is_refused_on_export(tmp_path)
         ValueError, match=r"no Hugging Face architecture has this layer \(positions=rotary, norm=layernorm"
     ):
         model.save_pretrained(tmp_path)
+
+
+def test_loading_in_bfloat16_keeps_the_logits_close(saved):
+    _, hf, folder = saved
+    half = ExitTransformer.from_pretrained(folder, dtype="bfloat16").eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    idx = tokens(seed=7)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = half(idx)[4].float()
+    assert (got - expected).norm() / expected.norm() < 0.02  # bf16 keeps about 3 significant digits
