@@ -51,6 +51,11 @@ ARCHITECTURE_FIELDS = (
     "head_sharing",
     "tie_embeddings",
     "exit_layers",
+    "n_kv_heads",
+    "norm",
+    "activation",
+    "qkv_bias",
+    "bias",
 )
 
 

@@ -167,6 +167,9 @@ def test_checkpoint_of_another_shape_or_vocabulary_fails_with_the_field_named(tm
         match=r"the checkpoint has vocab_size=64 but this model has vocab_size=80 \(vocab_size comes from the data",
     ):
         quiet_trainer(tmp_path).validate(other_vocab, data(vocab_size=80), ckpt_path=ckpt.last_model_path)
+    swiglu = tiny_lm(activation="swiglu")
+    with pytest.raises(ValueError, match=r"the checkpoint has activation=gelu but this model has activation=swiglu"):
+        quiet_trainer(tmp_path).validate(swiglu, data(), ckpt_path=ckpt.last_model_path)
 
 
 def test_sequence_longer_than_the_context_fails_before_training(tmp_path):
