@@ -213,16 +213,17 @@ def _attend_cached(
     cache: tuple[Tensor, Tensor],
     column: int,
     positions: Tensor,
-    keys_kept: Tensor,
+    keys_kept: Tensor | None,
     rows: Tensor,
 ) -> Tensor:
     """One decoding step of one layer: every row writes its key/value; ``rows`` also attend and run the MLP.
 
-    ``column`` is the cache slot of this step, ``positions`` ``(B, 1)`` each row's position (its
-    own count of real tokens), ``keys_kept`` ``(B, S)`` which cached keys are not padding. Few
-    operations per step matter as much as few FLOPs at decode time (each is a tiny matrix
-    product): with every row active this is the plain layer, one fused q/k/v projection and no
-    gathers; rows that left pay one fused k/v projection.
+        ``column`` is the cache slot of this step, ``positions`` ``(B, 1)`` each row's position (its
+        own count of real tokens), ``keys_kept`` ``(B, S)`` which cached keys are not padding (``None``:
+    all of them). Few
+        operations per step matter as much as few FLOPs at decode time (each is a tiny matrix
+        product): with every row active this is the plain layer, one fused q/k/v projection and no
+        gathers; rows that left pay one fused k/v projection.
     """
     B = x.shape[0]
     attn = block.attn
@@ -239,7 +240,7 @@ def _attend_cached(
     cache_v[:, :, column : column + 1] = v
     if len(rows) == 0:
         return x
-    mask = keys_kept[:, None, None, : column + 1]  # (B, 1, 1, S)
+    mask = None if keys_kept is None else keys_kept[:, None, None, : column + 1]  # (B, 1, 1, S)
     if everyone:
         if model.rotary is not None:
             q = model.rotary(q, positions)
@@ -249,26 +250,30 @@ def _attend_cached(
     q = attn.to_heads(q)
     if model.rotary is not None:
         q = model.rotary(q, positions[rows])
-    y = attn.attend(q, cache_k[rows, :, : column + 1], cache_v[rows, :, : column + 1], attn_mask=mask[rows])
+    mask = None if mask is None else mask[rows]
+    y = attn.attend(q, cache_k[rows, :, : column + 1], cache_v[rows, :, : column + 1], attn_mask=mask)
     x = x.clone()
     x[rows] = block.after_attention(x[rows], attn.proj(attn.from_heads(y)))
     return x
 
 
 def _prefill(
-    model: ExitTransformer, prompt: Tensor, kept: Tensor, caches: list[tuple[Tensor, Tensor]]
+    model: ExitTransformer, prompt: Tensor, kept: Tensor | None, caches: list[tuple[Tensor, Tensor]]
 ) -> dict[int, Tensor]:
     """All layers over the prompt, keys and values cached; hidden states at every exit, last position.
 
-    ``kept`` ``(B, P)`` marks real tokens; padding (on the left) gets no attention from them, and
-    each real token has the position it would have without the padding.
+    ``kept`` ``(B, P)`` marks real tokens (``None``: no padding); padding (on the left) gets no
+    attention from them, and each real token has the position it would have without the padding.
     """
     P = prompt.shape[1]
-    positions = (kept.long().cumsum(1) - 1).clamp(min=0)
+    positions, causal = None, {"is_causal": True}
+    if kept is not None:
+        positions = (kept.long().cumsum(1) - 1).clamp(min=0)
+        below = torch.ones(P, P, dtype=torch.bool, device=prompt.device).tril()
+        # A padding query attends to itself alone: its output is never read, and no row is all -inf.
+        itself = torch.eye(P, dtype=torch.bool, device=prompt.device)
+        causal = {"attn_mask": ((below & kept[:, None, :]) | itself).unsqueeze(1)}
     x = model.embed(prompt, positions=positions)
-    causal = torch.ones(P, P, dtype=torch.bool, device=prompt.device).tril()
-    # A padding query attends to itself alone: its output is never read, and no row is all -inf.
-    mask = ((causal & kept[:, None, :]) | torch.eye(P, dtype=torch.bool, device=prompt.device)).unsqueeze(1)
     at_exits = {}
     for i, block in enumerate(model.blocks, start=1):
         attn = block.attn
@@ -277,7 +282,7 @@ def _prefill(
             q, k = model.rotary(q, positions), model.rotary(k, positions)
         caches[i - 1][0][:, :, :P] = k
         caches[i - 1][1][:, :, :P] = v
-        y = attn.attend(q, k, v, attn_mask=mask)
+        y = attn.attend(q, k, v, **causal)
         x = block.after_attention(x, attn.proj(attn.from_heads(y)))
         if i in model.exit_layers:
             at_exits[i] = x[:, -1]
@@ -360,63 +365,51 @@ def generate(
         tuple(torch.zeros(B, cfg.n_kv_heads, total, cfg.head_dim, device=dev, dtype=ref.dtype) for _ in "kv")
         for _ in range(cfg.n_layers)
     ]
-    keys_kept = torch.cat([kept, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], dim=1)
-    generators = _generators(seed, B, dev)
+    # Without padding the plain kernels run (causal prompt, unmasked decoding) and no step syncs for positions.
+    padded = not bool(kept.all())
+    keys_kept = torch.cat([kept, kept.new_ones(B, max_new_tokens)], dim=1) if padded else None
+    generators = _generators(seed, B, dev) if temperature > 0 else []
     measure = get_confidence(confidence)
     exits = cfg.exit_layers
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    tokens = torch.cat([prompt, torch.zeros(B, max_new_tokens, dtype=prompt.dtype, device=dev)], dim=1)
+    # After its end token a sequence holds pad_token_id, by default the end token itself.
+    pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
+    tokens = torch.cat([prompt, torch.full((B, max_new_tokens), pad, dtype=prompt.dtype, device=dev)], dim=1)
     exit_position = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)  # rows without a token yet at this step
 
-    def decide(step: int, hidden_at: Callable[[int, Tensor], Tensor], stages: Callable) -> None:
-        """Run ``stages`` for the unfinished rows, take each row's token at its exit, mark the ones that end."""
-        next_token = torch.full((B,), 0 if pad is None else pad, dtype=prompt.dtype, device=dev)
-        active = ~finished
-        for s, rows in stages(active):
-            if len(rows) == 0:
-                continue
-            final = s == len(exits) - 1
-            pick = _exit_decision(
-                model, exits[s], hidden_at(exits[s], rows), final, threshold, measure, hidden_confidence
-            )
-            leave, logits = pick
-            if leave.any():
-                chosen = rows[leave]
-                next_token[chosen] = sampling.pick(logits, [generators[r] for r in chosen.tolist()]).to(prompt.dtype)
-                exit_position[chosen, step] = s
-                active[chosen] = False
-        tokens[:, P + step] = next_token
-        if eos_token_id is not None:
-            finished.logical_or_(next_token == eos_token_id)
+    def take(step: int, s: int, rows: Tensor, h: Tensor) -> None:
+        """``rows`` at exit ``s`` with hidden states ``h``: those that leave take their token there."""
+        leave, logits = _exit_decision(model, exits[s], h, s == len(exits) - 1, threshold, measure, hidden_confidence)
+        if leave.any():
+            chosen = rows[leave]
+            drawn_by = [generators[r] for r in chosen.tolist()] if generators else []
+            tokens[chosen, P + step] = sampling.pick(logits, drawn_by).to(tokens.dtype)
+            exit_position[chosen, step] = s
+            active[chosen] = False
 
-    at_exits = _prefill(model, prompt, kept, caches)
-
-    def prompt_stages(active: Tensor):
-        for s in range(len(exits)):  # the prompt ran every layer: each exit decides in turn
-            yield s, active.nonzero(as_tuple=True)[0]
-
-    decide(0, lambda e, rows: at_exits[e][rows], prompt_stages)
+    at_exits = _prefill(model, prompt, kept if padded else None, caches)
+    for s, e in enumerate(exits):  # the prompt ran every layer: each exit decides in turn
+        rows = active.nonzero(as_tuple=True)[0]
+        if len(rows):
+            take(0, s, rows, at_exits[e][rows])
     for step in range(1, max_new_tokens):
-        if finished.all():
-            tokens[:, P + step :] = 0 if pad is None else pad
-            break
+        if eos_token_id is not None:
+            finished |= tokens[:, P + step - 1] == eos_token_id
+            if finished.all():
+                break  # every later token is already the padding
+        active.copy_(~finished)
         column = P + step - 1
         positions = (lengths + step - 1).unsqueeze(1)
-        x = model.embed(tokens[:, column : column + 1], positions=positions)
-        state = {"x": x}
-
-        def decode_stages(active: Tensor, column=column, positions=positions, state=state):
-            for s, stage in enumerate(cfg.stages):
-                rows = active.nonzero(as_tuple=True)[0]  # fixed within a stage: rows leave only at exits
-                for layer in range(stage.layers[0], stage.layers[1] + 1):
-                    state["x"] = _attend_cached(
-                        model, model.blocks[layer - 1], state["x"], caches[layer - 1], column, positions,
-                        keys_kept, rows,
-                    )  # fmt: skip
-                yield s, rows  # every row that left still gave deeper layers its keys and values
-
-        decide(step, lambda e, rows, state=state: state["x"][rows, 0], decode_stages)
+        x = model.embed(tokens[:, column : column + 1], positions=positions if padded else None, start=column)
+        for s, stage in enumerate(cfg.stages):
+            rows = active.nonzero(as_tuple=True)[0]  # fixed within a stage: rows leave only at exits
+            for layer in range(stage.layers[0], stage.layers[1] + 1):
+                x = _attend_cached(
+                    model, model.blocks[layer - 1], x, caches[layer - 1], column, positions, keys_kept, rows
+                )
+            if len(rows):  # a row that left still gave deeper layers its keys and values
+                take(step, s, rows, x[rows, 0])
     return Generation(tokens, exit_position)
 
 
