@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python -m benchmarks.growth_plans
 	$(BIN)/python -m benchmarks.ashem_phase2
 	$(BIN)/python -m benchmarks.data_scale
+	$(BIN)/python -m benchmarks.pretrained
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info
