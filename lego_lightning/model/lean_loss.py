@@ -19,7 +19,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
         n_valid = (targets != IGNORE_INDEX).sum()
-        all_valid = bool(n_valid == targets.numel())  # one sync, and no masking pass over the logits below
+        # Eager: one sync spares a masking pass over the logits below. Compiled: no sync (it would
+        # break the graph), so always mask.
+        all_valid = not torch.compiler.is_compiling() and bool(n_valid == targets.numel())
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
