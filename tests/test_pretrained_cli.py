@@ -109,3 +109,18 @@ def test_layerskip_trains_under_bf16_mixed_precision(checkpoint, corpus, tmp_pat
     cli = LegoCLI(args=[*args, "--data.seq_len", "16", *bf16])
     assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
     assert torch.isfinite(cli.trainer.callback_metrics["val/exit12/ppl"])
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(checkpoint, corpus, tmp_path):
+    def run(logs, *extra):
+        args = cli_args("fit", "pretrained/layerskip.yaml", corpus, logs, "--model.pretrained", str(checkpoint))
+        return LegoCLI(args=[*args, "--data.seq_len", "16", "--trainer.limit_train_batches", "2", *extra])
+
+    whole = run(tmp_path / "whole", "--trainer.max_epochs", "2")
+    half = run(tmp_path / "half", "--trainer.max_epochs", "1")
+    resumed = run(
+        tmp_path / "half", "--trainer.max_epochs", "2", "--ckpt_path", half.trainer.checkpoint_callback.last_model_path
+    )
+    assert resumed.trainer.global_step == whole.trainer.global_step == 4
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
