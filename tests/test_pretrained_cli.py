@@ -7,9 +7,10 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lego_lightning import ExitTransformer
 from lego_lightning.cli import LegoCLI
 from lego_lightning.model.pretrained import converted_state
-from tests.helpers import PRETRAINED_CONFIGS, cli_args
+from tests.helpers import PRETRAINED_CONFIGS, cli_args, two_rank_fit
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,17 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(checkpo
     assert resumed.trainer.global_step == whole.trainer.global_step == 4
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_exit_tuning_under_ddp_ends_with_equal_weights_and_the_trunk_untouched(checkpoint, corpus, tmp_path):
+    extra = ("--model.pretrained", str(checkpoint), "--data.seq_len", "16", "--trainer.max_epochs", "1")
+    ranks = two_rank_fit("pretrained/exit_tuning.yaml", corpus, tmp_path, "ddp", *extra)
+    assert ranks[0]["world_size"] == 2
+    weights = ranks[0]["weights"]
+    assert all(torch.equal(weights[k], ranks[1]["weights"][k]) for k in weights)
+    loaded = converted_state(
+        checkpoint, ExitTransformer.from_pretrained(checkpoint, exits=[4, 8], head_sharing="separate"), False
+    )
+    trunk = [k for k in loaded if not k.startswith("heads.") or k.startswith("heads.2.")]
+    assert all(torch.equal(weights[f"model.{k}"], loaded[k]) for k in trunk)
+    assert not torch.equal(weights["model.heads.0.norm.weight"], loaded["heads.0.norm.weight"])
