@@ -7,7 +7,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lego_lightning import ExitTransformer
+from lego_lightning import ExitTransformer, SupervisedExitLM
 from lego_lightning.cli import LegoCLI
 from lego_lightning.model.pretrained import converted_state
 from tests.helpers import PRETRAINED_CONFIGS, cli_args, two_rank_fit
@@ -139,3 +139,19 @@ def test_exit_tuning_under_ddp_ends_with_equal_weights_and_the_trunk_untouched(c
     trunk = [k for k in loaded if not k.startswith("heads.") or k.startswith("heads.2.")]
     assert all(torch.equal(weights[f"model.{k}"], loaded[k]) for k in trunk)
     assert not torch.equal(weights["model.heads.0.norm.weight"], loaded["heads.0.norm.weight"])
+
+
+def test_a_checkpoint_of_the_standard_config_exports_and_comes_back_with_exits(corpus, tmp_path):
+    args = cli_args(
+        "fit", "standard.yaml", corpus, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"
+    )
+    cli = LegoCLI(args=args)
+    trained = SupervisedExitLM.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path).model.eval()
+    trained.save_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with_exit = ExitTransformer.from_pretrained(tmp_path / "hf", exits=[1]).eval()
+    idx = torch.randint(0, trained.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, trained(idx)[3], rtol=1e-5, atol=1e-5)
+        assert with_exit.exit_layers == (1, 3)
+        torch.testing.assert_close(with_exit(idx)[3], trained(idx)[3])
