@@ -155,3 +155,8 @@ def test_a_checkpoint_of_the_standard_config_exports_and_comes_back_with_exits(c
         torch.testing.assert_close(hf(idx).logits, trained(idx)[3], rtol=1e-5, atol=1e-5)
         assert with_exit.exit_layers == (1, 3)
         torch.testing.assert_close(with_exit(idx)[3], trained(idx)[3])
+
+
+def test_exit_tuning_without_a_checkpoint_says_it_needs_one(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"trunk='frozen' .* needs model.pretrained"):
+        LegoCLI(args=cli_args("fit", "pretrained/exit_tuning.yaml", corpus, tmp_path))

@@ -207,6 +207,8 @@ class SupervisedExitLM(L.LightningModule):
         check_size_fields(sizes, type(self).__name__)
         if trunk not in TRUNKS:
             raise ValueError(f"trunk={trunk!r} is not one of {TRUNKS}")
+        if trunk == "frozen" and pretrained is None:
+            raise ValueError("trunk='frozen' keeps a trained trunk as it is: it needs model.pretrained (a checkpoint)")
         if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size!r}")
         if objective not in OBJECTIVES:
