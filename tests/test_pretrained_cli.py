@@ -34,13 +34,26 @@ def fit(config: str, checkpoint: Path, corpus: Path, logs: Path) -> LegoCLI:
     return LegoCLI(args=[*args, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"])
 
 
+@pytest.fixture(scope="module")
+def fitted(checkpoint, corpus, tmp_path_factory):
+    """Each pretrained config fitted once (4 steps), shared by the tests that only read the result."""
+    runs: dict[str, LegoCLI] = {}
+
+    def of(config: str) -> LegoCLI:
+        if config not in runs:
+            runs[config] = fit(config, checkpoint, corpus, tmp_path_factory.mktemp(config.replace("/", "_")))
+        return runs[config]
+
+    return of
+
+
 def test_the_pretrained_configs_are_here():
     assert {"pretrained/exit_tuning.yaml", "pretrained/layerskip.yaml"} <= set(PRETRAINED_CONFIGS)
 
 
 @pytest.mark.parametrize("config", PRETRAINED_CONFIGS)
-def test_each_pretrained_config_trains_on_the_checkpoint_with_its_tokenizer(config, checkpoint, corpus, tmp_path):
-    cli = fit(config, checkpoint, corpus, tmp_path)
+def test_each_pretrained_config_trains_on_the_checkpoint_with_its_tokenizer(config, checkpoint, fitted):
+    cli = fitted(config)
     model, data = cli.model, cli.datamodule
     assert cli.trainer.global_step == 4
     assert (
@@ -54,8 +67,8 @@ def test_each_pretrained_config_trains_on_the_checkpoint_with_its_tokenizer(conf
     assert torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 4
 
 
-def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, corpus, tmp_path):
-    cli = fit("pretrained/exit_tuning.yaml", checkpoint, corpus, tmp_path)
+def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, fitted):
+    cli = fitted("pretrained/exit_tuning.yaml")
     model = cli.model.model
     loaded = converted_state(checkpoint, model, saved_exit_heads=False)
     after = model.state_dict()
@@ -66,8 +79,8 @@ def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, corpus,
     assert not torch.equal(after["heads.0.norm.weight"], loaded["heads.0.norm.weight"])
 
 
-def test_layerskip_trains_the_whole_model(checkpoint, corpus, tmp_path):
-    cli = fit("pretrained/layerskip.yaml", checkpoint, corpus, tmp_path)
+def test_layerskip_trains_the_whole_model(checkpoint, fitted):
+    cli = fitted("pretrained/layerskip.yaml")
     model = cli.model.model
     loaded = converted_state(checkpoint, model, saved_exit_heads=False)
     after = model.state_dict()
@@ -93,8 +106,8 @@ def test_a_size_that_contradicts_the_checkpoint_is_named(checkpoint, corpus, tmp
         LegoCLI(args=args)
 
 
-def test_a_checkpoint_of_exit_tuning_validates_with_its_own_weights(checkpoint, corpus, tmp_path):
-    cli = fit("pretrained/exit_tuning.yaml", checkpoint, corpus, tmp_path)
+def test_a_checkpoint_of_exit_tuning_validates_with_its_own_weights(checkpoint, corpus, tmp_path, fitted):
+    cli = fitted("pretrained/exit_tuning.yaml")
     last = cli.trainer.checkpoint_callback.last_model_path
     trained = {k: v.clone() for k, v in cli.model.state_dict().items()}
     args = cli_args("validate", "pretrained/exit_tuning.yaml", corpus, tmp_path / "v", "--ckpt_path", last)
