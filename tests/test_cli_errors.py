@@ -47,7 +47,7 @@ def trained(tmp_path_factory, corpus):
         (["--model.routing_threshold", "1.5"], r"routing_threshold must be in \[0, 1\], got 1.5"),
         (["--trainer.max_epochs", "0"], r"trainer.max_epochs=0 trains nothing"),
         (["--trainer.max_steps", "0"], r"trainer.max_steps=0 trains nothing"),
-        (["--trainer.limit_train_batches", "0"], r"trainer.limit_train_batches=0.0 trains nothing"),
+        (["--trainer.limit_train_batches", "0"], r"trainer.limit_train_batches=0 trains nothing"),
     ],
 )
 def test_bad_settings_print_their_message_alone(corpus, tmp_path, capsys, extra, message):

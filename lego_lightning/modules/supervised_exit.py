@@ -459,9 +459,10 @@ class SupervisedExitLM(L.LightningModule):
                     "end each phase themselves)"
                 )
         if trainer.limit_train_batches == 0:
+            # Written as 0 whether it came as 0 or 0.0: which of the two the CLI passes depends on what is installed.
             raise ValueError(
-                f"trainer.limit_train_batches={trainer.limit_train_batches} trains nothing: allowed a positive number "
-                "of batches or a fraction in (0, 1]"
+                "trainer.limit_train_batches=0 trains nothing: allowed a positive number of batches or a fraction "
+                "in (0, 1]"
             )
 
     def _untrained_stages(self) -> list[tuple[int, int]]:
