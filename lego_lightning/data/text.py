@@ -73,7 +73,8 @@ class TextDataModule(L.LightningDataModule):
             ``{"train": "shards/train-*.parquet", "validation": "valid.jsonl"}``.
         text_field: the field holding the text in JSON-lines, Parquet, CSV and hub records.
         tokenize_processes: processes that tokenize a split (the arrays are the same for any
-            number); default one per core for a split of 32 MB or more, one below.
+            number); default one per core for a word or character split of 32 MB or more, else
+            one (a Hugging Face tokenizer encodes on every core by itself).
 
     The tokenizer is saved beside the logs (``tokenizer.json``, or ``vocab.json`` for words
     and characters) and in every checkpoint; loading a checkpoint whose tokenizer differs
@@ -204,7 +205,8 @@ class TextDataModule(L.LightningDataModule):
         key = token_cache.cache_key("tokens", tokenizer.fingerprint(), self._fingerprint(split))
         arrays = token_cache.load_arrays(self.cache_dir, key)
         if arrays is None:
-            processes = token_cache.tokenize_processes(self.corpus.size(split), self.tokenize_processes)
+            in_python = self.kind in ("word", "char")
+            processes = token_cache.tokenize_processes(self.corpus.size(split), self.tokenize_processes, in_python)
             workers = "1 process" if processes == 1 else f"{processes} processes"
             rank_zero_info(f"Tokenizing the {split} split into {self.cache_dir} ({workers}) ...")
             arrays = token_cache.write_arrays(self.cache_dir, key, self.corpus.lines(split), tokenizer, processes)
