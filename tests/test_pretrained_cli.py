@@ -88,22 +88,19 @@ def test_layerskip_trains_the_whole_model(checkpoint, fitted):
     assert not torch.equal(after["tok_emb.weight"], loaded["tok_emb.weight"])
 
 
-def test_exit_tuning_with_nothing_to_train_is_refused_before_training(checkpoint, corpus, tmp_path):
-    args = cli_args(
-        "fit", "pretrained/exit_tuning.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint),
-        "--model.head_sharing", "shared",
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"trunk='frozen' with head_sharing='shared' .* leaves nothing to train"):
-        LegoCLI(args=args)
-
-
-def test_a_size_that_contradicts_the_checkpoint_is_named(checkpoint, corpus, tmp_path):
-    args = cli_args(
-        "fit", "pretrained/layerskip.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint),
-        "--model.d_model", "48",
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"model.d_model=48 but the pretrained model has d_model=32"):
-        LegoCLI(args=args)
+@pytest.mark.parametrize(
+    ("config", "override", "message"),
+    [
+        ("exit_tuning", ["--model.head_sharing", "shared"], r"trunk='frozen' with head_sharing='shared' .* leaves"),
+        ("layerskip", ["--model.d_model", "48"], r"model.d_model=48 but the pretrained model has d_model=32"),
+    ],
+)
+def test_settings_the_checkpoint_cannot_take_are_refused_before_training(
+    checkpoint, corpus, tmp_path, config, override, message
+):
+    args = cli_args("fit", f"pretrained/{config}.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))
+    with pytest.raises(ValueError, match=message):
+        LegoCLI(args=[*args, *override])
 
 
 def test_a_checkpoint_of_exit_tuning_validates_with_its_own_weights(checkpoint, corpus, tmp_path, fitted):
