@@ -18,13 +18,13 @@ things timed in the same run, alternated round by round.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from typing import Any
 
 import torch
 
-from benchmarks.common import alternating_step_times, machine, write_results
+from benchmarks.common import machine, write_results
+from benchmarks.early_exit import timed_ratio
 from lego_lightning import ExitTransformer
 from lego_lightning.model.early_exit import generate, routed_forward
 
@@ -54,12 +54,6 @@ def train_step(model: torch.nn.Module, logits_of: Any, x: torch.Tensor) -> Any:
         optimizer.step()
 
     return step
-
-
-def paired_ratio(fn: Any, baseline: Any, rounds: int) -> tuple[float, float]:
-    """Median over rounds of ``fn``'s seconds over ``baseline``'s (timed back to back), and ``fn``'s median seconds."""
-    times = alternating_step_times({"fn": fn, "base": baseline}, rounds, 1)
-    return statistics.median(a / b for a, b in zip(times["fn"], times["base"])), statistics.median(times["fn"])
 
 
 def threshold_for(model: ExitTransformer, x: torch.Tensor, exit_layer: int, fraction: float) -> float:
@@ -92,7 +86,7 @@ def main() -> None:
     # 1. training step
     ours_step = train_step(full.train(), lambda idx: full(idx)[args.n_layers], x)
     theirs_step = train_step(theirs.train(), lambda idx: theirs(idx).logits, x)
-    ratio, seconds = paired_ratio(theirs_step, ours_step, args.rounds)
+    ratio, seconds = timed_ratio(theirs_step, ours_step, args.rounds)
     rows.append({"part": "training", "what": "transformers GPT2LMHeadModel over ours", "time_ratio": ratio,
                  "ours_s": seconds / ratio, "theirs_s": seconds})  # fmt: skip
     full.eval()
@@ -106,13 +100,13 @@ def main() -> None:
                 t = threshold_for(model, x, exit_layer, fraction)
                 scored = routed_forward(model, x, t)
                 left = (scored.exit_position == 0).float().mean().item()
-                ratio, _ = paired_ratio(lambda m=model, t=t: routed_forward(m, x, t), lambda: full(x), args.rounds)
+                ratio, _ = timed_ratio(lambda m=model, t=t: routed_forward(m, x, t), lambda: full(x), args.rounds)
                 rows.append({"part": "scoring", "exit": exit_layer, "fraction": fraction, "left_early": left,
                              "time_ratio": ratio})  # fmt: skip
                 for batch in (1, args.batch):
                     prompt = x[:batch, :16]
                     went = generate(model, prompt, args.new_tokens, t)
-                    ratio, seconds = paired_ratio(
+                    ratio, seconds = timed_ratio(
                         lambda m=model, p=prompt, t=t: generate(m, p, args.new_tokens, t),
                         lambda p=prompt: generate(full, p, args.new_tokens),
                         args.rounds,
@@ -123,7 +117,7 @@ def main() -> None:
         for batch in (1, args.batch):
             prompt = x[:batch, :16]
             mask = torch.ones_like(prompt)
-            ratio, _ = paired_ratio(
+            ratio, _ = timed_ratio(
                 lambda p=prompt, m=mask: theirs.generate(
                     p, attention_mask=m, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                     do_sample=False, pad_token_id=0,
