@@ -75,8 +75,10 @@ def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, fitted)
     trunk = [k for k in after if not k.startswith("heads.")] + [k for k in after if k.startswith("heads.2.")]
     assert len(trunk) == 12 * 12 + 2 + 3  # every layer's tensors, both embeddings, the final head
     assert all(torch.equal(after[k], loaded[k]) for k in trunk)
-    # The exits trained: GPT-2 ties its LM head to the embedding, so an exit's own part is its norm.
-    assert not torch.equal(after["heads.0.norm.weight"], loaded["heads.0.norm.weight"])
+    # The exits trained their own norm and projection, though GPT-2 ties its final LM head to the embedding.
+    assert model.heads[2].proj.weight is model.tok_emb.weight and model.heads[0].proj.weight is not model.tok_emb.weight
+    for k in ("heads.0.norm.weight", "heads.0.proj.weight", "heads.1.proj.weight"):
+        assert not torch.equal(after[k], loaded[k])
 
 
 def test_layerskip_trains_the_whole_model(checkpoint, fitted):

@@ -19,6 +19,11 @@ POSITIONS: tuple[str, ...] = get_args(Positions)
 HEAD_SHARING: tuple[str, ...] = get_args(HeadSharing)
 NORMS: tuple[str, ...] = get_args(Norm)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+# Rotary scalings, with the keys each needs beside rope_type and factor (Hugging Face's names).
+ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,27 @@ def validate_stages(stages: Iterable[Stage], n_layers: int) -> tuple[Stage, ...]
     return stages
 
 
+def check_rope_scaling(scaling: Any) -> dict[str, Any]:
+    """``scaling`` as a plain dict, or an error naming the key, its value and what is allowed."""
+    where = "TransformerConfig.rope_scaling"
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"{where}={scaling!r} is not allowed: a mapping such as {{rope_type: linear, factor: 2.0}}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"{where}.rope_type={kind!r} is not one of {tuple(ROPE_SCALINGS)}")
+    needed = ("factor", *ROPE_SCALINGS[kind])
+    for key in needed:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{where}.{key}={value!r} is not allowed: rope_type {kind} needs a number > 0")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(
+            f"{where}: high_freq_factor={scaling['high_freq_factor']} must be larger than "
+            f"low_freq_factor={scaling['low_freq_factor']}"
+        )
+    return {"rope_type": kind, **{key: scaling[key] for key in needed}}
+
+
 @dataclass
 class TransformerConfig:
     """Sizes and exits of an :class:`~lego_lightning.model.ExitTransformer`: declared here once.
@@ -123,6 +149,10 @@ class TransformerConfig:
         causal: attention sees only earlier tokens (``False`` for the masked objective).
         head_sharing: ``shared``: every exit uses one LM head; ``separate``: a head per exit.
         tie_embeddings: the LM head reuses the token embedding's weights.
+        tie_exit_heads: with ``tie_embeddings`` and separate heads, whether the heads of the exits
+            before the last reuse the embedding too (``True``) or each owns a projection
+            (``False``: what a pretrained checkpoint with tied embeddings gets, so that its new
+            exits have a head to train, initialised from the final one).
         stages: the LEGO blocks; default one stage over all layers (a standard model, one exit).
         n_kv_heads: key/value heads (grouped-query attention, as Llama 3, Mistral and Qwen2);
             default ``n_heads``. Must divide ``n_heads``.
@@ -134,6 +164,11 @@ class TransformerConfig:
         qkv_bias: the query/key/value projection has a bias (GPT-2, Qwen2; not Llama).
         bias: the attention's output projection and the MLP have biases (GPT-2; not Llama).
         rope_base: the rotary embedding's base (``rope_theta`` in Hugging Face configs).
+        rope_scaling: ``None``, or the rotary frequencies' scaling for a context longer than
+            pretraining's, in Hugging Face's keys: ``{rope_type: linear, factor}`` (every
+            frequency divided by ``factor``) or ``{rope_type: llama3, factor, low_freq_factor,
+            high_freq_factor, original_max_position_embeddings}`` (Llama 3.1's: low frequencies
+            divided, high ones kept, those between interpolated).
     """
 
     vocab_size: int
@@ -147,6 +182,7 @@ class TransformerConfig:
     causal: bool = True
     head_sharing: HeadSharing = "shared"
     tie_embeddings: bool = False
+    tie_exit_heads: bool = True
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     n_kv_heads: int | None = None
     norm: Norm = "layernorm"
@@ -155,6 +191,7 @@ class TransformerConfig:
     qkv_bias: bool = True
     bias: bool = True
     rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
@@ -192,6 +229,8 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
         stages = tuple(as_stage(s) for s in self.stages) or (Stage(layers=(1, self.n_layers)),)
         self.stages = validate_stages(stages, self.n_layers)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lego_lightning.model.config import Stage, TransformerConfig
+from lego_lightning.model.config import ROPE_SCALINGS, Stage, TransformerConfig
 
 if TYPE_CHECKING:
     from lego_lightning.model.transformer import ExitTransformer
@@ -81,10 +81,12 @@ def config_from_hf(
     else:
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: the Llama family's MLP is silu (SwiGLU)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / earlier releases
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"config.json rope_type={rope_type!r} is not converted yet: allowed 'default'")
+        if rope_type not in ("default", *ROPE_SCALINGS):
+            raise ValueError(
+                f"config.json rope_type={rope_type!r} is not converted: allowed 'default', {', '.join(ROPE_SCALINGS)}"
+            )
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         if head_dim * heads != hf["hidden_size"]:
@@ -111,6 +113,13 @@ def config_from_hf(
                 "qkv_bias": bool(hf.get("attention_bias", family == "qwen2")),
                 "bias": bool(hf.get("mlp_bias", False)),
                 "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                "rope_scaling": None
+                if rope_type == "default"
+                else {
+                    "original_max_position_embeddings": hf["max_position_embeddings"],
+                    **rope,
+                    "rope_type": rope_type,
+                },
             },
         )
         if sizes["bias"]:
@@ -119,6 +128,7 @@ def config_from_hf(
         vocab_size=hf["vocab_size"],
         n_layers=n_layers,
         tie_embeddings=bool(hf.get("tie_word_embeddings", family == GPT2)),
+        tie_exit_heads=False,  # separate exits get heads of their own to train, even where the final one is tied
         head_sharing=head_sharing,  # type: ignore[arg-type]
         stages=stages_for(exits, n_layers),
         **sizes,
@@ -191,7 +201,7 @@ def hf_config_of(cfg: TransformerConfig, dtype: torch.dtype) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps,
         "hidden_act": "silu",
         "rope_theta": cfg.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "rope_parameters": {**(cfg.rope_scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_base},
         **({"attention_bias": cfg.qkv_bias, "mlp_bias": False} if family == "llama" else {}),
     }
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,36 @@ GrowInit = Literal["identity", "copy", "random"]
 GROW_INITS: tuple[str, ...] = get_args(GrowInit)
 
 
+def rotary_frequencies(head_dim: int, base: float, scaling: dict[str, Any] | None = None) -> Tensor:
+    """The ``head_dim / 2`` rotation frequencies, scaled as ``TransformerConfig.rope_scaling`` says."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: wavelengths longer than the original context / low_freq_factor are divided by the factor,
+    # those shorter than context / high_freq_factor kept, and those between interpolated smoothly.
+    context, low, high = (
+        scaling["original_max_position_embeddings"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+    )
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (context / wavelength - low) / (high - low)
+    between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    return torch.where((wavelength >= context / high) & (wavelength <= context / low), between, scaled)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), applied to queries and keys."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+    def __init__(
+        self, head_dim: int, max_seq_len: int, base: float = 10000.0, scaling: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq = rotary_frequencies(head_dim, base, scaling)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -184,7 +208,8 @@ class ExitTransformer(nn.Module):
     """A transformer language model with an exit after every stage.
 
     ``head_sharing="shared"`` uses one head for every exit; ``"separate"`` gives each stage its
-    own. ``tie_embeddings`` ties every head's projection to the token embedding.
+    own. ``tie_embeddings`` ties every head's projection to the token embedding (only the last
+    exit's when ``tie_exit_heads`` is off).
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -193,7 +218,7 @@ class ExitTransformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         self.rotary = (
-            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base, config.rope_scaling)
             if config.positions == "rotary"
             else None
         )
@@ -242,9 +267,13 @@ class ExitTransformer(nn.Module):
                 nn.init.normal_(lin.weight, mean=0.0, std=std)
 
     def _tie_heads(self) -> None:
-        if self.config.tie_embeddings:
-            for head in self.heads:
+        if not self.config.tie_embeddings:
+            return
+        for head in self.heads:
+            if self.config.tie_exit_heads or head is self.heads[-1]:
                 head.proj.weight = self.tok_emb.weight
+            elif head.proj.weight is self.tok_emb.weight:  # the last head until a stage grew above it
+                head.proj.weight = nn.Parameter(head.proj.weight.detach().clone())
 
     # -------------------------------------------------------------------------------- queries
     @property

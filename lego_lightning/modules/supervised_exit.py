@@ -171,7 +171,7 @@ class SupervisedExitLM(L.LightningModule):
         **sizes: the model's sizes, declared once as the fields of
             :class:`~lego_lightning.model.TransformerConfig` (``n_layers``, ``d_model``,
             ``n_heads``, ``d_ff``, ``max_seq_len``, ``dropout``, ``positions``, ``head_sharing``,
-            ``tie_embeddings``, and the pretrained families' forms ``n_kv_heads``, ``norm``,
+            ``tie_embeddings``, ``tie_exit_heads``, and the pretrained families' forms ``n_kv_heads``, ``norm``,
             ``norm_eps``, ``activation``, ``qkv_bias``, ``bias``, ``rope_base``); on the command
             line ``--model.d_model 64`` as before.
 

@@ -75,6 +75,16 @@ def test_bad_stage_fields(kwargs, message):
         ({"norm": "batchnorm"}, r"norm='batchnorm' is not one of \('layernorm', 'rmsnorm'\)"),
         ({"activation": "relu"}, r"activation='relu' is not one of \('gelu', 'gelu_tanh', 'swiglu'\)"),
         ({"rope_base": 0.0}, r"rope_base must be a finite number > 0, got 0.0"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            r"rope_type='yarn' is not one of \('linear', 'llama3'\)",
+        ),
+        ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling.factor=None is not allowed: rope_type linear needs"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+            r"original_max_position_embeddings=None is not allowed: rope_type llama3 needs a number > 0",
+        ),
+        ({"rope_scaling": "llama3"}, r"rope_scaling='llama3' is not allowed: a mapping"),
         ({"head_sharing": "some"}, r"head_sharing='some' is not one of"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
     ],

@@ -25,6 +25,23 @@ FAMILIES = {
             **LLAMA_SIZES, num_key_value_heads=2, max_position_embeddings=64, vocab_size=V, rope_theta=5e5
         )
     ),
+    # Llama 3.1's rope scaling: of 4 frequencies one is kept, one interpolated and two divided by the factor.
+    "llama3_rope_scaled": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            **LLAMA_SIZES,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            vocab_size=V,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 0.5,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    ),
     "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
             **LLAMA_SIZES, num_key_value_heads=1, max_position_embeddings=64, vocab_size=V, tie_word_embeddings=True
@@ -93,6 +110,8 @@ def test_exits_share_the_final_head_by_default_and_can_own_a_copy(saved):
     assert shared.exit_layers == (1, 3, 4) and len(shared.heads) == 1
     separate = ExitTransformer.from_pretrained(folder, exits=[1, 3], head_sharing="separate").eval()
     assert len(separate.heads) == 3
+    own = {id(h.proj.weight) for h in separate.heads[:-1]}
+    assert len(own) == 2 and id(separate.tok_emb.weight) not in own  # new parameters, even on a tied checkpoint
     idx = tokens(seed=4)
     with torch.no_grad():
         a, b = shared.eval()(idx), separate(idx)
@@ -104,7 +123,8 @@ def test_separate_exit_heads_come_back_from_save_pretrained(saved, tmp_path):
     _, _, folder = saved
     model = ExitTransformer.from_pretrained(folder, exits=[2], head_sharing="separate").eval()
     with torch.no_grad():
-        model.heads[0].proj.weight.mul_(1.5) if not model.config.tie_embeddings else model.heads[0].norm.weight.add_(1)
+        model.heads[0].proj.weight.mul_(1.5)  # its own copy, even where the final head is tied to the embedding
+        model.heads[0].norm.weight.add_(1)
     model.save_pretrained(tmp_path)
     back = ExitTransformer.from_pretrained(tmp_path).eval()
     assert back.exit_layers == (2, 4) and back.config.head_sharing == "separate"

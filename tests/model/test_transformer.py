@@ -68,6 +68,20 @@ def test_tied_embeddings_share_one_tensor_with_every_head():
     assert model.heads[-1].proj.weight is model.tok_emb.weight
 
 
+def test_exit_heads_own_their_projection_when_only_the_last_is_tied():
+    model = make(
+        tie_embeddings=True, tie_exit_heads=False, head_sharing="separate", stages=[Stage((1, 1)), Stage((2, 3))]
+    )
+    first, last = model.heads
+    assert last.proj.weight is model.tok_emb.weight and first.proj.weight is not model.tok_emb.weight
+    untied = make(head_sharing="separate", stages=[Stage((1, 1)), Stage((2, 3))])
+    assert len(list(model.parameters())) == len(list(untied.parameters())) - 1  # one projection fewer
+    model.grow(1)  # the head that was last keeps its values, now a projection of its own
+    assert model.heads[-1].proj.weight is model.tok_emb.weight
+    assert model.heads[1].proj.weight is not model.tok_emb.weight
+    assert torch.equal(model.heads[1].proj.weight, model.tok_emb.weight)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("head_sharing", ["shared", "separate"])
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
