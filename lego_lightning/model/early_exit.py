@@ -24,12 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lego_lightning.model.confidence import get_confidence
+from lego_lightning.model.confidence import ConfidenceMeasure, get_confidence
 from lego_lightning.model.routing import check_threshold
 from lego_lightning.model.transformer import Block, ExitTransformer
 
 # A confidence from a hidden state, for measures that need no logits: (exit_layer, (N, D)) -> (N,)
 HiddenConfidence = Callable[[int, Tensor], Tensor]
+
+
+def _measure(confidence: str, hidden_confidence: HiddenConfidence | None) -> ConfidenceMeasure:
+    """The measure named ``confidence``; a learned one needs its classifier, named before any work."""
+    measure = get_confidence(confidence)
+    if measure.reads_hidden and hidden_confidence is None:
+        raise ValueError(
+            f"confidence={confidence!r} reads each exit's hidden state through a trained ExitClassifier: pass it "
+            "as hidden_confidence (a module built with confidence='learned' holds it: module.exit_classifier)"
+        )
+    return measure
 
 
 @dataclass
@@ -114,7 +125,7 @@ def routed_forward(
     cfg = model.config
     B, T = idx.shape
     dev = idx.device
-    measure = get_confidence(confidence)
+    measure = _measure(confidence, hidden_confidence)
     x = model.embed(idx)
     # Per-token bookkeeping on the flattened (B * T) sequence: 1-D index_select/index_copy_ are
     # cheap where 2-D advanced indexing into (B, T, V) logits is not.
@@ -336,7 +347,10 @@ def generate(
     The prompt runs through every layer. A sequence whose confidence reaches ``threshold`` at
     an exit takes that exit's token; the layers it skips still get its key and value for this
     position, from the state carried up from its exit. ``threshold=None`` decodes at full depth
-    and gives exactly the tokens of plain greedy decoding without a cache.
+    and gives exactly the tokens of plain greedy decoding without a cache. ``confidence`` names
+    the measure; ``"learned"`` reads each exit's hidden state through ``hidden_confidence``, a
+    trained :class:`~lego_lightning.model.exit_classifier.ExitClassifier`, and a sequence that
+    continues runs no head at that exit.
 
     Prompts of different lengths are padded on the left with ``attention_mask`` marking the real
     tokens (as ``transformers`` does); tokens are greedy at ``temperature`` 0, else sampled
@@ -369,7 +383,7 @@ def generate(
     padded = not bool(kept.all())
     keys_kept = torch.cat([kept, kept.new_ones(B, max_new_tokens)], dim=1) if padded else None
     generators = _generators(seed, B, dev) if temperature > 0 else []
-    measure = get_confidence(confidence)
+    measure = _measure(confidence, hidden_confidence)
     exits = cfg.exit_layers
     # After its end token a sequence holds pad_token_id, by default the end token itself.
     pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0

@@ -6,6 +6,7 @@ import transformers
 
 from lego_lightning import ExitTransformer
 from lego_lightning.model.early_exit import generate
+from lego_lightning.model.exit_classifier import ExitClassifier
 from tests.model.test_early_exit import model_for
 
 V = 40
@@ -109,3 +110,25 @@ def test_bad_generation_settings_are_named():
         generate(model, ids, 2, temperature=-1.0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         generate(model, ids, 2, temperature=1.0, top_p=0.0)
+
+
+def test_learned_confidence_needs_its_classifier_and_decides_who_leaves():
+    model = model_for(3, "rotary")
+    ids, mask = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match=r"confidence='learned' reads .* pass it as hidden_confidence"):
+        generate(model, ids, 6, threshold=0.5, confidence="learned", attention_mask=mask)
+    classifier = ExitClassifier(model.config.d_model, model.exit_layers[:-1])
+
+    def decode_with_biases(first: float, second: float):
+        with torch.no_grad():
+            classifier.nets["1"][1].bias.fill_(first)
+            classifier.nets["3"][1].bias.fill_(second)
+        return generate(model, ids, 6, 0.5, "learned", classifier, attention_mask=mask)
+
+    everyone_first = decode_with_biases(20.0, -20.0)  # confidence ~1 at exit 1
+    assert (everyone_first.exit_position == 0).all()
+    assert torch.equal(everyone_first.tokens, generate(model, ids, 6, threshold=0.0, attention_mask=mask).tokens)
+    assert (decode_with_biases(-20.0, 20.0).exit_position == 1).all()
+    nobody = decode_with_biases(-20.0, -20.0)
+    assert (nobody.exit_position == 2).all()
+    assert torch.equal(nobody.tokens, generate(model, ids, 6, attention_mask=mask).tokens)
