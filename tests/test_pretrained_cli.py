@@ -48,7 +48,9 @@ def fitted(checkpoint, corpus, tmp_path_factory):
 
 
 def test_the_pretrained_configs_are_here():
-    assert {"pretrained/exit_tuning.yaml", "pretrained/layerskip.yaml"} <= set(PRETRAINED_CONFIGS)
+    assert {"pretrained/exit_tuning.yaml", "pretrained/layerskip.yaml", "pretrained/ashem.yaml"} <= set(
+        PRETRAINED_CONFIGS
+    )
 
 
 @pytest.mark.parametrize("config", PRETRAINED_CONFIGS)
@@ -61,8 +63,9 @@ def test_each_pretrained_config_trains_on_the_checkpoint_with_its_tokenizer(conf
         and data.vocab_size == Tokenizer.from_file(str(checkpoint / "tokenizer.json")).get_vocab_size()
     )
     assert model.config.vocab_size == 304 and model.config.n_layers == 12  # from the checkpoint, not the data
-    assert model.config.exit_layers == (4, 8, 12)
-    for k in (4, 8, 12):
+    exits = (4, 12) if config == "pretrained/ashem.yaml" else (4, 8, 12)
+    assert model.config.exit_layers == exits
+    for k in exits:
         assert torch.isfinite(cli.trainer.callback_metrics[f"val/exit{k}/ppl"])
     assert torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 4
 
@@ -172,3 +175,28 @@ def test_a_checkpoint_of_the_standard_config_exports_and_comes_back_with_exits(c
 def test_exit_tuning_without_a_checkpoint_says_it_needs_one(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"trunk='frozen' .* needs model.pretrained"):
         LegoCLI(args=cli_args("fit", "pretrained/exit_tuning.yaml", corpus, tmp_path))
+
+
+def test_ashem_mines_hard_tokens_at_a_pretrained_exit_and_trains_only_the_layers_above(checkpoint, corpus, tmp_path):
+    # configs/pretrained/ashem.yaml's plan, one epoch a phase.
+    phases = (
+        "[{layers: 12, train: [exit 4], loss_weights: {4: 1.0}, max_epochs: 1}, {train: [layers 5-12], "
+        "loss_weights: {12: 1.0}, lr_scale: 0.2, tokens: hard, hard_exit: 4, hard_ratio: 0.5, max_epochs: 1}]"
+    )
+    args = cli_args("fit", "pretrained/ashem.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))
+    cli = LegoCLI(args=[*args, "--data.seq_len", "16", "--trainer.limit_train_batches", "2", "--model.phases", phases])
+    module, model = cli.model, cli.model.model
+    assert cli.trainer.global_step == 4 and module.phase == 2 and model.exit_layers == (4, 12)
+    loaded = converted_state(checkpoint, model, saved_exit_heads=False)
+    after = model.state_dict()
+    kept = [k for k in after if k.startswith(("tok_emb", "pos_emb", "heads.1."))]
+    kept += [k for k in after if k.startswith("blocks.") and int(k.split(".")[1]) < 4]
+    above = [k for k in after if k.startswith("blocks.") and int(k.split(".")[1]) >= 4]
+    assert all(torch.equal(after[k], loaded[k]) for k in kept)
+    assert not torch.equal(after["heads.0.proj.weight"], loaded["heads.0.proj.weight"])  # phase 1: exit 4
+    assert sum(not torch.equal(after[k], loaded[k]) for k in above) > len(above) // 2  # phase 2: layers 5-12
+    # The hard set: training tokens below the threshold calibrated at exit 4, which validation routes with.
+    hard = module.hard_mask
+    assert hard is not None and 0.3 < hard.float().mean().item() < 0.7  # hard_ratio 0.5 of held-out tokens
+    assert module.routing_threshold is not None
+    assert 0 < cli.trainer.callback_metrics["val/routed/exit4_frac"].item() < 1
