@@ -78,6 +78,11 @@ def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, fitted)
     trunk = [k for k in after if not k.startswith("heads.")] + [k for k in after if k.startswith("heads.2.")]
     assert len(trunk) == 12 * 12 + 2 + 3  # every layer's tensors, both embeddings, the final head
     assert all(torch.equal(after[k], loaded[k]) for k in trunk)
+    # The final exit cannot change, so the best checkpoint and early stopping follow the exits' weighted loss.
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.checkpoint_callback.monitor == "val/loss"
+    weighted = metrics["val/exit4/loss"].item() + metrics["val/exit8/loss"].item()  # weights 1, 1 and 0
+    assert metrics["val/loss"].item() == pytest.approx(weighted, rel=1e-5)
     # The exits trained their own norm and projection, though GPT-2 ties its final LM head to the embedding.
     assert model.heads[2].proj.weight is model.tok_emb.weight and model.heads[0].proj.weight is not model.tok_emb.weight
     for k in ("heads.0.norm.weight", "heads.0.proj.weight", "heads.1.proj.weight"):

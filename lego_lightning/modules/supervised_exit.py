@@ -176,7 +176,9 @@ class SupervisedExitLM(L.LightningModule):
             line ``--model.d_model 64`` as before.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
-    ``val/ppl``, ``val/exit{k}/bpb`` (and ``val/routed/bpb``) when the data gives the bytes of
+    ``val/ppl``, ``val/loss`` (the exits' losses at their training weights, summed as
+    ``train/loss``: what to monitor when the deepest exit cannot change, as in EE-Tuning),
+    ``val/exit{k}/bpb`` (and ``val/routed/bpb``) when the data gives the bytes of
     text its targets cover (``TextDataModule`` does; causal objective only), and with routing
     ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}`` and
     ``val/exit{k}/{hard,easy}_ppl``. Under DDP, ``val/*`` are reduced over every rank's
@@ -403,6 +405,10 @@ class SupervisedExitLM(L.LightningModule):
         if not values:
             return values
         ppl = values.get("routed/ppl", values.get(f"exit{self.eval_exit_layers[-1]}/ppl", float("nan")))
+        # What training minimises, on every validation token: the exits' losses at their training weights.
+        weighted = {k: w for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0}
+        if all(f"exit{k}/loss" in values for k in weighted):
+            values["loss"] = sum(w * values[f"exit{k}/loss"] for k, w in weighted.items())
         if "routed/ppl" in values and self._eval_seq_len is not None:
             fractions = {k: values.get(f"routed/exit{k}_frac", 0.0) for k in self.config.exit_layers}
             context = flops.mean_context(self._eval_seq_len, self.config.causal)
