@@ -169,6 +169,9 @@ class TransformerConfig:
             frequency divided by ``factor``) or ``{rope_type: llama3, factor, low_freq_factor,
             high_freq_factor, original_max_position_embeddings}`` (Llama 3.1's: low frequencies
             divided, high ones kept, those between interpolated).
+        head_dim: each attention head's width; default ``d_model / n_heads``. Another value (as in
+            Mistral NeMo) makes the queries ``n_heads * head_dim`` wide, and the output
+            projection maps that width back to ``d_model``.
     """
 
     vocab_size: int
@@ -192,18 +195,23 @@ class TransformerConfig:
     bias: bool = True
     rope_base: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"TransformerConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"rotary positions need an even head size, got d_model/n_heads = {self.d_model // self.n_heads}"
-            )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"TransformerConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        elif not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
+            raise ValueError(f"TransformerConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, got head_dim = {self.head_dim}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         elif not isinstance(self.d_ff, int) or self.d_ff < 1:
@@ -240,5 +248,8 @@ class TransformerConfig:
         return tuple(s.exit_layer for s in self.stages)
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attention_width(self) -> int:
+        """The queries' (and the attention output's) width: ``n_heads * head_dim``, ``d_model`` unless
+        ``head_dim`` says otherwise."""
+        assert self.head_dim is not None
+        return self.n_heads * self.head_dim

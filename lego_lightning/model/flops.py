@@ -65,33 +65,34 @@ def embedding_flops(cfg: TransformerConfig) -> FlopCount:
 def layer_flops(cfg: TransformerConfig, context: float) -> FlopCount:
     """One layer for one token attending to ``context`` keys."""
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
-    assert F is not None and cfg.n_kv_heads is not None
-    KV = cfg.n_kv_heads * cfg.head_dim  # key (and value) width: below D with grouped-query attention
+    assert F is not None and cfg.n_kv_heads is not None and cfg.head_dim is not None
+    Q = cfg.attention_width  # query width: D unless head_dim says otherwise
+    KV = cfg.n_kv_heads * cfg.head_dim  # key (and value) width: below Q with grouped-query attention
     mlp_in = 2 * F if cfg.activation == "swiglu" else F  # SwiGLU: gate and up projections
     matmul = (
-        2 * D * (D + 2 * KV)  # q, k, v projections
-        + 2 * D * context  # q . k over the context, all heads together
-        + 2 * D * context  # attention-weighted sum of values
-        + 2 * D * D  # output projection
+        2 * D * (Q + 2 * KV)  # q, k, v projections
+        + 2 * Q * context  # q . k over the context, all heads together
+        + 2 * Q * context  # attention-weighted sum of values
+        + 2 * Q * D  # output projection
         + 2 * D * mlp_in
         + 2 * F * D  # MLP in and out
     )
     activation = SWIGLU_FLOPS_PER_ELEMENT if cfg.activation == "swiglu" else GELU_FLOPS_PER_ELEMENT
     elementwise = (
         2 * norm_flops(cfg)
-        + ((D + 2 * KV) if cfg.qkv_bias else 0)
+        + ((Q + 2 * KV) if cfg.qkv_bias else 0)
         + ((D + mlp_in + D) if cfg.bias else 0)  # biases: out projection, MLP in, MLP out
         + SOFTMAX_FLOPS_PER_ELEMENT * H * context  # attention softmax
         + activation * F
         + 2 * D  # two residual adds
-        + (ROTARY_FLOPS_PER_ELEMENT * (D + KV) if cfg.positions == "rotary" else 0)  # queries and keys
+        + (ROTARY_FLOPS_PER_ELEMENT * (Q + KV) if cfg.positions == "rotary" else 0)  # queries and keys
     )
     return FlopCount(matmul, elementwise)
 
 
 def kv_flops(cfg: TransformerConfig) -> FlopCount:
     """What a deeper layer spends on a token that already left: its norm, key and value."""
-    assert cfg.n_kv_heads is not None
+    assert cfg.n_kv_heads is not None and cfg.head_dim is not None
     D, KV = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
     return FlopCount(
         matmul=2 * D * 2 * KV,

@@ -88,12 +88,6 @@ def config_from_hf(
                 f"config.json rope_type={rope_type!r} is not converted: allowed 'default', {', '.join(ROPE_SCALINGS)}"
             )
         heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        if head_dim * heads != hf["hidden_size"]:
-            raise ValueError(
-                f"config.json head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hf['hidden_size']}: "
-                "only head_dim = hidden_size / num_attention_heads is converted"
-            )
         max_seq_len = hf["max_position_embeddings"]
         window = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
         if window:  # within the window, sliding-window attention is full attention
@@ -112,6 +106,7 @@ def config_from_hf(
                 "activation": "swiglu",
                 "qkv_bias": bool(hf.get("attention_bias", family == "qwen2")),
                 "bias": bool(hf.get("mlp_bias", False)),
+                "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
                 "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                 "rope_scaling": None
                 if rope_type == "default"
@@ -155,6 +150,7 @@ def family_of(cfg: TransformerConfig) -> str:
         and cfg.qkv_bias
         and cfg.bias
         and cfg.n_kv_heads == cfg.n_heads
+        and cfg.attention_width == cfg.d_model
     )
     if gpt2 and cfg.causal:
         return GPT2
@@ -162,8 +158,9 @@ def family_of(cfg: TransformerConfig) -> str:
         return "qwen2" if cfg.qkv_bias else "llama"
     raise ValueError(
         f"no Hugging Face architecture has this layer (positions={cfg.positions}, norm={cfg.norm}, "
-        f"activation={cfg.activation}, qkv_bias={cfg.qkv_bias}, bias={cfg.bias}, causal={cfg.causal}): "
-        "GPT-2 is learned/layernorm/gelu with biases, the Llama family rotary/rmsnorm/swiglu without"
+        f"activation={cfg.activation}, qkv_bias={cfg.qkv_bias}, bias={cfg.bias}, causal={cfg.causal}, "
+        f"head_dim={cfg.head_dim}): GPT-2 is learned/layernorm/gelu with biases and heads of d_model / n_heads, "
+        "the Llama family rotary/rmsnorm/swiglu without"
     )
 
 
@@ -289,8 +286,8 @@ def state_to_hf(model: ExitTransformer) -> dict[str, Tensor]:
                 hf[p + theirs + ".bias"] = ours[q + mine + ".bias"]
         hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"] = final.norm.weight, final.norm.bias
     else:
-        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_model
-        assert KV is not None
+        H, KV, Q = cfg.n_heads, cfg.n_kv_heads, cfg.attention_width
+        assert KV is not None and cfg.head_dim is not None
         kv = KV * cfg.head_dim
         hf["model.embed_tokens.weight"] = ours["tok_emb.weight"]
         for i in range(cfg.n_layers):
@@ -298,7 +295,7 @@ def state_to_hf(model: ExitTransformer) -> dict[str, Tensor]:
             hf[p + "input_layernorm.weight"] = ours[q + "ln1.weight"]
             hf[p + "post_attention_layernorm.weight"] = ours[q + "ln2.weight"]
             for part in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-                qw, kw, vw = ours[q + "attn.qkv." + part].split([D, kv, kv])
+                qw, kw, vw = ours[q + "attn.qkv." + part].split([Q, kv, kv])
                 hf[p + f"self_attn.q_proj.{part}"] = _pairs_halved(qw, H)
                 hf[p + f"self_attn.k_proj.{part}"] = _pairs_halved(kw, KV)
                 hf[p + f"self_attn.v_proj.{part}"] = vw

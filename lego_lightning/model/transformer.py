@@ -102,14 +102,14 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        assert config.n_kv_heads is not None
+        assert config.n_kv_heads is not None and config.head_dim is not None
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.causal = config.causal
         self.dropout = config.dropout
-        kv = config.n_kv_heads * config.head_dim
-        self.sizes = {"q": config.d_model, "k": kv, "v": kv}
-        self.qkv = nn.Linear(config.d_model, config.d_model + 2 * kv, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        q, kv = config.attention_width, config.n_kv_heads * config.head_dim
+        self.sizes = {"q": q, "k": kv, "v": kv}
+        self.qkv = nn.Linear(config.d_model, q + 2 * kv, bias=config.qkv_bias)
+        self.proj = nn.Linear(q, config.d_model, bias=config.bias)
 
     def project(self, h: Tensor, parts: str = "qkv") -> tuple[Tensor, ...]:
         """``parts`` (``"qkv"``, ``"kv"`` or ``"q"``) of ``h`` ``(..., D)`` from the fused projection's rows
@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv_heads != self.n_heads, **kwargs)
 
     @staticmethod
-    def from_heads(t: Tensor) -> Tensor:  # (B, H, S, hd) -> (B, S, D)
+    def from_heads(t: Tensor) -> Tensor:  # (B, H, S, hd) -> (B, S, H * hd)
         B, H, S, hd = t.shape
         return t.transpose(1, 2).reshape(B, S, H * hd)
 

@@ -52,6 +52,7 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
     "exit_layers",
     "n_kv_heads",
+    "head_dim",
     "norm",
     "activation",
     "qkv_bias",
@@ -171,9 +172,10 @@ class SupervisedExitLM(L.LightningModule):
         **sizes: the model's sizes, declared once as the fields of
             :class:`~lego_lightning.model.TransformerConfig` (``n_layers``, ``d_model``,
             ``n_heads``, ``d_ff``, ``max_seq_len``, ``dropout``, ``positions``, ``head_sharing``,
-            ``tie_embeddings``, ``tie_exit_heads``, and the pretrained families' forms ``n_kv_heads``, ``norm``,
-            ``norm_eps``, ``activation``, ``qkv_bias``, ``bias``, ``rope_base``); on the command
-            line ``--model.d_model 64`` as before.
+            ``tie_embeddings``, ``tie_exit_heads``, and the pretrained families' forms
+            ``n_kv_heads``, ``norm``, ``norm_eps``, ``activation``, ``qkv_bias``, ``bias``,
+            ``rope_base``, ``rope_scaling``, ``head_dim``); on the command line
+            ``--model.d_model 64`` as before.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
     ``val/ppl``, ``val/loss`` (the exits' losses at their training weights, summed as

@@ -75,6 +75,8 @@ def test_bad_stage_fields(kwargs, message):
         ({"norm": "batchnorm"}, r"norm='batchnorm' is not one of \('layernorm', 'rmsnorm'\)"),
         ({"activation": "relu"}, r"activation='relu' is not one of \('gelu', 'gelu_tanh', 'swiglu'\)"),
         ({"rope_base": 0.0}, r"rope_base must be a finite number > 0, got 0.0"),
+        ({"head_dim": 0}, r"head_dim must be a positive integer or None, got 0"),
+        ({"positions": "rotary", "head_dim": 5}, r"rotary positions need an even head size, got head_dim = 5"),
         (
             {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
             r"rope_type='yarn' is not one of \('linear', 'llama3'\)",

@@ -49,7 +49,14 @@ LLAMA_LIKE = {"n_kv_heads": 2, "norm": "rmsnorm", "activation": "swiglu", "qkv_b
 
 
 @pytest.mark.parametrize(
-    ("positions", "family"), [("learned", {}), ("rotary", {}), ("rotary", LLAMA_LIKE), ("learned", {"n_kv_heads": 1})]
+    ("positions", "family"),
+    [
+        ("learned", {}),
+        ("rotary", {}),
+        ("rotary", LLAMA_LIKE),
+        ("learned", {"n_kv_heads": 1}),
+        ("rotary", {**LLAMA_LIKE, "head_dim": 6}),  # queries 4 x 6 = 24 wide on a 16-wide stream
+    ],
 )
 def test_matmul_count_equals_torch_flop_counter(positions, family):
     # FlopCounterMode counts attention over the full T x T block, so compare a bidirectional model.

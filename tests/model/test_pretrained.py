@@ -42,6 +42,12 @@ FAMILIES = {
             },
         )
     ),
+    # Heads wider than hidden_size / num_attention_heads (as Mistral NeMo's): 4 x 16 = 64 against 32.
+    "mistral_wide_heads": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            **LLAMA_SIZES, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, vocab_size=V
+        )
+    ),
     "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
             **LLAMA_SIZES, num_key_value_heads=1, max_position_embeddings=64, vocab_size=V, tie_word_embeddings=True

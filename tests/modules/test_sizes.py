@@ -57,8 +57,14 @@ def test_python_sizes_reach_the_model(cls, config, derived, changed):
     default = build(cls)
     for name, value in {**DEFAULTS, **changed}.items():
         if name not in derived and name != "max_seq_len":
-            # None for these two means "derived": 4 x d_model, and one key/value head per query head.
-            expected = {"d_ff": 4 * default.config.d_model, "n_kv_heads": default.config.n_heads}.get(name, value)
+            # None for these three means "derived": 4 x d_model, one key/value head per query head, and
+            # heads that split d_model.
+            derived_values = {
+                "d_ff": 4 * default.config.d_model,
+                "n_kv_heads": default.config.n_heads,
+                "head_dim": default.config.d_model // default.config.n_heads,
+            }
+            expected = derived_values.get(name, value)
             assert getattr(default.config, name) == expected, name
 
 
