@@ -106,6 +106,9 @@ class TokenBlocks(Dataset):
         return self._seq_len
 
 
+SHUFFLE_SLICE = 1 << 16  # block indices made Python ints at a time
+
+
 class EpochSeededRandomSampler(RandomSampler):
     """A shuffle that depends only on ``seed`` and the epoch, so a resumed run sees the batches the
     uninterrupted run saw. Lightning calls ``set_epoch``; under DDP it swaps this for its own
@@ -121,8 +124,14 @@ class EpochSeededRandomSampler(RandomSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        n = len(self.data_source)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        # The order stays a tensor (4 bytes a block; int32 draws the same permutation as int64,
+        # tested) and becomes Python ints a slice at a time: a list of all of them, as
+        # RandomSampler makes, costs 36 bytes a block, more than a block of 32 ids on disk.
+        dtype = torch.int32 if n < 2**31 else torch.int64
+        for part in torch.randperm(n, generator=generator, dtype=dtype).split(SHUFFLE_SLICE):
+            yield from part.tolist()
 
 
 class ResumableDataLoader(DataLoader):
