@@ -198,3 +198,16 @@ def test_loading_in_bfloat16_keeps_the_logits_close(saved):
         expected = hf(idx).logits
         got = half(idx)[4].float()
     assert (got - expected).norm() / expected.norm() < 0.02  # bf16 keeps about 3 significant digits
+
+
+def test_linear_rope_scaling_converts(tmp_path):
+    torch.manual_seed(0)
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    config = transformers.LlamaConfig(**LLAMA_SIZES, max_position_embeddings=64, vocab_size=V, rope_parameters=rope)
+    hf = randomise(transformers.LlamaForCausalLM(config)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = ExitTransformer.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    idx = tokens(seed=9)
+    with torch.no_grad():
+        assert_close(ours(idx)[4], hf(idx).logits, rtol=1e-5, atol=1e-5)
