@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +42,11 @@ from benchmarks.common import (
     RESULTS,
     add_resume_arguments,
     config_cli,
+    differ,
     index_runs,
     resumed_runs,
     summary,
+    versus,
     write_results,
 )
 from lego_lightning.evaluation import ExitOutputs, collect_exit_outputs, threshold_sweep
@@ -235,52 +238,49 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def observations(rows: list[dict[str, Any]]) -> list[str]:
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    out = []
+    """The verdicts, by the rule every study here uses: a difference counts beyond both rows' seed spread."""
+
+    def ppl(model: str, k: int) -> list[float]:
+        return [r[model]["exits"][str(k)]["ppl"] for r in rows]
+
     kept = all(r["exit_tuned"]["trunk_unchanged"] for r in rows)
-    out.append(f"- EE-Tuning left every trunk weight and the final head bit-identical to the exported model: {kept}.")
-    gaps = {
-        k: mean([r["exit_tuned"]["exits"][str(k)]["ppl"] / r["deep_supervision"]["exits"][str(k)]["ppl"] for r in rows])
-        for k in range(1, LAYERS + 1)
-    }
-    shallow = {k: g for k, g in gaps.items() if k < LAYERS}
-    said = ", ".join(f"layer {k}: {100 * (g - 1):+.1f}%" for k, g in shallow.items())
-    close = [k for k, g in shallow.items() if abs(g - 1) < 0.05]
-    worse = [k for k, g in shallow.items() if g >= 1.05]
-    better = [k for k, g in shallow.items() if g <= 0.95]
-    verdict = []
-    if close:
-        verdict.append(f"within 5% of exits trained from the start after layer(s) {close}")
-    if worse:
-        verdict.append(
-            f"worse by more than 5% after layer(s) {worse} (the trunk below them was never trained to make its "
-            "hidden states readable there, which deep supervision does)"
+    out = [f"- EE-Tuning left every trunk weight and the final head bit-identical to the exported model: {kept}."]
+    said, worse, better, same = [], [], [], []
+    for k in range(1, LAYERS):
+        added, scratch = ppl("exit_tuned", k), ppl("deep_supervision", k)
+        diff, told_apart = differ(added, scratch)
+        said.append(f"layer {k}: {100 * diff / statistics.fmean(scratch):+.1f}% ({versus(added, scratch)})")
+        (same if not told_apart or len(rows) < 2 else worse if diff > 0 else better).append(k)
+    verdict = (
+        "one seed, so no verdict"
+        if len(rows) < 2
+        else "; ".join(
+            part
+            for part in (
+                f"worse after layer(s) {worse}" if worse else "",
+                f"better after layer(s) {better}" if better else "",
+                f"not told apart after layer(s) {same}" if same else "",
+            )
+            if part
         )
-    if better:
-        verdict.append(f"better by more than 5% after layer(s) {better}")
-    out.append(
-        f"- Exits added afterwards against exits trained from the start, perplexity difference ({said}): "
-        f"added exits are {'; '.join(verdict)}."
     )
-    final = gaps[LAYERS]
     out.append(
-        f"- The final exit: the standard model's (kept unchanged by EE-Tuning) against deep supervision's, "
-        f"{100 * (final - 1):+.1f}% perplexity; "
-        + (
-            "deep supervision's final exit is the worse one: it pays there for its shallow exits."
-            if final < 1
-            else "deep supervision's final exit is the better one here."
-        )
+        "- Exits added afterwards against exits trained from the start, perplexity (added minus from scratch): "
+        f"{', '.join(said)}. Added exits are {verdict}."
+    )
+    final, scratch_final = ppl("exit_tuned", LAYERS), ppl("deep_supervision", LAYERS)
+    out.append(
+        "- The final exit, the standard model's (EE-Tuning keeps it) against deep supervision's: "
+        f"{cell(final)} against {cell(scratch_final)} ({versus(final, scratch_final)}); a lower final perplexity "
+        "for the standard model is what deep supervision pays for its shallow exits."
     )
     for budget in (0.9, 0.95):
-        parts = []
-        for model in MODELS:
-            for conf in ("learned", "max_prob"):
-                v = [best_ppl_at(r[model][conf], budget) for r in rows]
-                parts.append(f"{model} {conf} {cell(v)}")
+        parts = [
+            f"{model} {conf} {cell([best_ppl_at(r[model][conf], budget) for r in rows])}"
+            for model in MODELS
+            for conf in ("learned", "max_prob")
+        ]
         out.append(f"- Best routed PPL within {budget} of the full FLOPs: " + "; ".join(parts) + ".")
-    full = cell([r["standard"]["exits"][str(LAYERS)]["ppl"] for r in rows])
-    out.append(f"- For reference, the standard model at full depth: PPL {full}.")
     return out
 
 
