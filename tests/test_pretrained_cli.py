@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lego_lightning import ExitTransformer, SupervisedExitLM
 from lego_lightning.cli import LegoCLI
+from lego_lightning.model.early_exit import routed_forward
 from lego_lightning.model.pretrained import converted_state
 from tests.helpers import PRETRAINED_CONFIGS, cli_args, two_rank_fit
 
@@ -205,3 +206,23 @@ def test_ashem_mines_hard_tokens_at_a_pretrained_exit_and_trains_only_the_layers
     assert hard is not None and 0.3 < hard.float().mean().item() < 0.7  # hard_ratio 0.5 of held-out tokens
     assert module.routing_threshold is not None
     assert 0 < cli.trainer.callback_metrics["val/routed/exit4_frac"].item() < 1
+
+
+def test_exit_tuning_takes_the_learned_classifier_and_loss_scaled_lr(checkpoint, corpus, tmp_path):
+    args = cli_args("fit", "pretrained/exit_tuning.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))
+    extra = [
+        *("--data.seq_len", "16", "--data.max_train_samples", "8", "--trainer.max_epochs", "1"),
+        *("--model.confidence", "learned", "--model.routing_threshold", "0.5"),
+        "--trainer.callbacks+=lego_lightning.callbacks.ExitClassifierTraining",
+        "--trainer.callbacks+=lego_lightning.callbacks.LossScaledLR",
+    ]
+    cli = LegoCLI(args=[*args, *extra])
+    training = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ExitClassifierTraining")
+    assert set(training.stats) == {4, 8} and all(0 <= s["accuracy"] <= 1 for s in training.stats.values())
+    assert "train/lr_scale" in cli.trainer.callback_metrics
+    assert 0 <= cli.trainer.callback_metrics["val/routed/exit4_frac"].item() <= 1
+    idx = torch.randint(0, 300, (2, 8))
+    module = cli.model
+    routed = routed_forward(module.model, idx, 0.5, "learned", hidden_confidence=module.hidden_confidence)
+    expected = torch.where(module.exit_classifier(4, module.model.hidden_states(idx, [4])[4]) >= 0.5, 0, -1)
+    assert torch.equal(routed.exit_position == 0, expected == 0)  # exit 4's classifier decides who leaves there
