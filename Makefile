@@ -50,8 +50,11 @@ bench: install
 	$(BIN)/python -m benchmarks.faults
 	$(BIN)/python -m benchmarks.growth_plans
 	$(BIN)/python -m benchmarks.ashem_phase2
-	$(BIN)/python -m benchmarks.data_scale
+	$(BIN)/python -m benchmarks.ashem --tokenizer bpe --vocab-cap 8192 --variants ours learned \
+		--baselines standard_4_layers --name ashem_bpe
+	$(BIN)/python -m benchmarks.data_scale --scales 1 10 100
 	$(BIN)/python -m benchmarks.pretrained
+	$(BIN)/python -m benchmarks.exits_added
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info
