@@ -12,7 +12,8 @@ def seed_row(seed, added, scratch):
                 "max_prob": sweep}  # fmt: skip
 
     tuned = {**model(added), "trunk_unchanged": True, "epochs": 2}
-    return {"seed": seed, "exit_tuned": tuned, "deep_supervision": model(scratch)}
+    return {"seed": seed, "exit_tuned": tuned, "deep_supervision": {**model(scratch), "epochs": 8},
+            "standard": {"epochs": 8}}  # fmt: skip
 
 
 def test_each_exit_is_worse_better_or_not_told_apart_by_the_seed_spread():
