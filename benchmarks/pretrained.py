@@ -9,7 +9,9 @@ things timed in the same run, alternated round by round.
 2. **Scoring** (teacher-forced, ``routed_forward``): thresholds at the quantiles of the first
    exit's max-prob confidence that send 25, 50 or 75% of tokens out there, over our full depth.
 3. **Generation** (KV cache, greedy) at batch 1 and 8: the same exits and fractions over our full
-   depth, and ``transformers``' own ``generate`` over ours at full depth.
+   depth, each threshold a quantile of the first exit's confidence on the tokens full-depth
+   decoding generates (a routed sequence then drifts from them, so the share that leaves is
+   measured too), and ``transformers``' own ``generate`` over ours at full depth.
 
     python -m benchmarks.pretrained                    # GPT-2 124M sizes: about 15 minutes on 2 CPU cores
     python -m benchmarks.pretrained --d-model 128 --n-layers 12 --n-heads 4 --vocab 4096   # a quick look
@@ -63,6 +65,18 @@ def threshold_for(model: ExitTransformer, x: torch.Tensor, exit_layer: int, frac
     return torch.quantile(confidence.float(), 1 - fraction).item()
 
 
+def generation_threshold(
+    model: ExitTransformer, full: ExitTransformer, prompt: torch.Tensor, exit_layer: int, fraction: float, new: int
+) -> float:
+    """The max-prob confidence above which ``fraction`` of the tokens that full-depth greedy decoding
+    produces after ``prompt`` would leave at ``exit_layer``: generated text is not the scored text,
+    and a threshold from one sends another share of the other out."""
+    tokens = generate(full, prompt, new).tokens
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], [exit_layer])[exit_layer][:, prompt.shape[1] - 1 :]
+    return torch.quantile(logits.softmax(-1).amax(-1).flatten().float(), 1 - fraction).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=768)
@@ -105,6 +119,7 @@ def main() -> None:
                              "time_ratio": ratio})  # fmt: skip
                 for batch in (1, args.batch):
                     prompt = x[:batch, :16]
+                    t = generation_threshold(model, full, prompt, exit_layer, fraction, args.new_tokens)
                     went = generate(model, prompt, args.new_tokens, t)
                     ratio, seconds = timed_ratio(
                         lambda m=model, p=prompt, t=t: generate(m, p, args.new_tokens, t),
