@@ -80,8 +80,9 @@ def exits_of(outputs: ExitOutputs) -> dict[str, dict[str, float | None]]:
     return {str(k): {"ppl": outputs.exit_ppl(k), "bpb": outputs.exit_bpb(k)} for k in outputs.exit_layers}
 
 
-def curves(cli: Any) -> dict[str, list[dict[str, Any]]]:
-    """Routed PPL against FLOPs with max-prob and with a learned classifier fitted on the frozen model."""
+def curves(cli: Any) -> dict[str, Any]:
+    """Routed PPL against FLOPs with max-prob and with a learned classifier fitted on the frozen model,
+    and the classifier's training statistics."""
     module, dm = cli.model, cli.datamodule
     exits = module.config.exit_layers
     out = {"max_prob": collect_exit_outputs(module, dm.val_dataloader(), confidence="max_prob")}
