@@ -86,9 +86,7 @@ def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> di
         "epoch_tokens": tokens,
         "train_tokens": len(dm.splits["train"]) * 32,
         "vocab_size": dm.vocab_size,
-        "tokenize_processes": token_cache.tokenize_processes(
-            dm.corpus.size("train"), dm.tokenize_processes, in_python=dm.kind in ("word", "char")
-        ),
+        "tokenize_processes": token_cache.tokenize_processes(dm.corpus.size("train"), dm.kind, dm.tokenize_processes),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "workers_peak_uss_mib": workers.peak_bytes / 2**20,
         "workers_seen": workers.most_workers,
@@ -179,8 +177,7 @@ def main() -> None:
             for name in args.tokenizers:
                 cache = Path(work) / f"cache-x{scale}-{name}"
                 serial = None
-                in_python = TOKENIZERS[name]["tokenizer"] in ("word", "char")
-                if tokenize_processes(text_bytes, None, in_python) > 1:  # the library uses a process per core here
+                if tokenize_processes(text_bytes, TOKENIZERS[name]["tokenizer"]) > 1:  # a process per core here
                     serial = child(folder, Path(work) / "serial", {**TOKENIZERS[name], "tokenize_processes": 1})
                     shutil.rmtree(Path(work) / "serial")
                 first = child(folder, cache, TOKENIZERS[name])

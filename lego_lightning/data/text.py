@@ -205,8 +205,7 @@ class TextDataModule(L.LightningDataModule):
         key = token_cache.cache_key("tokens", tokenizer.fingerprint(), self._fingerprint(split))
         arrays = token_cache.load_arrays(self.cache_dir, key)
         if arrays is None:
-            in_python = self.kind in ("word", "char")
-            processes = token_cache.tokenize_processes(self.corpus.size(split), self.tokenize_processes, in_python)
+            processes = token_cache.tokenize_processes(self.corpus.size(split), self.kind, self.tokenize_processes)
             workers = "1 process" if processes == 1 else f"{processes} processes"
             rank_zero_info(f"Tokenizing the {split} split into {self.cache_dir} ({workers}) ...")
             arrays = token_cache.write_arrays(self.cache_dir, key, self.corpus.lines(split), tokenizer, processes)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lego_lightning.data.tokenizer import TextTokenizer
+from lego_lightning.data.vocab import LEVELS
 
 FORMAT = 1  # bump when the files' layout or the tokenization of lines changes
 LINES_PER_BATCH = 8192
@@ -32,13 +33,13 @@ LINES_PER_BATCH = 8192
 PARALLEL_MIN_BYTES = 32 << 20
 
 
-def tokenize_processes(split_bytes: int, requested: int | None = None, in_python: bool = True) -> int:
-    """``requested``; by default a process per core for a split of ``PARALLEL_MIN_BYTES`` or more tokenized in
-    Python (words, characters), else one: a Hugging Face tokenizer already encodes on every core, and forked
-    workers around it cost hundreds of MiB for a few percent (benchmarks/results/data_scale.md)."""
+def tokenize_processes(split_bytes: int, kind: str, requested: int | None = None) -> int:
+    """``requested``; by default a process per core for a split of ``PARALLEL_MIN_BYTES`` or more of a ``kind``
+    tokenized in Python (words, characters), else one: a Hugging Face tokenizer already encodes on every core,
+    and forked workers around it cost hundreds of MiB for a few percent (benchmarks/results/data_scale.md)."""
     if requested is not None:
         return requested
-    return (os.cpu_count() or 1) if in_python and split_bytes >= PARALLEL_MIN_BYTES else 1
+    return (os.cpu_count() or 1) if kind in LEVELS and split_bytes >= PARALLEL_MIN_BYTES else 1
 
 
 def default_cache_dir() -> Path:
