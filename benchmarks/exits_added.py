@@ -61,7 +61,7 @@ DEEP_SUPERVISION_STAGES = "[{layers: [1, 1], loss_weight: 0.25}, {layers: [2, 2]
 # FLOPs ratios at which the best routed PPL is reported: at 8,192 tokens and d_model 64 the head is
 # most of the model's compute, so sending every token out at the first exit costs over 0.8 of it.
 BUDGETS = (0.85, 0.9, 0.95, 1.0)
-MODELS = {"exit_tuned": "exits added to the standard model (EE-Tuning)", "deep_supervision": "deep supervision"}
+MODELS = ("exit_tuned", "deep_supervision")  # the two ways to get exits, compared
 
 
 def fit(config: str, seed: int, work: str, args: argparse.Namespace, *overrides: str) -> tuple[Any, dict[str, Any]]:
