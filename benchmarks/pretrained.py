@@ -8,10 +8,14 @@ things timed in the same run, alternated round by round.
 1. **Training step** (plain loop, one fixed batch, AdamW): ours over ``GPT2LMHeadModel``.
 2. **Scoring** (teacher-forced, ``routed_forward``): thresholds at the quantiles of the first
    exit's max-prob confidence that send 25, 50 or 75% of tokens out there, over our full depth.
-3. **Generation** (KV cache, greedy) at batch 1 and 8: the same exits and fractions over our full
-   depth, each threshold a quantile of the first exit's confidence on the tokens full-depth
-   decoding generates (a routed sequence then drifts from them, so the share that leaves is
-   measured too), and ``transformers``' own ``generate`` over ours at full depth.
+3. **Generation** (KV cache, sampled at ``--temperature`` 1 with a fixed seed per row) at batch 1
+   and 8: the same exits and fractions over our full depth, each threshold a quantile of the first
+   exit's confidence on the tokens full-depth decoding samples (the share that leaves the routed
+   run is measured too), and ``transformers``' own sampled ``generate`` over ours at full depth.
+   Sampled, not greedy: greedy decoding on random weights falls into loops whose confidence no
+   calibration text predicts (a first run at f4cafd8 sent 69-100% out where 25-75% was meant);
+   sampled text from near-uniform random-weight distributions is alike at every exit, so a
+   threshold calibrated on it sends the planned share out. ``--temperature 0`` decodes greedily.
 
     python -m benchmarks.pretrained                    # GPT-2 124M sizes: about 15 minutes on 2 CPU cores
     python -m benchmarks.pretrained --d-model 128 --n-layers 12 --n-heads 4 --vocab 4096   # a quick look
@@ -66,12 +70,12 @@ def threshold_for(model: ExitTransformer, x: torch.Tensor, exit_layer: int, frac
 
 
 def generation_threshold(
-    model: ExitTransformer, full: ExitTransformer, prompt: torch.Tensor, exit_layer: int, fraction: float, new: int
+    model: ExitTransformer, full: ExitTransformer, prompt: torch.Tensor, exit_layer: int, fraction: float, **decoding
 ) -> float:
-    """The max-prob confidence above which ``fraction`` of the tokens that full-depth greedy decoding
+    """The max-prob confidence above which ``fraction`` of the tokens that full-depth decoding
     produces after ``prompt`` would leave at ``exit_layer``: generated text is not the scored text,
     and a threshold from one sends another share of the other out."""
-    tokens = generate(full, prompt, new).tokens
+    tokens = generate(full, prompt, **decoding).tokens
     with torch.no_grad():
         logits = model(tokens[:, :-1], [exit_layer])[exit_layer][:, prompt.shape[1] - 1 :]
     return torch.quantile(logits.softmax(-1).amax(-1).flatten().float(), 1 - fraction).item()
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0, help="generation's; 0 decodes greedily")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--name", default="pretrained")
     args = parser.parse_args()
@@ -96,6 +101,9 @@ def main() -> None:
         full = ExitTransformer.from_pretrained(folder)
         by_exit = {e: ExitTransformer.from_pretrained(folder, exits=[e]).eval() for e in EXITS}
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    # top_k 0: transformers samples from the top 50 tokens unless told otherwise; ours from all of them
+    decoding = {"max_new_tokens": args.new_tokens, "temperature": args.temperature, "seed": 0}
+    sampled = {"do_sample": True, "temperature": args.temperature, "top_k": 0} if args.temperature else {}
 
     # 1. training step
     ours_step = train_step(full.train(), lambda idx: full(idx)[args.n_layers], x)
@@ -119,11 +127,11 @@ def main() -> None:
                              "time_ratio": ratio})  # fmt: skip
                 for batch in (1, args.batch):
                     prompt = x[:batch, :16]
-                    t = generation_threshold(model, full, prompt, exit_layer, fraction, args.new_tokens)
-                    went = generate(model, prompt, args.new_tokens, t)
+                    t = generation_threshold(model, full, prompt, exit_layer, fraction, **decoding)
+                    went = generate(model, prompt, threshold=t, **decoding)
                     ratio, seconds = timed_ratio(
-                        lambda m=model, p=prompt, t=t: generate(m, p, args.new_tokens, t),
-                        lambda p=prompt: generate(full, p, args.new_tokens),
+                        lambda m=model, p=prompt, t=t: generate(m, p, threshold=t, **decoding),
+                        lambda p=prompt: generate(full, p, **decoding),
                         args.rounds,
                     )
                     rows.append({"part": "generation", "exit": exit_layer, "fraction": fraction, "batch": batch,
@@ -135,9 +143,9 @@ def main() -> None:
             ratio, _ = timed_ratio(
                 lambda p=prompt, m=mask: theirs.generate(
                     p, attention_mask=m, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                    do_sample=False, pad_token_id=0,
+                    pad_token_id=0, **(sampled or {"do_sample": False}),
                 ),
-                lambda p=prompt: generate(full, p, args.new_tokens),
+                lambda p=prompt: generate(full, p, **decoding),
                 args.rounds,
             )  # fmt: skip
             rows.append({"part": "generation", "what": "transformers generate over ours at full depth", "batch": batch,
@@ -166,7 +174,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "# Exits on a pretrained model (issue 18)",
             f"GPT-2 sizes d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, vocabulary "
             f"{args.vocab}, random weights, converted from a `transformers` checkpoint. Batch {args.batch} x "
-            f"{args.seq_len}; generation of {args.new_tokens} tokens after a 16-token prompt. Each ratio is the "
+            f"{args.seq_len}; generation of {args.new_tokens} tokens after a 16-token prompt, "
+            + (f"sampled at temperature {args.temperature} (seed 0 + row)" if args.temperature else "greedy")
+            + f". Each ratio is the "
             f"median over {args.rounds} rounds of two things timed back to back (below 1: faster than the baseline).",
             "## Training step",
             f"`GPT2LMHeadModel`'s step time over ours: **{train['time_ratio']:.2f}** (ours {train['ours_s']:.3f} s, "
