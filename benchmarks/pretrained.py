@@ -186,6 +186,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "`transformers`' `generate` (KV cache) time over ours at full depth: "
             + ", ".join(f"batch {r['batch']}: {r['time_ratio']:.2f}" for r in hf)
             + ".",
+            "## Exits added to an existing checkpoint\n\nThe quality side of this issue (a `configs/standard.yaml` "
+            "model exported, its exits EE-Tuned, against deep supervision from scratch) takes hours where this "
+            "takes minutes, so it has its own script and results: `python -m benchmarks.exits_added`, "
+            "[exits_added.md](exits_added.md).",
         ]
     )
 
