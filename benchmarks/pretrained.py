@@ -7,7 +7,9 @@ things timed in the same run, alternated round by round.
 
 1. **Training step** (plain loop, one fixed batch, AdamW): ours over ``GPT2LMHeadModel``.
 2. **Scoring** (teacher-forced, ``routed_forward``): thresholds at the quantiles of the first
-   exit's max-prob confidence that send 25, 50 or 75% of tokens out there, over our full depth.
+   exit's confidence that send 25, 50 or 75% of tokens out there, over our full depth. Twice:
+   with max-prob confidence (every token runs the exit head) and with an exit classifier of
+   random weights (only leaving tokens run it; its cost does not depend on its weights).
 3. **Generation** (KV cache, sampled at ``--temperature`` 1 with a fixed seed per row) at batch 1
    and 8: the same exits and fractions over our full depth, each threshold a quantile of the first
    exit's confidence on the tokens full-depth decoding samples (the share that leaves the routed
@@ -33,6 +35,7 @@ from benchmarks.common import machine, write_results
 from benchmarks.early_exit import timed_ratio
 from lego_lightning import ExitTransformer
 from lego_lightning.model.early_exit import generate, routed_forward
+from lego_lightning.model.exit_classifier import ExitClassifier
 
 FRACTIONS = (0.25, 0.5, 0.75)
 EXITS = (4, 6, 8)
@@ -62,23 +65,20 @@ def train_step(model: torch.nn.Module, logits_of: Any, x: torch.Tensor) -> Any:
     return step
 
 
-def threshold_for(model: ExitTransformer, x: torch.Tensor, exit_layer: int, fraction: float) -> float:
-    """The max-prob confidence above which ``fraction`` of ``x``'s tokens leave at ``exit_layer``."""
+def confidences(
+    model: ExitTransformer, classifier: ExitClassifier | None, tokens: torch.Tensor, exit_layer: int
+) -> torch.Tensor:
+    """Each token's confidence at ``exit_layer``: max-prob, or ``classifier``'s from the hidden state."""
     with torch.no_grad():
-        confidence = model(x, [exit_layer])[exit_layer].softmax(-1).amax(-1).flatten()
+        hidden = model.hidden_states(tokens, [exit_layer])[exit_layer]
+        if classifier is not None:
+            return classifier(exit_layer, hidden).flatten()
+        return model.head(exit_layer)(hidden).softmax(-1).amax(-1).flatten()
+
+
+def quantile(confidence: torch.Tensor, fraction: float) -> float:
+    """The threshold above which ``fraction`` of these confidences lie."""
     return torch.quantile(confidence.float(), 1 - fraction).item()
-
-
-def generation_threshold(
-    model: ExitTransformer, full: ExitTransformer, prompt: torch.Tensor, exit_layer: int, fraction: float, **decoding
-) -> float:
-    """The max-prob confidence above which ``fraction`` of the tokens that full-depth decoding
-    produces after ``prompt`` would leave at ``exit_layer``: generated text is not the scored text,
-    and a threshold from one sends another share of the other out."""
-    tokens = generate(full, prompt, **decoding).tokens
-    with torch.no_grad():
-        logits = model(tokens[:, :-1], [exit_layer])[exit_layer][:, prompt.shape[1] - 1 :]
-    return torch.quantile(logits.softmax(-1).amax(-1).flatten().float(), 1 - fraction).item()
 
 
 def main() -> None:
@@ -114,29 +114,44 @@ def main() -> None:
     full.eval()
     theirs.eval()
 
-    # 2. scoring and 3. generation
+    # 2. scoring and 3. generation, with max-prob confidence and with an exit classifier (random
+    # weights: what it costs does not depend on them, and its thresholds are quantiles like max-prob's)
     with torch.no_grad():
         for exit_layer in EXITS:
             model = by_exit[exit_layer]
-            for fraction in FRACTIONS:
-                t = threshold_for(model, x, exit_layer, fraction)
-                scored = routed_forward(model, x, t)
-                left = (scored.exit_position == 0).float().mean().item()
-                ratio, _ = timed_ratio(lambda m=model, t=t: routed_forward(m, x, t), lambda: full(x), args.rounds)
-                rows.append({"part": "scoring", "exit": exit_layer, "fraction": fraction, "left_early": left,
-                             "time_ratio": ratio})  # fmt: skip
-                for batch in (1, args.batch):
-                    prompt = x[:batch, :16]
-                    t = generation_threshold(model, full, prompt, exit_layer, fraction, **decoding)
-                    went = generate(model, prompt, threshold=t, **decoding)
-                    ratio, seconds = timed_ratio(
-                        lambda m=model, p=prompt, t=t: generate(m, p, threshold=t, **decoding),
-                        lambda p=prompt: generate(full, p, **decoding),
-                        args.rounds,
+            torch.manual_seed(exit_layer)
+            classifiers = {"max_prob": None, "learned": ExitClassifier(args.d_model, [exit_layer]).eval()}
+            for confidence, classifier in classifiers.items():
+                routing = {"confidence": confidence, "hidden_confidence": classifier}
+                scored_confidence = confidences(model, classifier, x, exit_layer)
+                generated = {b: generate(full, x[:b, :16], **decoding).tokens for b in (1, args.batch)}
+                generated_confidence = {  # at the positions whose next token was generated
+                    b: confidences(model, classifier, tokens[:, :-1], exit_layer).view(b, -1)[:, 15:]
+                    for b, tokens in generated.items()
+                }
+                for fraction in FRACTIONS:
+                    t = quantile(scored_confidence, fraction)
+                    scored = routed_forward(model, x, t, **routing)
+                    ratio, _ = timed_ratio(
+                        lambda m=model, t=t, r=routing: routed_forward(m, x, t, **r), lambda: full(x), args.rounds
                     )
-                    rows.append({"part": "generation", "exit": exit_layer, "fraction": fraction, "batch": batch,
-                                 "left_early": (went.exit_position == 0).float().mean().item(), "time_ratio": ratio,
-                                 "tokens_per_s": batch * args.new_tokens / seconds})  # fmt: skip
+                    rows.append({"part": "scoring", "confidence": confidence, "exit": exit_layer, "fraction": fraction,
+                                 "left_early": (scored.exit_position == 0).float().mean().item(),
+                                 "time_ratio": ratio})  # fmt: skip
+                    for batch in (1, args.batch):
+                        prompt = x[:batch, :16]
+                        t = quantile(generated_confidence[batch], fraction)
+                        went = generate(model, prompt, threshold=t, **routing, **decoding)
+                        ratio, seconds = timed_ratio(
+                            lambda m=model, p=prompt, t=t, r=routing: generate(m, p, threshold=t, **r, **decoding),
+                            lambda p=prompt: generate(full, p, **decoding),
+                            args.rounds,
+                        )
+                        rows.append({"part": "generation", "confidence": confidence, "exit": exit_layer,
+                                     "fraction": fraction, "batch": batch,
+                                     "left_early": (went.exit_position == 0).float().mean().item(),
+                                     "time_ratio": ratio,
+                                     "tokens_per_s": batch * args.new_tokens / seconds})  # fmt: skip
         for batch in (1, args.batch):
             prompt = x[:batch, :16]
             mask = torch.ones_like(prompt)
@@ -156,18 +171,24 @@ def main() -> None:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     train = next(r for r in rows if r["part"] == "training")
-    table = [
-        "| exit after layer | tokens meant to leave | left (scoring) | scoring time ratio | generation batch 1 | "
-        f"generation batch {args.batch} |",
-        "|---|---|---|---|---|---|",
-    ]
-    for exit_layer in EXITS:
-        for fraction in FRACTIONS:
-            mine = [r for r in rows if r.get("exit") == exit_layer and r.get("fraction") == fraction]
-            s = next(r for r in mine if r["part"] == "scoring")
-            g = {r["batch"]: r for r in mine if r["part"] == "generation"}
-            cells = " | ".join(f"{g[b]['time_ratio']:.2f} ({g[b]['left_early']:.0%} left)" for b in (1, args.batch))
-            table.append(f"| {exit_layer} | {fraction:.0%} | {s['left_early']:.0%} | {s['time_ratio']:.2f} | {cells} |")
+    tables = {}
+    for confidence in ("max_prob", "learned"):
+        table = [
+            "| exit after layer | tokens meant to leave | left (scoring) | scoring time ratio | generation batch 1 | "
+            f"generation batch {args.batch} |",
+            "|---|---|---|---|---|---|",
+        ]
+        for exit_layer in EXITS:
+            for fraction in FRACTIONS:
+                mine = [r for r in rows if (r.get("confidence"), r.get("exit"), r.get("fraction")) ==
+                        (confidence, exit_layer, fraction)]  # fmt: skip
+                s = next(r for r in mine if r["part"] == "scoring")
+                g = {r["batch"]: r for r in mine if r["part"] == "generation"}
+                cells = " | ".join(f"{g[b]['time_ratio']:.2f} ({g[b]['left_early']:.0%} left)" for b in (1, args.batch))
+                table.append(
+                    f"| {exit_layer} | {fraction:.0%} | {s['left_early']:.0%} | {s['time_ratio']:.2f} | {cells} |"
+                )
+        tables[confidence] = "\n".join(table)
     hf = [r for r in rows if r.get("what") == "transformers generate over ours at full depth"]
     return "\n\n".join(
         [
@@ -182,7 +203,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"`GPT2LMHeadModel`'s step time over ours: **{train['time_ratio']:.2f}** (ours {train['ours_s']:.3f} s, "
             f"theirs {train['theirs_s']:.3f} s); above 1: ours is faster.",
             "## Scoring and generation with early exit, time over our full depth",
-            "\n".join(table),
+            "### Max-prob confidence\n\nEvery token that reaches the exit runs its head "
+            f"({args.vocab:,} ways) and a softmax, whether it leaves or not.",
+            tables["max_prob"],
+            "### A learned exit classifier\n\nA layer norm and a dot product decide; only the tokens that leave "
+            "run the exit's head (the classifier's weights are random: its cost does not depend on them).",
+            tables["learned"],
             "`transformers`' `generate` (KV cache) time over ours at full depth: "
             + ", ".join(f"batch {r['batch']}: {r['time_ratio']:.2f}" for r in hf)
             + ".",
