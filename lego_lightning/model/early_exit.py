@@ -361,7 +361,8 @@ def generate(
     and gives exactly the tokens of plain greedy decoding without a cache. ``confidence`` names
     the measure; ``"learned"`` reads each exit's hidden state through ``hidden_confidence``, a
     trained :class:`~lego_lightning.model.exit_classifier.ExitClassifier`, and a sequence that
-    continues runs no head at that exit.
+    continues runs no head at that exit; one that leaves at an exit sharing the final exit's
+    projection gets its logits in the step's one product with the final exit's rows.
 
     Prompts of different lengths are padded on the left with ``attention_mask`` marking the real
     tokens (as ``transformers`` does); tokens are greedy at ``temperature`` 0, else sampled
@@ -402,22 +403,54 @@ def generate(
     exit_position = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)  # rows without a token yet at this step
+    # Decoding a batch is bound by reading weights, the head's the largest. With a learned
+    # classifier a row that leaves needs its exit's logits only for its token, which nothing reads
+    # before the step ends; where its exit shares the final projection (LayerSkip's shared head),
+    # its logits wait and join the final exit's in one product: one read of the head per step.
+    final_proj = model.head(exits[-1]).proj
+    waits = [
+        hidden_confidence is not None
+        and threshold is not None
+        and threshold < 1  # nobody leaves early (as _exit_decision decides)
+        and model.head(e).proj.weight is final_proj.weight
+        for e in exits[:-1]
+    ]
+    waiting: list[tuple[Tensor, int, Tensor]] = []  # (rows, exit index, normed hidden states)
+
+    def emit(step: int, s: int, rows: Tensor, logits: Tensor) -> None:
+        drawn_by = [generators[r] for r in rows.tolist()] if generators else []
+        tokens[rows, P + step] = sampling.pick(logits, drawn_by).to(tokens.dtype)
+        exit_position[rows, step] = s
+        active[rows] = False
 
     def take(step: int, s: int, rows: Tensor, h: Tensor) -> None:
         """``rows`` at exit ``s`` with hidden states ``h``: those that leave take their token there."""
-        leave, logits = _exit_decision(model, exits[s], h, s == len(exits) - 1, threshold, measure, hidden_confidence)
-        if leave.any():
-            chosen = rows[leave]
-            drawn_by = [generators[r] for r in chosen.tolist()] if generators else []
-            tokens[chosen, P + step] = sampling.pick(logits, drawn_by).to(tokens.dtype)
-            exit_position[chosen, step] = s
-            active[chosen] = False
+        if s < len(waits) and waits[s]:
+            leave = hidden_confidence(exits[s], h) >= threshold
+            if leave.any():
+                waiting.append((rows[leave], s, model.head(exits[s]).norm(h[leave])))
+                active[rows[leave]] = False
+        elif s == len(waits) and waiting:
+            waiting.append((rows, s, model.head(exits[s]).norm(h)))
+        else:
+            leave, logits = _exit_decision(model, exits[s], h, s == len(waits), threshold, measure, hidden_confidence)
+            if leave.any():
+                emit(step, s, rows[leave], logits)
+
+    def settle(step: int) -> None:
+        """The step's waiting rows (and those at the final exit) take their tokens from one product."""
+        if waiting:
+            logits = final_proj(torch.cat([normed for _, _, normed in waiting]))
+            for (rows, s, _), part in zip(waiting, logits.split([len(rows) for rows, _, _ in waiting])):
+                emit(step, s, rows, part)
+            waiting.clear()
 
     at_exits = _prefill(model, prompt, kept if padded else None, caches)
     for s, e in enumerate(exits):  # the prompt ran every layer: each exit decides in turn
         rows = active.nonzero(as_tuple=True)[0]
         if len(rows):
             take(0, s, rows, at_exits[e][rows])
+    settle(0)
     for step in range(1, max_new_tokens):
         if eos_token_id is not None:
             finished |= tokens[:, P + step - 1] == eos_token_id
@@ -435,6 +468,7 @@ def generate(
                 )
             if len(rows):  # a row that left still gave deeper layers its keys and values
                 take(step, s, rows, x[rows, 0])
+        settle(step)
     return Generation(tokens, exit_position)
 
 

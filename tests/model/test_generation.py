@@ -132,3 +132,32 @@ def test_learned_confidence_needs_its_classifier_and_decides_who_leaves():
     nobody = decode_with_biases(-20.0, -20.0)
     assert (nobody.exit_position == 2).all()
     assert torch.equal(nobody.tokens, generate(model, ids, 6, attention_mask=mask).tokens)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_learned_exit_sharing_the_final_head_reads_it_once_per_step_with_the_same_tokens(sampled):
+    shared = model_for(4, "rotary", head_sharing="shared")
+    # The same function with a copy of the head per exit: nothing shares the final projection.
+    copies = model_for(4, "rotary", head_sharing="separate")
+    state = {k: v for k, v in shared.state_dict().items() if not k.startswith("heads.")}
+    for i in range(len(copies.heads)):
+        state |= {f"heads.{i}.{k}": v for k, v in shared.heads[0].state_dict().items()}
+    copies.load_state_dict(state)
+    classifier = ExitClassifier(shared.config.d_model, shared.exit_layers[:-1])
+    ids, mask = left_padded(PROMPTS)
+    kwargs = {"attention_mask": mask, "temperature": 1.0 if sampled else 0.0, "seed": 3}
+
+    def decode(model):
+        products = []
+        hooks = [h.proj.register_forward_hook(lambda m, a, o: products.append(len(a[0]))) for h in model.heads]
+        out = generate(model, ids, 8, 0.5, "learned", classifier, **kwargs)
+        for hook in hooks:
+            hook.remove()
+        return out, products
+
+    (waited, one_product), (apart, per_exit) = decode(shared), decode(copies)
+    assert len(waited.exit_position.unique()) == 3  # rows leave at every exit
+    assert torch.equal(waited.tokens, apart.tokens)
+    assert torch.equal(waited.exit_position, apart.exit_position)
+    assert len(one_product) == 8 and sum(one_product) == 8 * len(PROMPTS)  # one head product per step, every row
+    assert len(per_exit) > 8 and sum(per_exit) == 8 * len(PROMPTS)
