@@ -19,7 +19,7 @@ things timed in the same run, alternated round by round.
    sampled text from near-uniform random-weight distributions is alike at every exit, so a
    threshold calibrated on it sends the planned share out. ``--temperature 0`` decodes greedily.
 
-    python -m benchmarks.pretrained                    # GPT-2 124M sizes: about 15 minutes on 2 CPU cores
+    python -m benchmarks.pretrained                    # GPT-2 124M sizes: about 26 minutes on 2 CPU cores
     python -m benchmarks.pretrained --d-model 128 --n-layers 12 --n-heads 4 --vocab 4096   # a quick look
 """
 
@@ -117,6 +117,7 @@ def main() -> None:
     # 2. scoring and 3. generation, with max-prob confidence and with an exit classifier (random
     # weights: what it costs does not depend on them, and its thresholds are quantiles like max-prob's)
     with torch.no_grad():
+        generated = {b: generate(full, x[:b, :16], **decoding).tokens for b in (1, args.batch)}
         for exit_layer in EXITS:
             model = by_exit[exit_layer]
             torch.manual_seed(exit_layer)
@@ -124,7 +125,6 @@ def main() -> None:
             for confidence, classifier in classifiers.items():
                 routing = {"confidence": confidence, "hidden_confidence": classifier}
                 scored_confidence = confidences(model, classifier, x, exit_layer)
-                generated = {b: generate(full, x[:b, :16], **decoding).tokens for b in (1, args.batch)}
                 generated_confidence = {  # at the positions whose next token was generated
                     b: confidences(model, classifier, tokens[:, :-1], exit_layer).view(b, -1)[:, 15:]
                     for b, tokens in generated.items()
@@ -197,7 +197,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{args.vocab}, random weights, converted from a `transformers` checkpoint. Batch {args.batch} x "
             f"{args.seq_len}; generation of {args.new_tokens} tokens after a 16-token prompt, "
             + (f"sampled at temperature {args.temperature} (seed 0 + row)" if args.temperature else "greedy")
-            + f". Each ratio is the "
+            + ". Each ratio is the "
             f"median over {args.rounds} rounds of two things timed back to back (below 1: faster than the baseline).",
             "## Training step",
             f"`GPT2LMHeadModel`'s step time over ours: **{train['time_ratio']:.2f}** (ours {train['ours_s']:.3f} s, "
