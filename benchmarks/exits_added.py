@@ -285,8 +285,8 @@ def observations(rows: list[dict[str, Any]]) -> list[str]:
         )
     epochs = [r["exit_tuned"]["epochs"] for r in rows]
     out.append(
-        f"- EE-Tuning ran {epochs} epochs: with patience 1 on its exits' summed validation loss, its best was the "
-        "epoch before its last; the standard model and deep supervision trained "
+        f"- EE-Tuning ran {epochs} epochs (patience 1 on its exits' summed validation loss); the standard model "
+        "and deep supervision trained "
         f"{[r['standard']['epochs'] for r in rows]} and {[r['deep_supervision']['epochs'] for r in rows]}."
     )
     for budget in (0.9, 0.95):

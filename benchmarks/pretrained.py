@@ -34,6 +34,7 @@ import torch
 from benchmarks.common import machine, write_results
 from benchmarks.early_exit import timed_ratio
 from lego_lightning import ExitTransformer
+from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.early_exit import generate, routed_forward
 from lego_lightning.model.exit_classifier import ExitClassifier
 
@@ -73,7 +74,7 @@ def confidences(
         hidden = model.hidden_states(tokens, [exit_layer])[exit_layer]
         if classifier is not None:
             return classifier(exit_layer, hidden).flatten()
-        return model.head(exit_layer)(hidden).softmax(-1).amax(-1).flatten()
+        return get_confidence("max_prob")(model.head(exit_layer)(hidden)).flatten()
 
 
 def quantile(confidence: torch.Tensor, fraction: float) -> float:

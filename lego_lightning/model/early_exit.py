@@ -417,6 +417,7 @@ def generate(
         for e in exits[:-1]
     ]
     waiting: list[tuple[Tensor, int, Tensor]] = []  # (rows, exit index, normed hidden states)
+    last = len(exits) - 1
 
     def emit(step: int, s: int, rows: Tensor, logits: Tensor) -> None:
         drawn_by = [generators[r] for r in rows.tolist()] if generators else []
@@ -426,15 +427,15 @@ def generate(
 
     def take(step: int, s: int, rows: Tensor, h: Tensor) -> None:
         """``rows`` at exit ``s`` with hidden states ``h``: those that leave take their token there."""
-        if s < len(waits) and waits[s]:
+        if s < last and waits[s]:
             leave = hidden_confidence(exits[s], h) >= threshold
             if leave.any():
                 waiting.append((rows[leave], s, model.head(exits[s]).norm(h[leave])))
                 active[rows[leave]] = False
-        elif s == len(waits) and waiting:
+        elif s == last and waiting:
             waiting.append((rows, s, model.head(exits[s]).norm(h)))
         else:
-            leave, logits = _exit_decision(model, exits[s], h, s == len(waits), threshold, measure, hidden_confidence)
+            leave, logits = _exit_decision(model, exits[s], h, s == last, threshold, measure, hidden_confidence)
             if leave.any():
                 emit(step, s, rows[leave], logits)
 
