@@ -41,6 +41,7 @@ from benchmarks.common import (
     ValidationHistory,
     add_resume_arguments,
     config_cli,
+    direction,
     fmt,
     index_runs,
     resumed_runs,
@@ -211,6 +212,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What :func:`~benchmarks.common.direction` says of a plan's PPL against its from-scratch baseline, in words.
+VERDICTS = {
+    "lower": "helps (lower PPL beyond the seed spread)",
+    "higher": "hurts (higher PPL beyond the seed spread)",
+    "not told apart": "neither helps nor hurts (within the seed spread)",
+    "one seed": "has no verdict yet (one seed)",
+}
+
+
 def observations(rows: list[dict[str, Any]]) -> str:
     said = []
     for name in PLANS:
@@ -221,9 +231,10 @@ def observations(rows: list[dict[str, Any]]) -> str:
             continue
         diffs = [plans[s]["final_ppl"] - scratch[s]["final_ppl"] for s in seeds]
         better = sum(d < 0 for d in diffs)
+        verdict = VERDICTS[direction([plans[s]["final_ppl"] for s in seeds], [scratch[s]["final_ppl"] for s in seeds])]
         said.append(
-            f"- `{name}`: below the from-scratch model at the same FLOPs in {better} of {len(seeds)} seeds "
-            f"(differences {', '.join(f'{d:+.2f}' for d in diffs)})."
+            f"- `{name}` {verdict}: below the from-scratch model at the same FLOPs in {better} of {len(seeds)} "
+            f"seeds (differences {', '.join(f'{d:+.2f}' for d in diffs)})."
         )
     return "\n".join(said) or "No paired runs yet."
 
