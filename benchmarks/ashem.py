@@ -43,6 +43,7 @@ from benchmarks.common import (
     differ,
     fmt,
     index_runs,
+    quiet_trainer,
     resumed_runs,
     summary,
     versus,
@@ -126,16 +127,7 @@ class RecordedASHEM(ASHEM):
 
 
 def trainer_for(args: argparse.Namespace, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(accelerator=args.accelerator, devices=1, precision=args.precision, **kwargs)
 
 
 def sweep_thresholds(outputs: ExitOutputs) -> list[float]:

@@ -40,6 +40,7 @@ from benchmarks.common import (
     RESULTS,
     add_resume_arguments,
     index_runs,
+    quiet_trainer,
     resumed_runs,
     write_results,
 )
@@ -77,16 +78,7 @@ def build(
 
 
 def trainer(args: argparse.Namespace, callbacks: list[Callback]) -> L.Trainer:
-    return L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    return quiet_trainer(accelerator=args.accelerator, devices=1, max_epochs=-1, callbacks=callbacks)
 
 
 class StopAtPhaseEnd(Callback):

@@ -21,11 +21,22 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    """A ``Trainer`` that logs, checkpoints, summarises and draws nothing (``kwargs`` may turn any back on).
+
+    A benchmark records what it measures itself (:class:`ValidationHistory`, its own callbacks),
+    so Lightning's own outputs would only cost time and disk.
+    """
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**quiet, **kwargs})
 
 
 class ValidationHistory(Callback):

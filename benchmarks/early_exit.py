@@ -35,7 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, peak_memory_during, summary, write_results
+from benchmarks.common import DEFAULT_DATA, RESULTS, peak_memory_during, quiet_trainer, summary, write_results
 from lego_lightning import ExitTransformer, Stage, SupervisedExitLM, TransformerConfig
 from lego_lightning.callbacks import ExitClassifierTraining
 from lego_lightning.data import TextDataModule
@@ -356,15 +356,7 @@ def learned_against_max_prob(data: Path, vocab_cap: int, steps: int) -> dict[str
         confidence="learned",
     )
     training = ExitClassifierTraining(target="consistency", epochs=1)
-    L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[training],
-    ).fit(module, dm)
+    quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[training]).fit(module, dm)
     learned = collect_exit_outputs(module, dm.val_dataloader())
     max_prob = collect_exit_outputs(module, dm.val_dataloader(), confidence="max_prob")
     curves = {}

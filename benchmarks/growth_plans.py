@@ -44,6 +44,7 @@ from benchmarks.common import (
     direction,
     fmt,
     index_runs,
+    quiet_trainer,
     resumed_runs,
     summary,
     versus,
@@ -159,16 +160,7 @@ def run_scratch(plan_row: dict[str, Any], args: argparse.Namespace) -> dict[str,
         steps = max(1, int(plan_row["train_flops"] / (per_token * dm.batch_size * dm.seq_len)))
         keep_best = PerplexityEarlyStopping(patience=10**9, restore_best_weights=True)
         history = ValidationHistory()
-        trainer = L.Trainer(
-            max_steps=steps,
-            max_epochs=-1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=work,
-            callbacks=[keep_best, history],
-        )
+        trainer = quiet_trainer(max_steps=steps, max_epochs=-1, default_root_dir=work, callbacks=[keep_best, history])
         start = time.perf_counter()
         trainer.fit(module, dm)
         wall = time.perf_counter() - start

@@ -36,6 +36,7 @@ from benchmarks.common import (
     differ,
     fmt,
     index_runs,
+    quiet_trainer,
     resumed_runs,
     summary,
     write_results,
@@ -83,14 +84,10 @@ def run_one(objective: str, schedule: str, mode: str, seed: int, lr: float, dm: 
     )
     scaler = LossScaledLR(mode=mode) if mode != "none" else None
     train, history = TrainLoss(scaler), ValidationHistory()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=args.accelerator,
         devices=1,
         max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[*([scaler] if scaler else []), train, history],
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA, fmt, peak_memory_during, summary, write_results
+from benchmarks.common import DEFAULT_DATA, fmt, peak_memory_during, quiet_trainer, summary, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
     "research": dict(n_layers=3, d_model=64, n_heads=4, batch_size=64, ds_stages=[(1, 1), (2, 2), (3, 3)]),
@@ -87,7 +87,6 @@ def plain_loop(model, loader, steps: int, warmup: int) -> float:
 
 def lightning_loop(model, dm, steps: int, warmup: int, logger: bool) -> float:
     """The same window of steps under ``Trainer.fit``, timed from inside by a callback."""
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -102,15 +101,12 @@ def lightning_loop(model, dm, steps: int, warmup: int, logger: bool) -> float:
 
     window = Window()
     with tempfile.TemporaryDirectory() as work:
-        trainer = L.Trainer(
+        trainer = quiet_trainer(
             accelerator="cpu",
             devices=1,
             max_steps=steps,
             limit_val_batches=0,
             logger=TensorBoardLogger(work) if logger else False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             callbacks=[window],
             default_root_dir=work,
         )
