@@ -221,9 +221,10 @@ def observations(rows: list[dict[str, Any]]) -> str:
         seeds = sorted(set(plans) & set(scratch))
         if not seeds:
             continue
-        diffs = [plans[s]["final_ppl"] - scratch[s]["final_ppl"] for s in seeds]
+        grown, fresh = [plans[s]["final_ppl"] for s in seeds], [scratch[s]["final_ppl"] for s in seeds]
+        diffs = [a - b for a, b in zip(grown, fresh)]
         better = sum(d < 0 for d in diffs)
-        verdict = VERDICTS[direction([plans[s]["final_ppl"] for s in seeds], [scratch[s]["final_ppl"] for s in seeds])]
+        verdict = VERDICTS[direction(grown, fresh)]
         said.append(
             f"- `{name}` {verdict}: below the from-scratch model at the same FLOPs in {better} of {len(seeds)} "
             f"seeds (differences {', '.join(f'{d:+.2f}' for d in diffs)})."
