@@ -26,6 +26,16 @@ ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (YAML's ``true`` is not a layer number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Stage:
     """A contiguous range of layers that ends in an exit.

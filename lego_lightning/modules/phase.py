@@ -12,22 +12,25 @@ What trains is a list of parts, each a string:
 * ``"all"``: the embedding, every layer and every exit of the phase's depth;
 * ``"new"``: the layers this phase grows and their exit (in the first phase: ``"all"``);
 * ``"embedding"``; ``"layer K"``; ``"layers A-B"``; ``"exit K"``; ``"exits"`` (every exit of
-  the phase's depth); ``"classifier"`` (fit the learned exit classifier when the phase starts,
-  with ``confidence="learned"``).
+  the phase's depth); ``"layers above exit K"`` (layers ``K+1`` to the phase's depth);
+  ``"classifier"`` (fit the learned exit classifier when the phase starts, with
+  ``confidence="learned"``).
 
 Everything a phase does not name is frozen. Layers and exits are numbered from 1; an exit is
-named by the layer it follows.
+named by the layer it follows, or, so that a plan fits any depth (exits placed by rule), by
+``first`` or ``last``: the phase's shallowest or deepest exit (``"exit first"``,
+``"layers above exit first"``, ``loss_weights: {last: 1.0}``, ``hard_exit: first``).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from lego_lightning.model.confidence import get_confidence
+from lego_lightning.model.config import is_int, is_number
 from lego_lightning.model.transformer import GROW_INITS, GrowInit
 
 Tokens = Literal["all", "hard"]
@@ -38,7 +41,11 @@ CONTEXTS: tuple[str, ...] = get_args(Context)
 # A trainable part of the model: ("embedding",), ("layer", i) or ("exit", k).
 Unit = tuple[Any, ...]
 _RANGE = re.compile(r"^layers?\s+(\d+)(?:\s*-\s*(\d+))?$")
-_EXIT = re.compile(r"^exit\s+(\d+)$")
+_EXIT = re.compile(r"^exit\s+(\d+|first|last)$")
+_ABOVE = re.compile(r"^layers\s+above\s+exit\s+(\d+|first|last)$")
+# Exits named by their place instead of their layer, so that a plan fits any depth.
+EXIT_NAMES = ("first", "last")
+ExitRef = int | str
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Phase:
             previous depth.
         grow_init: how the new layers start: ``identity`` (the grown model computes what the
             previous one did), ``copy`` (of the layers below) or ``random``.
-        loss_weights: ``{exit layer: weight}``; exits not named get 0. Default: the first
+        loss_weights: ``{exit layer (or first, last): weight}``; exits not named get 0. Default: the first
             phase's ``stages`` weights; later phases, only the deepest exit.
         train: the parts that train (module docstring); everything else is frozen. Default
             ``["all"]`` in the first phase, ``["new"]`` after.
@@ -65,7 +72,8 @@ class Phase:
             at ``hard_exit`` is below a threshold calibrated on held-out tokens so that
             ``hard_ratio`` of them fall below it (ASHEM).
         hard_ratio: the fraction of held-out tokens below the threshold, in (0, 1).
-        hard_exit: the exit whose confidence is calibrated and mined; default the previous
+        hard_exit: the exit whose confidence is calibrated and mined (a layer, or ``first`` or
+            ``last`` of this phase's exits); default the previous
             phase's deepest exit.
         confidence: the measure mined (``max_prob``, ``margin``, ``entropy``); default the
             module's, which also sets the routing threshold to the calibrated one.
@@ -79,12 +87,12 @@ class Phase:
     min_delta: float = 0.0
     layers: int | None = None
     grow_init: GrowInit = "identity"
-    loss_weights: dict[int, float] | None = None
+    loss_weights: dict[ExitRef, float] | None = None
     train: list[str] | None = None
     lr_scale: float | dict[str, float] = 1.0
     tokens: Tokens = "all"
     hard_ratio: float = 0.5
-    hard_exit: int | None = None
+    hard_exit: ExitRef | None = None
     confidence: str | None = None
     context: Context = "full"
 
@@ -100,13 +108,13 @@ class Phase:
         def fail(name: str, allowed: str) -> None:
             raise ValueError(f"{where}.{name}={getattr(self, name)!r} is not allowed: {allowed}")
 
-        if not _is_int(self.max_epochs) or self.max_epochs < 1:
+        if not is_int(self.max_epochs) or self.max_epochs < 1:
             fail("max_epochs", "a positive integer")
-        if not _is_int(self.patience) or self.patience < 0:
+        if not is_int(self.patience) or self.patience < 0:
             fail("patience", "an integer >= 0")
-        if not _is_number(self.min_delta) or self.min_delta < 0:
+        if not is_number(self.min_delta) or self.min_delta < 0:
             fail("min_delta", "a finite number >= 0")
-        if self.layers is not None and (not _is_int(self.layers) or self.layers < 1):
+        if self.layers is not None and (not is_int(self.layers) or self.layers < 1):
             fail("layers", "a positive integer, or None to keep the previous phase's depth")
         if self.grow_init not in GROW_INITS:
             fail("grow_init", f"one of {GROW_INITS}")
@@ -114,8 +122,8 @@ class Phase:
             if not isinstance(self.loss_weights, Mapping) or not self.loss_weights:
                 fail("loss_weights", "a non-empty mapping {exit layer: weight >= 0}")
             for k, w in self.loss_weights.items():
-                if not _is_int(k) or not _is_number(w) or w < 0:
-                    fail("loss_weights", "a mapping {exit layer: finite weight >= 0}")
+                if not _is_exit_ref(k) or not is_number(w) or w < 0:
+                    fail("loss_weights", "a mapping {exit layer, first or last: finite weight >= 0}")
             if not any(w > 0 for w in self.loss_weights.values()):
                 fail("loss_weights", "at least one weight > 0 (a phase must train some exit)")
         if self.train is not None and (
@@ -123,19 +131,19 @@ class Phase:
         ):
             fail("train", 'a non-empty list of parts such as ["layers 3-4", "exit 4"]')
         if isinstance(self.lr_scale, Mapping):
-            if not all(isinstance(k, str) and _is_number(v) and v > 0 for k, v in self.lr_scale.items()):
+            if not all(isinstance(k, str) and is_number(v) and v > 0 for k, v in self.lr_scale.items()):
                 fail("lr_scale", "a number > 0, or {part of train: number > 0}")
             unknown = sorted(set(self.lr_scale) - set(self.train or ()))
             if unknown:
                 fail("lr_scale", f"keys among this phase's train parts {self.train}; {unknown} are not")
-        elif not _is_number(self.lr_scale) or self.lr_scale <= 0:
+        elif not is_number(self.lr_scale) or self.lr_scale <= 0:
             fail("lr_scale", "a number > 0, or {part of train: number > 0}")
         if self.tokens not in TOKENS:
             fail("tokens", f"one of {TOKENS}")
-        if not _is_number(self.hard_ratio) or not 0.0 < self.hard_ratio < 1.0:
+        if not is_number(self.hard_ratio) or not 0.0 < self.hard_ratio < 1.0:
             fail("hard_ratio", "a number in (0, 1)")
-        if self.hard_exit is not None and (not _is_int(self.hard_exit) or self.hard_exit < 1):
-            fail("hard_exit", "a positive layer number, or None for the previous phase's deepest exit")
+        if self.hard_exit is not None and not _is_exit_ref(self.hard_exit):
+            fail("hard_exit", "a positive layer number, first or last, or None for the previous phase's deepest exit")
         if self.confidence == "learned":
             fail("confidence", "a measure of the logits; leave it None to mine with the module's learned classifier")
         if self.confidence is not None:
@@ -216,14 +224,31 @@ def parse_part(spec: str, where: str, resolved: ResolvedPhase) -> list[Unit]:
         return [("layer", i) for i in range(first, last + 1)]
     match = _EXIT.match(text)
     if match:
-        k = int(match.group(1))
-        if k not in exits:
-            raise ValueError(f"{where}: {spec!r} is not an exit of this phase; its exits follow layers {exits}")
-        return [("exit", k)]
+        return [("exit", exit_layer(match.group(1), exits, f"{where}: {spec!r}"))]
+    match = _ABOVE.match(text)
+    if match:
+        k = exit_layer(match.group(1), exits, f"{where}: {spec!r}")
+        if k == depth:
+            raise ValueError(f"{where}: {spec!r} names no layer: exit {k} follows the phase's last layer")
+        return [("layer", i) for i in range(k + 1, depth + 1)]
     raise ValueError(
         f"{where}: {spec!r} is not a part; allowed 'all', 'new', 'embedding', 'layer K', 'layers A-B', "
-        "'exit K', 'exits', 'classifier'"
+        "'exit K', 'exits', 'layers above exit K', 'classifier' (K a layer, first or last)"
     )
+
+
+def exit_layer(ref: ExitRef, exits: Sequence[int], where: str) -> int:
+    """The layer of the exit ``ref`` names among ``exits``: a layer number, ``first`` or ``last``."""
+    if ref in EXIT_NAMES:
+        return exits[0] if ref == "first" else exits[-1]
+    k = int(ref)
+    if k not in exits:
+        raise ValueError(f"{where} is not an exit of this phase; its exits follow layers {tuple(exits)}")
+    return k
+
+
+def _is_exit_ref(value: Any) -> bool:
+    return (is_int(value) and value >= 1) or value in EXIT_NAMES
 
 
 def grown_stage_ends(phases: Sequence[Phase]) -> list[int]:
@@ -262,13 +287,13 @@ def resolve_plan(
             else:
                 weights = {exits[-1]: 1.0}
         else:
-            bad = sorted(k for k in phase.loss_weights if k not in exits)
+            bad = sorted(k for k in phase.loss_weights if k not in exits and k not in EXIT_NAMES)
             if bad:
                 raise ValueError(
                     f"{where}.loss_weights names exits {bad} that this phase does not have; its exits follow "
                     f"layers {exits}"
                 )
-            weights = {k: float(w) for k, w in phase.loss_weights.items()}
+            weights = {exit_layer(k, exits, where): float(w) for k, w in phase.loss_weights.items()}
         r = ResolvedPhase(i, phase, depth, previous, exits, {k: weights.get(k, 0.0) for k in exits})
         train = phase.train if phase.train is not None else ["all" if i == 0 else "new"]
         scales = phase.lr_scale if isinstance(phase.lr_scale, Mapping) else {}
@@ -291,11 +316,8 @@ def resolve_plan(
                 )
             if not causal:
                 raise ValueError(f"{where}.tokens='hard' needs objective='causal'")
-            hard_exit = phase.hard_exit if phase.hard_exit is not None else resolved[-1].exits[-1]
-            if hard_exit not in exits:
-                raise ValueError(
-                    f"{where}.hard_exit={hard_exit} is not an exit of this phase; its exits follow layers {exits}"
-                )
+            named = phase.hard_exit if phase.hard_exit is not None else resolved[-1].exits[-1]
+            hard_exit = exit_layer(named, exits, f"{where}.hard_exit={named}")
             if phase.context == "none" and not any(k > hard_exit and w > 0 for k, w in r.loss_weights.items()):
                 raise ValueError(
                     f"{where}.context='none' feeds layers above hard_exit={hard_exit} without context, but no exit "
@@ -307,11 +329,3 @@ def resolve_plan(
         resolved.append(r)
         previous = depth
     return resolved
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
