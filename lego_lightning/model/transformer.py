@@ -330,11 +330,15 @@ class ExitTransformer(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         return self.drop(x)
 
-    def hidden_states(self, idx: Tensor, exit_layers: Sequence[int] | None = None) -> dict[int, Tensor]:
+    def hidden_states(
+        self, idx: Tensor, exit_layers: Sequence[int] | None = None, keep: Tensor | None = None
+    ) -> dict[int, Tensor]:
         """Hidden states ``(B, T, D)`` after each requested exit layer.
 
         Only the layers up to the deepest requested exit run: asking for a shallow exit costs
-        only the layers below it.
+        only the layers below it. ``keep`` ``(B, n_layers)`` bool is layer dropout's mask
+        (:mod:`~lego_lightning.model.layer_dropout`, training only): a sample whose entry is
+        ``False`` skips that layer, its state passing through unchanged.
         """
         wanted = sorted(set(self.exit_layers if exit_layers is None else exit_layers))
         for layer in wanted:
@@ -342,7 +346,9 @@ class ExitTransformer(nn.Module):
         out: dict[int, Tensor] = {}
         x = self.embed(idx)
         for i, block in enumerate(self.blocks[: wanted[-1]], start=1):
-            x = block(x, self.rotary)
+            y = block(x, self.rotary)
+            # Every sample runs the layer and a skipping one keeps its input: no data-dependent shapes to compile.
+            x = y if keep is None else torch.where(keep[:, i - 1, None, None], y, x)
             if i in wanted:
                 out[i] = x
         return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -42,10 +43,11 @@ from lego_lightning.callbacks.quantile_threshold_calibration import calibrate_th
 from lego_lightning.data.token_set import TokenSet
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, as_stage, validate_stages
+from lego_lightning.model.exits import ExitRule
 from lego_lightning.model.lean_loss import IGNORE_INDEX
 from lego_lightning.model.transformer import GROW_INITS
 from lego_lightning.modules.phase import Phase, ResolvedPhase, Unit, as_phase, grown_stage_ends, resolve_plan
-from lego_lightning.modules.supervised_exit import SupervisedExitLM
+from lego_lightning.modules.supervised_exit import SupervisedExitLM, pretrained_depth, stages_or_rule
 
 
 class PhasedExitLM(SupervisedExitLM):
@@ -56,6 +58,10 @@ class PhasedExitLM(SupervisedExitLM):
             ``model.init_args.phases``, a list of mappings with the fields of ``Phase``.
         stages: the first phase's stages over its ``layers`` (default one stage, one exit);
             each later phase that grows adds one stage with an exit after its last layer.
+        exits: instead of ``stages``, a rule for the first phase's exits, resolved against its
+            depth (:class:`~lego_lightning.model.exits.ExitRule`; see ``SupervisedExitLM``).
+        pretrained: as ``SupervisedExitLM``'s; ``phases[0].layers`` may then be left out (the
+            checkpoint's depth).
         calibration_bins: histogram resolution of hard-token thresholds.
         log_prefix: the folder of the phase's own logs (default ``phases``; the presets use
             ``progressive`` and ``ashem``).
@@ -75,6 +81,8 @@ class PhasedExitLM(SupervisedExitLM):
         self,
         phases: list[Phase],
         stages: Sequence[Stage] | None = None,
+        exits: ExitRule | str | list[int] | None = None,
+        pretrained: str | None = None,
         calibration_bins: int = 65_536,
         log_prefix: str | None = None,
         **kwargs: Any,
@@ -85,7 +93,12 @@ class PhasedExitLM(SupervisedExitLM):
         if not plan:
             raise ValueError("phases must hold at least one phase, got an empty list")
         if plan[0].layers is None:
-            raise ValueError("phases[0].layers=None is not allowed: the first phase needs its depth, e.g. layers: 2")
+            if pretrained is None:
+                raise ValueError(
+                    "phases[0].layers=None is not allowed: the first phase needs its depth, e.g. layers: 2 (with "
+                    "model.pretrained, None is the checkpoint's depth)"
+                )
+            plan[0] = replace(plan[0], layers=pretrained_depth(pretrained))
         if "n_layers" in kwargs:
             raise ValueError(
                 f"n_layers={kwargs['n_layers']!r} is not an argument of {type(self).__name__}: the depth is each "
@@ -94,12 +107,13 @@ class PhasedExitLM(SupervisedExitLM):
         if not isinstance(calibration_bins, int) or calibration_bins < 2:
             raise ValueError(f"calibration_bins must be an integer >= 2, got {calibration_bins!r}")
         first_depth = plan[0].layers
+        stages = stages_or_rule(stages, exits, first_depth)
         first = validate_stages([as_stage(s) for s in stages or [Stage((1, first_depth))]], first_depth)
         grown, depth = [], first_depth
         for end in grown_stage_ends(plan):
             grown.append(Stage((depth + 1, end), loss_weight=0.0))
             depth = end
-        super().__init__(n_layers=depth, stages=[*first, *grown], **kwargs)
+        super().__init__(n_layers=depth, stages=[*first, *grown], pretrained=pretrained, **kwargs)
         self.plan: list[ResolvedPhase] = resolve_plan(
             plan,
             self.config.exit_layers,
@@ -357,34 +371,43 @@ class PhasedExitLM(SupervisedExitLM):
         r = self.current
         return r.hard_exit if r.phase.tokens == "hard" and r.phase.context == "none" else None
 
-    def exit_hidden_states(self, input_ids: Tensor, exit_layers: Sequence[int]) -> dict[int, Tensor]:
+    def exit_hidden_states(
+        self, input_ids: Tensor, exit_layers: Sequence[int], keep: Tensor | None = None
+    ) -> dict[int, Tensor]:
         cut = self._isolated_above
         if cut is None or max(exit_layers) <= cut:
-            return super().exit_hidden_states(input_ids, exit_layers)
-        below = super().exit_hidden_states(input_ids, [cut, *(k for k in exit_layers if k < cut)])
+            return super().exit_hidden_states(input_ids, exit_layers, keep)
+        below = super().exit_hidden_states(input_ids, [cut, *(k for k in exit_layers if k < cut)], keep)
         shallow = below[cut]
         out = {k: v for k, v in below.items() if k in exit_layers}
         x = shallow.flatten(0, 1).unsqueeze(1)  # every token a sequence of one
+        token_keep = None if keep is None else keep.repeat_interleave(shallow.shape[1], dim=0)
         for layer in range(cut + 1, max(exit_layers) + 1):
-            x = self.model.blocks[layer - 1](x, self.model.rotary)
+            x = self._isolated_layer(layer, x, token_keep)
             if layer in exit_layers:
                 out[layer] = x.squeeze(1).view_as(shallow)
         return {k: out[k] for k in exit_layers}
 
-    def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
+    def _isolated_layer(self, layer: int, x: Tensor, keep: Tensor | None) -> Tensor:
+        """Layer ``layer`` over tokens that are sequences of one; ``keep`` ``(tokens, n_layers)``: layer dropout."""
+        y = self.model.blocks[layer - 1](x, self.model.rotary)
+        return y if keep is None else torch.where(keep[:, layer - 1, None, None], y, x)
+
+    def exit_losses(self, input_ids: Tensor, targets: Tensor, keep: Tensor | None = None) -> dict[int, Tensor]:
         cut = self._isolated_above
         if cut is None:
-            return super().exit_losses(input_ids, targets)
+            return super().exit_losses(input_ids, targets, keep)
         # Only the mined tokens go through the layers above the cut, each alone (the research's cached states).
         weighted = [k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0]
         below = [k for k in weighted if k <= cut]
-        hidden = super().exit_hidden_states(input_ids, [cut, *below])
+        hidden = super().exit_hidden_states(input_ids, [cut, *below], keep)
         losses = {k: self.exit_loss(k, hidden[k], targets) for k in below}
         flat_targets = targets.flatten()
         hard = flat_targets != IGNORE_INDEX
         x = hidden[cut].flatten(0, 1)[hard].unsqueeze(1)
+        token_keep = None if keep is None else keep.repeat_interleave(targets.shape[1], dim=0)[hard]
         for layer in range(cut + 1, max(weighted) + 1):
-            x = self.model.blocks[layer - 1](x, self.model.rotary)
+            x = self._isolated_layer(layer, x, token_keep)
             if layer in weighted:
                 losses[layer] = self.exit_loss(layer, x.squeeze(1), flat_targets[hard])
         return losses

@@ -27,6 +27,8 @@ from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, TransformerConfig, as_stage
 from lego_lightning.model.exit_classifier import ExitClassifier
+from lego_lightning.model.exits import ExitRule, as_exit_rule
+from lego_lightning.model.layer_dropout import LayerDropout, as_layer_dropout
 from lego_lightning.model.lean_loss import IGNORE_INDEX, linear_cross_entropy
 from lego_lightning.model.routing import check_threshold, route
 from lego_lightning.model.transformer import ExitTransformer
@@ -107,6 +109,27 @@ def pretrained_sizes(pretrained: str, data_vocab: int, sizes: Mapping[str, Any])
     return base.vocab_size, chosen
 
 
+def pretrained_depth(pretrained: str) -> int:
+    """The number of layers of a pretrained checkpoint (read from its ``config.json``)."""
+    from lego_lightning.model.pretrained import config_from_hf, read_config
+
+    return config_from_hf(read_config(pretrained)[1]).n_layers
+
+
+def stages_or_rule(
+    stages: Sequence[Stage | Mapping[str, Any]] | None, exits: ExitRule | str | Sequence[int] | None, n_layers: int
+) -> Sequence[Stage | Mapping[str, Any]] | None:
+    """The stages given, or the exit rule resolved for ``n_layers`` layers; both given is an error."""
+    if exits is None:
+        return stages
+    if stages:
+        raise ValueError(
+            "model.stages and model.exits were both given: they are two ways to place the exits, give one "
+            "(exits is a rule that fits any depth; stages names every layer)"
+        )
+    return as_exit_rule(exits).stages(n_layers)
+
+
 def freeze_trunk(model: ExitTransformer) -> None:
     """Freeze the embeddings, every layer and the final exit's head; an error when nothing would train."""
     final = model.head(model.config.n_layers)
@@ -138,6 +161,16 @@ class SupervisedExitLM(L.LightningModule):
     Args:
         vocab_size: the data's vocabulary, linked from the data module by the ``lego`` CLI.
         stages: the LEGO blocks; default one stage over all layers.
+        exits: instead of ``stages``, a rule for the exits resolved against the model's depth
+            when it is built (:class:`~lego_lightning.model.exits.ExitRule`): ``all`` (every
+            layer), a list of layer numbers, ``{every: N}`` or ``{fractions: [...]}``, with each
+            exit's loss weight (a number or a scale over depth such as ``uniform`` or
+            ``sqrt_l``) and lr scale, so one config fits any depth (``--model.pretrained``
+            included). ``stages`` and ``exits`` are alternatives: give one.
+        layer_dropout: LayerSkip's layer dropout in training
+            (:class:`~lego_lightning.model.layer_dropout.LayerDropout`: ``p_max``, ``scale``,
+            ``ramp_steps``): each sample skips layer ``l`` at a rate rising with depth. ``None``
+            drops nothing.
         routing_threshold: when set, validation also reports the routed model, where a token
             leaves at the first exit whose confidence reaches the threshold, and ``val/ppl`` is
             the routed perplexity. Tokens below the threshold at the first exit are "hard":
@@ -183,7 +216,8 @@ class SupervisedExitLM(L.LightningModule):
     ``val/exit{k}/bpb`` (and ``val/routed/bpb``) when the data gives the bytes of
     text its targets cover (``TextDataModule`` does; causal objective only), and with routing
     ``val/routed/{ppl,acc,exit{k}_frac,flops_ratio,layers_ratio}`` and
-    ``val/exit{k}/{hard,easy}_ppl``. Under DDP, ``val/*`` are reduced over every rank's
+    ``val/exit{k}/{hard,easy}_ppl``; with layer dropout ``train/layer_dropout/{layer}`` (the rate
+    in force). Under DDP, ``val/*`` are reduced over every rank's
     tokens (equal on all ranks); ``train/*`` are the logging rank's own batch, as usual in
     Lightning, to keep steps free of extra syncs.
     """
@@ -192,6 +226,8 @@ class SupervisedExitLM(L.LightningModule):
         self,
         vocab_size: int = 256,
         stages: Sequence[Stage] | None = None,
+        exits: ExitRule | str | list[int] | None = None,
+        layer_dropout: LayerDropout | None = None,
         routing_threshold: float | None = None,
         confidence: str = "max_prob",
         lr: float = 1e-3,
@@ -234,6 +270,8 @@ class SupervisedExitLM(L.LightningModule):
             if objective != "causal":
                 raise ValueError(f"pretrained={pretrained!r} is a causal model: objective must be 'causal'")
             model_vocab, sizes = pretrained_sizes(pretrained, vocab_size, sizes)
+        stages = stages_or_rule(stages, exits, sizes.get("n_layers", TransformerConfig.n_layers))
+        self.layer_dropout = as_layer_dropout(layer_dropout)
         self.config = TransformerConfig(
             vocab_size=model_vocab,
             causal=objective == "causal",
@@ -278,6 +316,10 @@ class SupervisedExitLM(L.LightningModule):
         self.save_hyperparameters(frame=frame)
         if self.hparams.get("stages"):
             self.hparams["stages"] = [as_stage(s).to_dict() for s in self.hparams["stages"]]
+        if self.hparams.get("exits") is not None:
+            self.hparams["exits"] = as_exit_rule(self.hparams["exits"]).to_dict()
+        if self.hparams.get("layer_dropout") is not None:
+            self.hparams["layer_dropout"] = as_layer_dropout(self.hparams["layer_dropout"]).to_dict()
 
     @property
     def routing_threshold(self) -> float | None:
@@ -306,9 +348,13 @@ class SupervisedExitLM(L.LightningModule):
         self.exit_loss_weights = weights
 
     # ------------------------------------------------------------------------------- forward
-    def exit_hidden_states(self, input_ids: Tensor, exit_layers: Sequence[int]) -> dict[int, Tensor]:
-        """Hidden states ``(B, T, D)`` at the given exits; the one place training and evaluation read them."""
-        return self.model.hidden_states(input_ids, exit_layers)
+    def exit_hidden_states(
+        self, input_ids: Tensor, exit_layers: Sequence[int], keep: Tensor | None = None
+    ) -> dict[int, Tensor]:
+        """Hidden states ``(B, T, D)`` at the given exits; the one place training and evaluation read them.
+
+        ``keep`` is layer dropout's mask (training only; :meth:`layer_keep`)."""
+        return self.model.hidden_states(input_ids, exit_layers, keep)
 
     @property
     def eval_exit_layers(self) -> tuple[int, ...]:
@@ -356,15 +402,36 @@ class SupervisedExitLM(L.LightningModule):
         normed = head.norm(hidden).flatten(0, -2)
         return linear_cross_entropy(normed, head.proj.weight, targets.flatten(), self.loss_chunk_size)
 
-    def exit_losses(self, input_ids: Tensor, targets: Tensor) -> dict[int, Tensor]:
-        """Mean cross-entropy at every exit with a non-zero weight; other exits run no head."""
+    def exit_losses(self, input_ids: Tensor, targets: Tensor, keep: Tensor | None = None) -> dict[int, Tensor]:
+        """Mean cross-entropy at every exit with a non-zero weight; other exits run no head.
+
+        ``keep``: layer dropout's mask, ``(B, n_layers)`` bool (:meth:`layer_keep`)."""
         weighted = [k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0]
-        hidden = self.exit_hidden_states(input_ids, weighted)
+        hidden = self.exit_hidden_states(input_ids, weighted, keep)
         return {k: self.exit_loss(k, h, targets) for k, h in hidden.items()}
+
+    def layer_keep(self, batch_size: int, batch_idx: int) -> Tensor | None:
+        """Layer dropout's mask for this training batch (``None`` without layer dropout), and its rates logged.
+
+        The draw depends on the rank, the optimizer step and the batch's place in gradient
+        accumulation (:mod:`~lego_lightning.model.layer_dropout`): a resumed run draws what the
+        uninterrupted one drew, and ranks draw independently.
+        """
+        if self.layer_dropout is None:
+            return None
+        step = self.global_step
+        rates = self.layer_dropout.rates(self.config.n_layers, step)
+        for layer, rate in enumerate(rates, start=1):
+            self.log(f"train/layer_dropout/{layer}", rate)
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        key = (self.global_rank, step, batch_idx % accumulate)
+        return self.layer_dropout.keep_mask(batch_size, rates, key, self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         input_ids, targets = self.model_inputs(batch)
-        losses = self.exit_losses(input_ids, targets)
+        keep = self.layer_keep(input_ids.shape[0], batch_idx)
+        # Without layer dropout, the two-argument call that subclasses written before it override.
+        losses = self.exit_losses(input_ids, targets) if keep is None else self.exit_losses(input_ids, targets, keep)
         weights = dict(zip(self.config.exit_layers, self.exit_loss_weights))
         loss = sum(weights[k] * v for k, v in losses.items())
         self.log("train/loss", loss, prog_bar=True)

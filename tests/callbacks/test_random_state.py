@@ -114,6 +114,22 @@ def test_a_resumed_run_with_dropout_is_bit_identical(tmp_path, hook, step):
     assert float(trainer.callback_metrics["val/ppl"]) == float(ref_trainer.callback_metrics["val/ppl"])
 
 
+def lm_with_layer_dropout():
+    return tiny_lm(dropout=0.1, max_seq_len=16, exits="all", layer_dropout={"p_max": 0.5, "scale": "linear"})
+
+
+@pytest.mark.parametrize(("hook", "step"), [("train_batch_end", 7), ("validation_end", 8)])
+def test_a_resumed_run_with_layer_dropout_is_bit_identical(tmp_path, hook, step):
+    (reference, ref_trainer), (resumed, trainer) = stopped_and_resumed(
+        lm_with_layer_dropout, tmp_path, StopAt(hook, step)
+    )
+    assert trainer.global_step == ref_trainer.global_step == 20
+    assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
+    # The layers did drop: the same run without layer dropout ends elsewhere.
+    plain, _ = run(lambda: tiny_lm(dropout=0.1, max_seq_len=16, exits="all"), tmp_path / "plain")
+    assert not torch.equal(plain.model.blocks[2].mlp.fc.weight, reference.model.blocks[2].mlp.fc.weight)
+
+
 def test_without_the_random_states_a_resumed_run_with_dropout_differs(tmp_path):
     class LM(WithoutRandomStates, type(lm_with_dropout())):
         pass
