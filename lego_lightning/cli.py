@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -199,6 +199,13 @@ class LegoCLI(LightningCLI):
         parser.add_lightning_class_args(ExitDiagnostics, "exit_diagnostics")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        if config.get("enable_checkpointing") is False:
+            # The checkpoint callback the CLI builds from --checkpoint.* goes: Lightning refuses
+            # enable_checkpointing=False beside a ModelCheckpoint (one the user lists stays, and is refused).
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     # ----------------------------------------------------------------- before anything runs
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -303,17 +310,19 @@ class LegoCLI(LightningCLI):
             (metrics,) = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             rank_zero_info("\n" + self.model.summary_table(metrics))
         ckpt = trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") or "(none saved)"
-        last = getattr(ckpt, "last_model_path", "") or "(none saved)"
-        rank_zero_info(
-            "\nTensorBoard logs: {logs}\n  view with: tensorboard --logdir {root}\nbest checkpoint: {best}\n"
-            "last checkpoint: {last}".format(
-                logs=trainer.log_dir,
-                root=getattr(trainer.logger, "save_dir", trainer.log_dir),
-                best=best,
-                last=last,
-            )
+        if ckpt is None:
+            checkpoints = "checkpoints: none (trainer.enable_checkpointing is false)"
+        else:
+            best = getattr(ckpt, "best_model_path", "") or "(none saved)"
+            last = getattr(ckpt, "last_model_path", "") or "(none saved)"
+            checkpoints = f"best checkpoint: {best}\nlast checkpoint: {last}"
+        logs = (
+            f"TensorBoard logs: {trainer.log_dir}\n  view with: tensorboard --logdir "
+            f"{getattr(trainer.logger, 'save_dir', trainer.log_dir)}"
+            if trainer.loggers
+            else "logs: none (trainer.logger is false)"
         )
+        rank_zero_info(f"\n{logs}\n{checkpoints}")
 
 
 def user_error_message(error: BaseException) -> str | None:
