@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ def config_cli(config: str, data: Path, seed: int, work: str, *overrides: str) -
     """A committed config through the ``lego`` CLI classes, not run: no logger, quiet, files under ``work``."""
     from lego_lightning.cli import LegoCLI
 
+    # A benchmark gives the CLI its arguments on purpose: Lightning's warning about sys.argv says nothing here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = [
         "--config",
         str(REPO / "configs" / f"{config}.yaml"),

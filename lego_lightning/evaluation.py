@@ -27,8 +27,9 @@ from lego_lightning.model.routing import route
 class ExitOutputs:
     """Per-token results at each exit: ``(n_exits, N)`` tensors, exits in ``exit_layers`` order.
 
-    ``target_bytes`` is the UTF-8 bytes of text all ``N`` targets cover, when the batches carry it
-    (causal text data): bits per byte are then the summed loss over those bytes.
+    ``predicted`` is each exit's greedy token. ``target_bytes`` is the UTF-8 bytes of text all
+    ``N`` targets cover, when the batches carry it (causal text data): bits per byte are then the
+    summed loss over those bytes.
     """
 
     exit_layers: tuple[int, ...]
@@ -37,6 +38,19 @@ class ExitOutputs:
     confidence: Tensor
     seq_len: int
     target_bytes: int | None = None
+    predicted: Tensor | None = None
+
+    def agreement(self, exit_layer: int, with_exit: int | None = None) -> float:
+        """How often ``exit_layer``'s greedy token equals ``with_exit``'s (default the deepest exit collected).
+
+        With the deepest exit this is the acceptance rate of greedy self-speculative decoding that
+        drafts at ``exit_layer``: a drafted token is kept exactly when the full model picks it too.
+        """
+        if self.predicted is None:
+            raise ValueError("these outputs hold no greedy tokens (collect_exit_outputs records them)")
+        reference = self.exit_layers[-1] if with_exit is None else with_exit
+        a, b = (self.predicted[self.exit_layers.index(k)] for k in (exit_layer, reference))
+        return (a == b).float().mean().item()
 
     def exit_ppl(self, exit_layer: int, mask: Tensor | None = None) -> float:
         i = self.exit_layers.index(exit_layer)
@@ -70,7 +84,7 @@ def collect_exit_outputs(
     measure = None if confidence is None else get_confidence(confidence)
     was_training = module.training
     module.eval()
-    nll, correct, conf = [], [], []
+    nll, correct, conf, predicted = [], [], [], []
     seq_len = 0
     target_bytes: int | None = 0
     for batch_idx, batch in enumerate(batches):
@@ -87,10 +101,12 @@ def collect_exit_outputs(
             h = hidden[k].flatten(0, 1)[keep]
             logits = module.model.head(k)(h).float()
             confidence_k = module.exit_confidence(k, h, logits) if measure is None else measure(logits)
-            rows.append((F.cross_entropy(logits, y, reduction="none"), logits.argmax(-1) == y, confidence_k))
+            top = logits.argmax(-1)
+            rows.append((F.cross_entropy(logits, y, reduction="none"), top == y, confidence_k, top.int()))
         nll.append(torch.stack([r[0] for r in rows]))
         correct.append(torch.stack([r[1] for r in rows]))
         conf.append(torch.stack([r[2] for r in rows]))
+        predicted.append(torch.stack([r[3] for r in rows]))
     module.train(was_training)
     return ExitOutputs(
         exit_layers,
@@ -99,6 +115,7 @@ def collect_exit_outputs(
         torch.cat(conf, 1).cpu(),
         seq_len,
         target_bytes or None,
+        torch.cat(predicted, 1).cpu(),
     )
 
 
