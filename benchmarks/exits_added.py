@@ -131,6 +131,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             str(export),
             "--data.max_vocab_size",
             "null",
+            "--model.exits",  # the config places its exits by rule; this study names every layer's
+            "null",
             "--model.stages",
             EXIT_TUNING_STAGES,
             "--model.lr",

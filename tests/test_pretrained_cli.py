@@ -14,20 +14,57 @@ from lego_lightning.model.pretrained import converted_state
 from tests.helpers import PRETRAINED_CONFIGS, cli_args, two_rank_fit
 
 
-@pytest.fixture(scope="module")
-def checkpoint(corpus, tmp_path_factory) -> Path:
-    """A 12-layer GPT-2 (the depth the configs' stages are for) and a byte-level BPE trained on the corpus."""
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
+def save_with_tokenizer(model: transformers.PreTrainedModel, folder: Path, corpus: Path) -> Path:
+    """``model`` saved by transformers, beside a byte-level BPE of 300 tokens trained on the corpus."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train([str(corpus / "train.txt")], trainer)
     tokenizer.save(str(folder / "tokenizer.json"))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus, tmp_path_factory) -> Path:
+    """A 12-layer GPT-2 (GPT-2 124M's depth) and a byte-level BPE trained on the corpus."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=12, n_head=4, n_positions=64, vocab_size=304)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
+    return save_with_tokenizer(transformers.GPT2LMHeadModel(config), tmp_path_factory.mktemp("tiny_gpt2"), corpus)
+
+
+def llama_family(cls: type, config_cls: type, layers: int, **extra) -> transformers.PreTrainedModel:
+    sizes = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+    config = config_cls(**sizes, num_hidden_layers=layers, max_position_embeddings=64, vocab_size=304, **extra)
+    return cls(config)
+
+
+# Tiny random checkpoints of every family at several depths (the configs must run unchanged on each).
+DEPTHS = {
+    "gpt2_2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=304)
+    ),
+    "llama_4": lambda: llama_family(transformers.LlamaForCausalLM, transformers.LlamaConfig, 4),
+    "qwen2_6": lambda: llama_family(transformers.Qwen2ForCausalLM, transformers.Qwen2Config, 6),
+    "llama_16": lambda: llama_family(transformers.LlamaForCausalLM, transformers.LlamaConfig, 16),
+}
+# The exits each config's rule places at each depth (exit_tuning and ashem: at a third and two thirds, rounded).
+RULED_EXITS = {
+    "pretrained/exit_tuning.yaml": {2: (1, 2), 4: (1, 3, 4), 6: (2, 4, 6), 12: (4, 8, 12), 16: (5, 11, 16)},
+    "pretrained/layerskip.yaml": {n: tuple(range(1, n + 1)) for n in (2, 4, 6, 12, 16)},
+    "pretrained/ashem.yaml": {2: (1, 2), 4: (1, 4), 6: (2, 6), 12: (4, 12), 16: (5, 16)},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(checkpoint, corpus, tmp_path_factory) -> dict[str, Path]:
+    """GPT-2 with 2 and 12 layers, Llama with 4 and 16, Qwen2 with 6: each saved by transformers with a tokenizer."""
+    saved = {"gpt2_12": checkpoint}
+    for name, build in DEPTHS.items():
+        torch.manual_seed(0)
+        saved[name] = save_with_tokenizer(build(), tmp_path_factory.mktemp(name), corpus)
+    return saved
 
 
 def fit(config: str, checkpoint: Path, corpus: Path, logs: Path) -> LegoCLI:
@@ -64,11 +101,34 @@ def test_each_pretrained_config_trains_on_the_checkpoint_with_its_tokenizer(conf
         and data.vocab_size == Tokenizer.from_file(str(checkpoint / "tokenizer.json")).get_vocab_size()
     )
     assert model.config.vocab_size == 304 and model.config.n_layers == 12  # from the checkpoint, not the data
-    exits = (4, 12) if config == "pretrained/ashem.yaml" else (4, 8, 12)
+    exits = RULED_EXITS[config][12]  # after layers 4 and 8, as the configs' stages for 12 layers were
     assert model.config.exit_layers == exits
     for k in exits:
         assert torch.isfinite(cli.trainer.callback_metrics[f"val/exit{k}/ppl"])
     assert torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.parametrize("depth", ["gpt2_2", "llama_4", "qwen2_6", "gpt2_12", "llama_16"])
+@pytest.mark.parametrize("config", PRETRAINED_CONFIGS)
+def test_each_pretrained_config_runs_unchanged_on_any_depth(config, depth, checkpoints, corpus, tmp_path):
+    args = cli_args("fit", config, corpus, tmp_path, "--model.pretrained", str(checkpoints[depth]))
+    run = ["--data.seq_len", "16", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    cli = LegoCLI(args=[*args, *run, "--trainer.limit_val_batches", "1"])
+    module, n_layers = cli.model, int(depth.split("_")[1])
+    assert cli.trainer.global_step == 2 and module.config.n_layers == n_layers
+    exits = RULED_EXITS[config][n_layers]
+    assert module.config.exit_layers == exits
+    for k in module.eval_exit_layers:
+        assert torch.isfinite(cli.trainer.callback_metrics[f"val/exit{k}/ppl"])
+    if config == "pretrained/ashem.yaml":  # the plan's 'exit first' and 'layers above exit first' at this depth
+        assert set(module.plan[0].trained) == {("exit", exits[0])}
+        assert set(module.plan[1].trained) == {("layer", i) for i in range(exits[0] + 1, n_layers + 1)}
+        assert module.plan[1].hard_exit == exits[0] and module.plan[1].loss_weights[n_layers] == 1.0
+    if config == "pretrained/layerskip.yaml":  # layer dropout at every layer of this depth, rising to the last
+        rates = [float(cli.trainer.callback_metrics[f"train/layer_dropout/{k}"]) for k in range(1, n_layers + 1)]
+        assert rates[0] == 0.0 and rates == sorted(rates) and rates[-1] > 0
+    if config == "pretrained/exit_tuning.yaml":  # every exit but the final one trains
+        assert module.exit_loss_weights == [1.0] * (len(exits) - 1) + [0.0]
 
 
 def test_exit_tuning_leaves_every_trunk_weight_bit_identical(checkpoint, fitted):

@@ -107,8 +107,9 @@ class PhasedExitLM(SupervisedExitLM):
         if not isinstance(calibration_bins, int) or calibration_bins < 2:
             raise ValueError(f"calibration_bins must be an integer >= 2, got {calibration_bins!r}")
         first_depth = plan[0].layers
-        stages = stages_or_rule(stages, exits, first_depth)
-        first = validate_stages([as_stage(s) for s in stages or [Stage((1, first_depth))]], first_depth)
+        # A new name: the arguments as given are what save_hyperparameters reads from this frame at the end.
+        first_stages = stages_or_rule(stages, exits, first_depth) or [Stage((1, first_depth))]
+        first = validate_stages([as_stage(s) for s in first_stages], first_depth)
         grown, depth = [], first_depth
         for end in grown_stage_ends(plan):
             grown.append(Stage((depth + 1, end), loss_weight=0.0))

@@ -270,12 +270,12 @@ class SupervisedExitLM(L.LightningModule):
             if objective != "causal":
                 raise ValueError(f"pretrained={pretrained!r} is a causal model: objective must be 'causal'")
             model_vocab, sizes = pretrained_sizes(pretrained, vocab_size, sizes)
-        stages = stages_or_rule(stages, exits, sizes.get("n_layers", TransformerConfig.n_layers))
+        placed = stages_or_rule(stages, exits, sizes.get("n_layers", TransformerConfig.n_layers))
         self.layer_dropout = as_layer_dropout(layer_dropout)
         self.config = TransformerConfig(
             vocab_size=model_vocab,
             causal=objective == "causal",
-            stages=tuple(as_stage(s) for s in stages or ()),
+            stages=tuple(as_stage(s) for s in placed or ()),
             **sizes,
         )
         self.model = ExitTransformer(self.config)
@@ -541,14 +541,17 @@ class SupervisedExitLM(L.LightningModule):
             )
 
     def _untrained_stages(self) -> list[tuple[int, int]]:
-        """Trainable stages whose weights get no gradient at the current loss weights."""
+        """Trainable stages whose weights get no gradient at the current loss weights.
+
+        A stage whose every weight is frozen (``trunk: frozen``) asks for no gradient and is not one."""
         weights = self.exit_loss_weights
         deepest_trained = max(k for k, w in zip(self.config.exit_layers, weights) if w > 0)
         separate = self.config.head_sharing == "separate"
+        wanting = {stage for stage, _, p in self.model.named_stage_parameters() if p.requires_grad}
         return [
             s.layers
-            for s, w in zip(self.config.stages, weights)
-            if s.trainable and (s.layers[0] > deepest_trained or (w == 0 and separate))
+            for i, (s, w) in enumerate(zip(self.config.stages, weights))
+            if s.trainable and i in wanting and (s.layers[0] > deepest_trained or (w == 0 and separate))
         ]
 
     def _check_ddp_unused_parameters(self) -> None:

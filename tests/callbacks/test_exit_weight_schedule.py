@@ -1,4 +1,5 @@
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lego_lightning import Stage
@@ -105,5 +106,55 @@ def test_wrong_number_of_weights_fails_at_setup(tmp_path):
     ],
 )
 def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExitWeightSchedule(**kwargs)
+
+
+def test_a_rule_is_resolved_against_the_modules_exits(tmp_path):
+    recorder = WeightRecorder()
+    schedule = ExitWeightSchedule(start="final", end="sum_l", duration=2, unit="steps")
+    lm = tiny_lm(n_layers=4, exits={"every": 2})  # exits after layers 2 and 4: sum_l is 2, 2 + 4
+    quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[schedule, recorder]).fit(lm, data())
+    assert recorder.seen[0] == [0.0, 1.0]
+    assert recorder.seen[1] == pytest.approx([0.125, 0.875])  # half-way from (0, 1) to (0.25, 0.75)
+    assert recorder.seen[2] == pytest.approx([0.25, 0.75])
+
+
+def test_rotational_trains_one_earlier_exit_at_a_time_beside_the_last(tmp_path):
+    recorder = WeightRecorder()
+    schedule = ExitWeightSchedule(end="uniform", curriculum="rotational", period=2, unit="steps")
+    lm = tiny_lm(n_layers=4, exits="all")
+    trainer = quiet_trainer(tmp_path, max_steps=8, limit_val_batches=0, callbacks=[schedule, recorder])
+    trainer.fit(lm, data())
+    on = {step: [i for i, w in enumerate(weights) if w > 0] for step, weights in recorder.seen.items()}
+    # Exits after layers 1, 2, 3 take turns every 2 steps; the last is always on.
+    assert on == {0: [0, 3], 1: [0, 3], 2: [1, 3], 3: [1, 3], 4: [2, 3], 5: [2, 3], 6: [0, 3], 7: [0, 3]}
+    assert all(sum(w) == pytest.approx(1.0) and max(w) == pytest.approx(0.5) for w in recorder.seen.values())
+    # An exit out of its turn runs no head: a step computes the losses of two exits.
+    lm.set_exit_loss_weights(schedule.weights_at(2))
+    ids = torch.randint(0, 64, (2, 16))
+    assert set(lm.exit_losses(ids, ids)) == {2, 4}
+
+
+def test_rotational_keeps_the_end_weights_of_the_exits_it_turns_on(tmp_path):
+    schedule = ExitWeightSchedule(end=[0.0, 0.2, 0.2, 0.6], curriculum="rotational", unit="steps")
+    schedule.setup(None, tiny_lm(n_layers=4, exits="all"), "fit")
+    # Exit 1 has weight 0 at the end, so only exits 2 and 3 take turns; their pair sums to the end's 1.0.
+    assert schedule.weights_at(0) == pytest.approx([0.0, 0.25, 0.0, 0.75])
+    assert schedule.weights_at(1) == pytest.approx([0.0, 0.0, 0.25, 0.75])
+    assert schedule.weights_at(2) == schedule.weights_at(0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"start": "cubic", "end": "uniform", "duration": 2}, r"start='cubic' is not a rule: allowed \('final'"),
+        ({"end": [0.5, 0.5], "duration": 2}, "the gradual curriculum needs start, end and duration"),
+        ({"start": "final", "end": "l", "duration": 2, "curriculum": "rotational"}, "rotational takes end and period"),
+        ({"end": "l", "curriculum": "rotational", "period": 0}, "period must be a positive integer"),
+        ({"end": "l", "curriculum": "spiral"}, r"curriculum='spiral' is not one of \('gradual', 'rotational'\)"),
+    ],
+)
+def test_bad_curricula(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExitWeightSchedule(**kwargs)
