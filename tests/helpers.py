@@ -140,6 +140,8 @@ def two_rank_fit(config: str, corpus: Path, tmp_path: Path, strategy: str, *extr
         state["weights"] = torch.load(out / f"rank{r}.pt", weights_only=True)
         mask = out / f"rank{r}_hard_mask.pt"
         state["hard_mask"] = torch.load(mask, weights_only=True) if mask.exists() else None
+        layers = out / f"rank{r}_layer_masks.pt"
+        state["layer_masks"] = torch.load(layers, weights_only=True) if layers.exists() else None
         ranks.append(state)
     return ranks
 
@@ -149,6 +151,14 @@ class RankStateDump(Callback):
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
+        self.layer_masks: list[torch.Tensor] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # The mask the module's training step is about to draw (its own method, the same key).
+        if getattr(pl_module, "layer_dropout", None) is not None:
+            self.layer_masks.append(pl_module.layer_keep(batch["input_ids"].shape[0], batch_idx).cpu())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +174,8 @@ class RankStateDump(Callback):
         masks = [h.hard_mask for h in holders if getattr(h, "hard_mask", None) is not None]
         if masks:
             torch.save(masks[0], self.out_dir / f"rank{rank}_hard_mask.pt")
+        if self.layer_masks:
+            torch.save(torch.stack(self.layer_masks), self.out_dir / f"rank{rank}_layer_masks.pt")
 
 
 class Regression(L.LightningModule):

@@ -49,3 +49,19 @@ def test_the_compiled_loss_and_gradients_equal_eager(layer):
     assert_close(loss, loss_of(eager)(idx))
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert_close(b.grad, a.grad, msg=name)
+
+
+def test_the_training_loss_with_layer_dropout_traces_as_one_graph_and_equals_eager():
+    m = module("llama")
+    idx = torch.randint(0, 40, (4, 16))
+    keep = torch.tensor([[True, True], [False, True], [True, False], [False, False]])
+
+    def loss(idx, keep):
+        return sum(m.exit_losses(idx, idx, keep).values())
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(idx, keep)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    assert_close(torch.compile(loss, backend="aot_eager", fullgraph=True)(idx, keep), loss(idx, keep))
+    assert not torch.allclose(loss(idx, keep), loss(idx, torch.ones_like(keep)))  # the mask changes the loss
