@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lego_lightning.callbacks.phase_trigger import phase_of
 from lego_lightning.checkpoint_io import AtomicCheckpointIO
 
 # The names the ``lego`` CLI gives best checkpoints; a phased module's say the phase. A name the user
@@ -52,24 +53,35 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     step, with later weights): a phase's best checkpoint holds the weights that scored it.
     """
 
+    # Per-phase state, here so that a fresh instance saves and loads its state before any setup.
+    _phase: int | None = None
+
+    @property
+    def phase_best_model_paths(self) -> dict[int, str]:
+        """Each ended phase's best checkpoint (phase -> path); empty for a module without phases."""
+        return self.__dict__.setdefault("_phase_best_model_paths", {})
+
+    @phase_best_model_paths.setter
+    def phase_best_model_paths(self, paths: dict[int, str]) -> None:
+        self.__dict__["_phase_best_model_paths"] = paths
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        self.phase_best_model_paths: dict[int, str] = getattr(self, "phase_best_model_paths", {})
-        self._phase: int | None = _phase_of(pl_module)  # a resumed run's comes from the checkpoint's state
-        if _phase_of(pl_module) is not None and self.filename in (None, DEFAULT_FILENAME):
+        self._phase = phase_of(pl_module)  # a resumed run's comes from the checkpoint's state
+        if phase_of(pl_module) is not None and self.filename in (None, DEFAULT_FILENAME):
             self.filename = PHASED_FILENAME if self.filename else "{phase}-{epoch}-{step}"
 
     def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, Any]:
         candidates = super()._monitor_candidates(trainer)
-        phase = _phase_of(trainer.lightning_module)
+        phase = phase_of(trainer.lightning_module)
         if phase is not None:
             candidates["phase"] = torch.tensor(phase)
         return candidates
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        phase = _phase_of(trainer.lightning_module)
+        phase = phase_of(trainer.lightning_module)
         if phase is not None and not getattr(self, "_at_validation", False):
             # A step checkpoint would rank the last validation's metric with later weights: a phase's best
             # checkpoint must hold the weights that scored it (what restore_best_weights reads after a resume).
@@ -169,7 +181,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         validated = getattr(self, "_validated_step", None) == trainer.global_step
         rank = (
             validated
-            and _phase_of(trainer.lightning_module) is not None
+            and phase_of(trainer.lightning_module) is not None
             and not self._should_skip_saving_checkpoint(trainer)
             and not (self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0)
         )
@@ -183,9 +195,3 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_if_missed(trainer)
         self._at_validation = False
 
-
-def _phase_of(pl_module: L.LightningModule) -> int | None:
-    """The running phase of a phased module; ``None`` for a module without phases."""
-    if callable(getattr(pl_module, "has_next_phase", None)) and hasattr(pl_module, "phase"):
-        return int(pl_module.phase)
-    return None

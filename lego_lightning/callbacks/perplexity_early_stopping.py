@@ -46,14 +46,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lego_lightning.callbacks.phase_trigger import logging_step
+from lego_lightning.callbacks.phase_trigger import logging_step, phase_of
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
 from lego_lightning.errors import ConfigurationError
 
 
 def _is_phased(pl_module: L.LightningModule) -> bool:
-    return callable(getattr(pl_module, "has_next_phase", None)) and callable(getattr(pl_module, "advance_phase", None))
+    return phase_of(pl_module) is not None and callable(getattr(pl_module, "advance_phase", None))
 
 
 class PerplexityEarlyStopping(EarlyStopping):
@@ -86,27 +87,28 @@ class PerplexityEarlyStopping(EarlyStopping):
             raise ConfigurationError(f"{name}.patience must be an integer >= 0, got {patience!r}")
         if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
             raise ConfigurationError(f"{name}.min_delta must be a finite number >= 0, got {min_delta!r}")
-        if mode not in ("min", "max"):
-            raise ConfigurationError(f"{name}.mode must be 'min' or 'max', got {mode!r}")
         if not monitor:
             raise ConfigurationError(f"{name}.monitor must name a logged metric, got an empty string")
         thresholds = {"stopping_threshold": stopping_threshold, "divergence_threshold": divergence_threshold}
         for field, value in thresholds.items():
             if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise ConfigurationError(f"{name}.{field} must be a finite number or None, got {value!r}")
-        super().__init__(
-            monitor=monitor,
-            min_delta=min_delta,
-            patience=patience,
-            verbose=verbose,
-            mode=mode,
-            strict=strict,
-            check_finite=check_finite,
-            stopping_threshold=stopping_threshold,
-            divergence_threshold=divergence_threshold,
-            check_on_train_epoch_end=check_on_train_epoch_end,
-            log_rank_zero_only=log_rank_zero_only,
-        )
+        try:
+            super().__init__(
+                monitor=monitor,
+                min_delta=min_delta,
+                patience=patience,
+                verbose=verbose,
+                mode=mode,
+                strict=strict,
+                check_finite=check_finite,
+                stopping_threshold=stopping_threshold,
+                divergence_threshold=divergence_threshold,
+                check_on_train_epoch_end=check_on_train_epoch_end,
+                log_rank_zero_only=log_rank_zero_only,
+            )
+        except MisconfigurationException as err:  # Lightning's own checks (mode), in its words, also a ValueError
+            raise ConfigurationError(str(err)) from None
         self.restore_best_weights = restore_best_weights
         self.best_weights: dict[str, torch.Tensor] | None = None  # in memory only, never in checkpoints
         self.best_step: int | None = None  # the global step of the best validation of the running phase

@@ -9,8 +9,21 @@ from lightning.pytorch.callbacks import Callback
 
 
 def current_phase(pl_module: L.LightningModule) -> int:
-    """The module's ``phase`` attribute; 1 for a module without phases."""
-    return int(getattr(pl_module, "phase", 1))
+    """The module's ``phase`` attribute when it is an integer; 1 for a module without phases."""
+    phase = getattr(pl_module, "phase", None)
+    return phase if isinstance(phase, int) and not isinstance(phase, bool) else 1
+
+
+def phase_of(pl_module: L.LightningModule) -> int | None:
+    """The running phase of a module that has phases (an integer ``phase`` and ``has_next_phase()``), else ``None``.
+
+    Any other module, one without phases or a test double whose every attribute is a mock, has no
+    phases: the callbacks that keep state per phase then behave as their Lightning parents.
+    """
+    if not callable(getattr(pl_module, "has_next_phase", None)):
+        return None
+    phase = getattr(pl_module, "phase", None)
+    return phase if isinstance(phase, int) and not isinstance(phase, bool) else None
 
 
 def logging_step(trainer: L.Trainer) -> int:

@@ -1,3 +1,5 @@
+from unittest.mock import Mock
+
 import lightning as L
 import pytest
 import torch
@@ -214,12 +216,13 @@ def test_a_missing_metric_fails_as_in_lightning_unless_not_strict(tmp_path):
 
 
 def test_a_bad_mode_raises_what_lightning_raises_and_a_value_error():
-    with pytest.raises(MisconfigurationException):
+    with pytest.raises(MisconfigurationException) as theirs:
         EarlyStopping("val/ppl", mode="lower")
-    with pytest.raises(MisconfigurationException):
+    with pytest.raises(MisconfigurationException) as ours:
         PerplexityEarlyStopping(mode="lower")
     with pytest.raises(ValueError):
         PerplexityEarlyStopping(mode="lower")
+    assert str(ours.value) == str(theirs.value)  # Lightning's words, which code matching on them expects
 
 
 @pytest.mark.parametrize(
@@ -228,10 +231,43 @@ def test_a_bad_mode_raises_what_lightning_raises_and_a_value_error():
         ({"patience": -1}, r"patience must be an integer >= 0, got -1"),
         ({"patience": 1.5}, r"patience must be an integer >= 0, got 1.5"),
         ({"min_delta": -0.1}, r"min_delta must be a finite number >= 0, got -0.1"),
-        ({"mode": "lower"}, r"mode must be 'min' or 'max', got 'lower'"),
+        ({"mode": "lower"}, r"`mode` can be min, max, got lower"),
         ({"stopping_threshold": NAN}, r"stopping_threshold must be a finite number or None, got nan"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PerplexityEarlyStopping(**kwargs)
+
+
+class MockedPhases(ScriptedCurve):
+    """A test double whose phase protocol is mocks, as a unit test's module would have: it has no real phases."""
+
+    def __init__(self, curve):
+        super().__init__(curve)
+        self.phase, self.has_next_phase, self.advance_phase = Mock(), Mock(return_value=True), Mock()
+        self.phase_patience, self.phase_max_epochs, self.phase_start_epoch = Mock(), Mock(), Mock()
+
+
+@pytest.mark.parametrize("case", ["patience 1", "min_delta", "mode max"])
+def test_a_test_double_of_a_module_stops_where_lightning_stops(tmp_path, case):
+    curve, kwargs, trainer_kwargs = PARITY_CASES[case]
+    module = MockedPhases(curve)
+    ours = stopping(PerplexityEarlyStopping(**kwargs), module, tmp_path / "ours", **trainer_kwargs)
+    lightning = stopping(EarlyStopping("val/ppl", **kwargs), MockedPhases(curve), tmp_path / "l", **trainer_kwargs)
+    assert ours == lightning
+    module.advance_phase.assert_not_called()
+
+
+def test_a_fresh_instance_saves_and_loads_state_as_lightnings_does(tmp_path):
+    fresh, theirs = PerplexityEarlyStopping(patience=2), EarlyStopping("val/ppl", patience=2)
+    assert {k: v for k, v in fresh.state_dict().items() if k in theirs.state_dict()} == theirs.state_dict()
+    trained = PerplexityEarlyStopping(patience=3)
+    quiet_trainer(tmp_path, max_epochs=7, callbacks=[trained]).fit(ScriptedCurve(CURVE))
+    state = trained.state_dict()
+    ours, lightning = PerplexityEarlyStopping(patience=3), EarlyStopping("val/ppl", patience=3)
+    ours.load_state_dict(state)  # before any setup, as a user restoring a callback by hand does
+    lightning.load_state_dict(state)
+    for name in ("wait_count", "stopped_epoch", "best_score", "patience"):
+        assert getattr(ours, name) == getattr(lightning, name) == getattr(trained, name), name
+    assert ours.state_dict() == state
