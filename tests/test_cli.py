@@ -10,6 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lego_lightning.cli import LegoCLI, main
+from lego_lightning.model.exits import as_exit_rule
 from tests.conftest import REPO
 from tests.helpers import CONFIGS, cli_args
 
@@ -40,6 +41,8 @@ def test_configs_are_all_here():
 def expected_exits(model_spec: dict) -> tuple[int, ...]:
     args = model_spec["init_args"]
     if model_spec["class_path"] == "lego_lightning.SupervisedExitLM":
+        if "exits" in args:  # placed by rule: tests/model/test_exits.py checks the rules themselves
+            return as_exit_rule(args["exits"]).exit_layers(args["n_layers"])
         return tuple(s["layers"][1] for s in args["stages"])
     if model_spec["class_path"] == "lego_lightning.PhasedExitLM":
         depths = [p["layers"] for p in args["phases"] if p.get("layers")]

@@ -194,4 +194,3 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             save()
             self._save_last_if_missed(trainer)
         self._at_validation = False
-

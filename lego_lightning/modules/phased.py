@@ -466,14 +466,14 @@ class PhasedExitLM(SupervisedExitLM):
                 f"{threshold}{hard})"
             )
 
-    def on_train_epoch_start(self) -> None:
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        bar = self.trainer.progress_bar_callback
-        if isinstance(bar, TQDMProgressBar) and getattr(bar, "_train_progress_bar", None) is not None:
-            bar.train_progress_bar.set_description(
-                f"Epoch {self.trainer.current_epoch} (phase {self.phase}/{self.num_phases})"
-            )
+    def train_description(self) -> str:
+        """``Epoch 5 · phase 2/2, epoch 1/3``: the phase and its own epoch against its limit, never a negative total."""
+        trainer = self.trainer
+        in_phase = trainer.current_epoch - self.phase_start_epoch
+        limit = self.phase_max_epochs
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:  # the trainer may end the run sooner
+            limit = min(limit, trainer.max_epochs - self.phase_start_epoch)
+        return f"Epoch {trainer.current_epoch} · phase {self.phase}/{self.num_phases}, epoch {in_phase + 1}/{limit}"
 
     def on_train_epoch_end(self) -> None:
         self.log(f"{self.log_prefix}/phase", float(self.phase), sync_dist=True)  # equal on every rank; no DDP warning

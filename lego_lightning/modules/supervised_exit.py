@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
+from lego_lightning.callbacks.model_summary import use_counted_flops
 from lego_lightning.data.blocks import unpack_batch
 from lego_lightning.data.masking import mask_tokens
 from lego_lightning.model import flops
@@ -34,6 +35,7 @@ from lego_lightning.model.routing import check_threshold, route
 from lego_lightning.model.transformer import ExitTransformer
 from lego_lightning.modules.metrics import ExitMetrics
 from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrainable_stages, param_groups
+from lego_lightning.modules.progress import show_train_description
 
 Objective = Literal["causal", "masked"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -523,6 +525,7 @@ class SupervisedExitLM(L.LightningModule):
         if stage == "fit":
             self._check_something_trains()
             self._check_ddp_unused_parameters()
+            use_counted_flops(self.trainer)  # the model summary's FLOPs column: ours per token, not zeros
 
     def _check_something_trains(self) -> None:
         """Trainer settings under which fit would end at once and report an untrained model as a result."""
@@ -575,6 +578,23 @@ class SupervisedExitLM(L.LightningModule):
         from lego_lightning.callbacks.random_state import RandomStateCheckpoint
 
         return [RandomStateCheckpoint()]
+
+    # ----------------------------------------------------------------------------- progress bar
+    def train_description(self) -> str | None:
+        """The training bar's description; ``None`` keeps Lightning's (which reads ``Epoch N/-2`` without an
+        epoch limit: then ``Epoch N``)."""
+        return f"Epoch {self.current_epoch}" if self.trainer.max_epochs in (None, -1) else None
+
+    def on_train_epoch_start(self) -> None:
+        self._describe_training()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._describe_training()  # a bar made mid-epoch (a resumed run's) gets it too; setting text costs nothing
+
+    def _describe_training(self) -> None:
+        text = self.train_description()
+        if text is not None:
+            show_train_description(self.trainer, text)
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         """AdamW's parameter groups: one per stage and weight-decay setting (:func:`.optim.param_groups`)."""
