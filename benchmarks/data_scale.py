@@ -1,18 +1,23 @@
-"""Data preparation at scale (issue 17): time, throughput and peak memory at 1x, 10x (and 100x) WikiText-2.
+"""Data preparation at scale (issues 17 and 27): time, throughput and peak memory at 1x, 10x (and 100x) WikiText-2.
 
 The training split is N concatenated copies of WikiText-2's, made at run time in a temporary
 folder (never committed); validation is WikiText-2's. For each scale and tokenizer (word level,
-byte-level BPE of 8,192 tokens), one fresh process prepares the data (trains the tokenizer,
+byte-level BPE and unigram of 8,192 tokens), one fresh process prepares the data (trains the tokenizer,
 tokenizes every split into arrays on disk) and iterates one epoch of training blocks (batch
-64 x 32); a second process does the same with the cache the first one left. Each reports its
+64 x 32); a second process does the same with the cache the first one left. For BPE and unigram,
+another fresh process does the same work with Hugging Face ``tokenizers`` alone, the reference
+preparation is measured against: it trains the same tokenizer on the training file
+(``Tokenizer.train``) and ``encode_batch_fast``-s every split's lines, a batch at a time as
+preparation does, reading each batch's ids out. Each reports its
 wall time and peak resident memory (``ru_maxrss``, the process's own, imports included) and the
 peak memory its tokenizing workers add: the sum of their unique set sizes (pages no other process
 shares; a forked worker shares its parent's until it writes them), sampled every 0.1 s. Where a split
 is large enough to be tokenized in a process per core, a first run in one process, with a cache
 of its own, gives the speed-up of the parallel one measured in the same benchmark run.
 
-    python -m benchmarks.data_scale                     # 1x and 10x, word and bpe
+    python -m benchmarks.data_scale                     # 1x and 10x, word, bpe and unigram
     python -m benchmarks.data_scale --scales 1 10 100   # 100x: 1 GB of text on disk, minutes
+    python -m benchmarks.data_scale --resume --scales 100 --tokenizers unigram8k   # a row more, the rest kept
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DEFAULT_DATA, REPO, write_results
+from benchmarks.common import DEFAULT_DATA, REPO, add_resume_arguments, index_runs, resumed_runs, write_results
 from lego_lightning.data.token_cache import tokenize_processes
 
-TOKENIZERS = {"word": {"tokenizer": "word"}, "bpe8k": {"tokenizer": "bpe", "max_vocab_size": 8192}}
+TOKENIZERS = {
+    "word": {"tokenizer": "word"},
+    "bpe8k": {"tokenizer": "bpe", "max_vocab_size": 8192},
+    "unigram8k": {"tokenizer": "unigram", "max_vocab_size": 8192},
+}
+# The tokenizers Hugging Face tokenizers trains: each is measured against it doing the same work directly.
+TOKENIZERS_TRAINED = ("bpe8k", "unigram8k")
 
 
 class WorkerMemory:
@@ -91,6 +102,23 @@ def prepare_and_iterate(folder: str, cache: str, settings: dict[str, Any]) -> di
         "workers_peak_uss_mib": workers.peak_bytes / 2**20,
         "workers_seen": workers.most_workers,
     }
+
+
+def direct(folder: str, cache: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Run in a child process: the reference, ``tokenizers`` alone doing what preparation does (module docstring)."""
+    from lego_lightning.data.token_cache import LINES_PER_BATCH
+    from lego_lightning.data.tokenizer import untrained_tokenizer
+
+    tokenizer, trainer = untrained_tokenizer(settings["tokenizer"], settings["max_vocab_size"])
+    start = time.perf_counter()
+    tokenizer.train([str(Path(folder) / "train.txt")], trainer)
+    trained = time.perf_counter() - start
+    tokens = 0
+    for split in ("train.txt", "valid.txt"):
+        with open(Path(folder) / split, encoding="utf-8") as lines:
+            while batch := [line for _, line in zip(range(LINES_PER_BATCH), lines)]:
+                tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False))
+    return {"prepare_s": time.perf_counter() - start, "train_tokenizer_s": trained, "tokens": tokens}
 
 
 def mine(folder: str, cache: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -167,14 +195,20 @@ def main() -> None:
     parser.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS), choices=list(TOKENIZERS))
     parser.add_argument("--mine", nargs="*", default=["bpe8k"], choices=list(TOKENIZERS), help="tokenizers to mine at")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--name", default="data_scale")
+    add_resume_arguments(parser, "data_scale")
     args = parser.parse_args()
-    rows = []
+    settings: dict[str, Any] = {}
+    rows, resumed_from = resumed_runs(args, "rows", settings)
+    done = index_runs(rows, lambda r: (r["scale"], r["tokenizer"]))
+    extra = {"settings": settings, "resumed_from": resumed_from}
     with tempfile.TemporaryDirectory() as work:
         for scale in args.scales:
+            todo = [name for name in args.tokenizers if (scale, name) not in done]
+            if not todo:
+                continue
             folder = Path(work) / f"x{scale}"
             text_bytes = make_corpus(args.data, folder, scale)
-            for name in args.tokenizers:
+            for name in todo:
                 cache = Path(work) / f"cache-x{scale}-{name}"
                 serial = None
                 if tokenize_processes(text_bytes, TOKENIZERS[name]["tokenizer"]) > 1:  # a process per core here
@@ -182,6 +216,7 @@ def main() -> None:
                     shutil.rmtree(Path(work) / "serial")
                 first = child(folder, cache, TOKENIZERS[name])
                 second = child(folder, cache, TOKENIZERS[name])
+                reference = child(folder, cache, TOKENIZERS[name], "direct") if name in TOKENIZERS_TRAINED else None
                 mined = child(folder, cache, TOKENIZERS[name], "mine") if name in args.mine else None
                 row = {
                     "scale": scale,
@@ -190,13 +225,16 @@ def main() -> None:
                     "serial": serial,
                     "first": first,
                     "cached": second,
+                    "direct": reference,
                     "mined": mined,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(cache)
+                rows.sort(key=lambda r: (r["scale"], list(TOKENIZERS).index(r["tokenizer"])))
+                write_results(args.name, rows, report(rows), extra=extra)  # after every row
             shutil.rmtree(folder)
-    write_results(args.name, rows, report(rows), extra={"settings": {"scales": args.scales, "mine": args.mine}})
+    write_results(args.name, rows, report(rows), extra=extra)
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -220,6 +258,19 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"| {one_s} | {speedup} "
             f"| {c['prepare_s']:.1f} | {c['peak_rss_mib']:.0f} | {ratio:.2f} |"
         )
+    direct = [
+        "| tokenizer | scale | train MB | this library: prepare s | MB/s | tokenizers directly: s | of it training "
+        "| MB/s | this library / directly (throughput) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if d := r.get("direct"):
+            f = r["first"]
+            direct.append(
+                f"| {r['tokenizer']} | {r['scale']}x | {r['train_mb']:.0f} | {f['prepare_s']:.1f} | "
+                f"{r['train_mb'] / f['prepare_s']:.2f} | {d['prepare_s']:.1f} | {d['train_tokenizer_s']:.1f} | "
+                f"{r['train_mb'] / d['prepare_s']:.2f} | {d['prepare_s'] / f['prepare_s']:.2f}x |"
+            )
     mining = [
         "| tokenizer | scale | tokens mined | seconds | hard fraction | set MiB | peak RSS MiB | peak RSS vs 1x |",
         "|---|---|---|---|---|---|---|---|",
@@ -245,6 +296,13 @@ def report(rows: list[dict[str, Any]]) -> str:
             "Where the library tokenizes the split in a process per core, the same preparation in one process "
             "(`tokenize_processes: 1`, a cache of its own) gives the speed-up.",
             "\n".join(lines),
+            "## Against Hugging Face tokenizers doing the same work directly\n\n"
+            "Each trained tokenizer's first run against another fresh process that does the same work with "
+            "`tokenizers` alone: `Tokenizer.train` of the same model and trainer on the training file, then "
+            "`encode_batch_fast` over every split's lines in batches of 8,192, reading the ids out. The library's "
+            "preparation also checks the text is UTF-8, fingerprints it, counts each token's bytes (for bits per "
+            "byte) and writes the arrays to disk.",
+            "\n".join(direct),
             "## Mining the whole training split\n\n"
             "An untrained model (d_model 16) scores every training token with the learned exit classifier at "
             "exit 1 (threshold 0.5); the set keeps one bit per token. Peak RSS is the mining process's own "

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from functools import cached_property
+from itertools import chain
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lego_lightning.data.vocab import LEVELS, UNK, Vocabulary, split_line
 
@@ -53,8 +57,9 @@ class TextTokenizer:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def encode_lines(self, lines: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Token ids of ``lines`` (without their line breaks) in order, and the bytes each token stands for."""
+    def encode_lines(self, lines: Sequence[str]) -> tuple[Sequence[int], Sequence[int]]:
+        """Token ids of ``lines`` (without their line breaks) in order, and the bytes each token stands for
+        (lists or integer arrays)."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -123,7 +128,16 @@ class VocabularyTokenizer(TextTokenizer):
 
 
 class HFTokenizer(TextTokenizer):
-    """A Hugging Face ``tokenizers.Tokenizer``; each line is encoded with its line break."""
+    """A Hugging Face ``tokenizers.Tokenizer``; each line is encoded with its line break.
+
+    The bytes each token stands for come from its offsets in the line (:func:`_bytes_per_token`).
+    A byte-level BPE's or a unigram's tokens say their bytes themselves, so for those (ours, and
+    ready ones built the same way) lines are encoded without offsets, which is what makes
+    ``tokenizers`` fast, and the bytes are read from a table of every token's
+    (:func:`token_byte_table`); a line where the table cannot be trusted (an unknown piece, a
+    space the pre-tokenizer added, a character split over three tokens) is encoded again with
+    offsets. Both ways give the same numbers.
+    """
 
     def __init__(self, tokenizer: Any, kind: str) -> None:
         self.tokenizer = tokenizer
@@ -132,15 +146,53 @@ class HFTokenizer(TextTokenizer):
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode_lines(self, lines: Sequence[str]) -> tuple[list[int], list[int]]:
+    def encode_lines(self, lines: Sequence[str]) -> tuple[Sequence[int], Sequence[int]]:
         texts = [with_line_break(line) for line in lines]
+        table = self.byte_table
+        if table is None:
+            return self._encode_with_offsets(texts)
+        # encode_batch_fast runs over every core and tracks no offsets; add_special_tokens=False: no BOS/EOS.
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        counts = np.fromiter((len(e.ids) for e in encodings), np.int64, len(texts))
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, int(counts.sum()))
+        length, carry = table[0, ids], table[1, ids]
+        # A token that finishes a character another token started hands its bytes back to that token (as the
+        # offsets do: the first token covering a character counts it). A line ends in a line break, which
+        # finishes every character, so nothing is handed across lines.
+        nbytes = length - carry
+        nbytes[:-1] += carry[1:]
+        passed_on = np.zeros(len(ids), dtype=bool)  # a token of continuation bytes alone, then one more: redo
+        passed_on[:-1] = (carry[:-1] == length[:-1]) & (carry[1:] > 0)
+        line = np.repeat(np.arange(len(texts)), counts)
+        unsure = np.bincount(line, weights=(length < 0) | passed_on, minlength=len(texts))
+        line_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
+        redo = np.flatnonzero((unsure > 0) | (np.bincount(line, weights=nbytes, minlength=len(texts)) != line_bytes))
+        if redo.size == 0:
+            return ids, nbytes
+        # The lines between two redone ones stay as they are: one slice each, not one array per line.
+        ends = np.cumsum(counts)
+        ids_parts, bytes_parts, done = [], [], 0
+        exact = self.tokenizer.encode_batch([texts[i] for i in redo], add_special_tokens=False)
+        for i, encoding in zip(redo, exact):
+            start = ends[i] - counts[i]
+            ids_parts += [ids[done:start], np.asarray(encoding.ids, np.int64)]
+            bytes_parts += [nbytes[done:start], np.asarray(_bytes_per_token(texts[i], encoding.offsets), np.int64)]
+            done = ends[i]
+        return np.concatenate([*ids_parts, ids[done:]]), np.concatenate([*bytes_parts, nbytes[done:]])
+
+    def _encode_with_offsets(self, texts: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Every token's bytes from its offsets in its line: right for any tokenizer, and slower."""
         ids: list[int] = []
         nbytes: list[int] = []
-        # encode_batch runs over every core; add_special_tokens=False: no BOS/EOS inside the stream.
         for text, encoding in zip(texts, self.tokenizer.encode_batch(texts, add_special_tokens=False)):
             ids.extend(encoding.ids)
             nbytes.extend(_bytes_per_token(text, encoding.offsets))
         return ids, nbytes
+
+    @cached_property
+    def byte_table(self) -> np.ndarray | None:
+        """:func:`token_byte_table` of this tokenizer (``None``: every line is encoded with offsets)."""
+        return token_byte_table(self.tokenizer)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -157,6 +209,34 @@ class HFTokenizer(TextTokenizer):
 def with_line_break(line: str) -> str:
     """The line as the Hugging Face tokenizers see it, in training and in encoding: with its line break."""
     return line.rstrip("\n") + "\n"
+
+
+def token_byte_table(tokenizer: Any) -> np.ndarray | None:
+    """``(2, vocabulary)``: each token id's bytes of text, and how many of them at its start are UTF-8
+    continuation bytes (a byte-level token that starts inside a character), for a byte-level BPE or a
+    Metaspace unigram without a normaliser; ``None`` for any other tokenizer. -1 bytes: an unknown piece."""
+    spec = json.loads(tokenizer.to_str())
+    pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor") or {}
+    if spec.get("normalizer") is not None or post.get("type") not in (None, "ByteLevel") or post.get("trim_offsets"):
+        return None
+    byte_level = pre.get("type") == "ByteLevel" and spec["model"]["type"] == "BPE"
+    metaspace = pre.get("type") == "Metaspace" and spec["model"]["type"] == "Unigram"
+    if not (byte_level or metaspace):
+        return None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    table = np.stack([np.full(size, -1, np.int64), np.zeros(size, np.int64)])
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    unknown = spec["model"].get("unk_id") if metaspace else None
+    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token in added:
+            table[0, i] = len(token.encode("utf-8"))  # matched in the text as it is
+        elif metaspace:
+            table[0, i] = -1 if i == unknown else len(token.replace(pre["replacement"], " ").encode("utf-8"))
+        elif all(c in _BYTE_OF_SYMBOL for c in token):
+            table[0, i] = len(token)  # one symbol a byte
+            values = [_BYTE_OF_SYMBOL[c] for c in token]
+            table[1, i] = next((n for n, b in enumerate(values) if not 0x80 <= b < 0xC0), len(values))
+    return table
 
 
 def _bytes_per_token(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
@@ -192,10 +272,9 @@ def _gpt2_byte_symbols() -> dict[str, int]:
 _BYTE_OF_SYMBOL = _gpt2_byte_symbols()
 
 
-def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str]) -> TextTokenizer:
-    """A tokenizer of ``kind`` (one of :data:`KINDS`), trained on ``train_lines`` where it needs training."""
-    if kind in LEVELS:
-        return VocabularyTokenizer(Vocabulary.build(train_lines, kind, vocab_size))  # type: ignore[arg-type]
+def untrained_tokenizer(kind: str, vocab_size: int | None) -> tuple[Any, Any]:
+    """A Hugging Face tokenizer of ``kind`` (``byte``, ``bpe``, ``unigram``) and the trainer that trains it
+    (``None`` for ``byte``, which needs no training): the one place their settings are written."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if kind == "unigram":
@@ -205,21 +284,33 @@ def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str
         trainer = trainers.UnigramTrainer(
             vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), unk_token=UNKNOWN, show_progress=False
         )
-    else:
-        # byte: the 256 byte values (id = the byte's value), nothing merged; bpe: merges trained on them.
-        model = models.BPE(vocab=_BYTE_OF_SYMBOL, merges=[]) if kind == "byte" else models.BPE()
-        tokenizer = Tokenizer(model)
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        if kind == "byte":
-            tokenizer.add_special_tokens([END_OF_TEXT])
-            return HFTokenizer(tokenizer, kind)
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=[END_OF_TEXT],
-            initial_alphabet=sorted(_BYTE_OF_SYMBOL),
-            show_progress=False,
-        )
+        return tokenizer, trainer
+    # byte: the 256 byte values (id = the byte's value), nothing merged; bpe: merges trained on them.
+    model = models.BPE(vocab=_BYTE_OF_SYMBOL, merges=[]) if kind == "byte" else models.BPE()
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if kind == "byte":
+        tokenizer.add_special_tokens([END_OF_TEXT])
+        return tokenizer, None
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=sorted(_BYTE_OF_SYMBOL),
+        show_progress=False,
+    )
+    return tokenizer, trainer
+
+
+def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str]) -> TextTokenizer:
+    """A tokenizer of ``kind`` (one of :data:`KINDS`), trained on ``train_lines`` where it needs training."""
+    if kind in LEVELS:
+        return VocabularyTokenizer(Vocabulary.build(train_lines, kind, vocab_size))  # type: ignore[arg-type]
+    from tokenizers import Tokenizer
+
+    tokenizer, trainer = untrained_tokenizer(kind, vocab_size)
+    if trainer is None:
+        return HFTokenizer(tokenizer, kind)
     try:
         tokenizer.train_from_iterator((with_line_break(line) for line in train_lines), trainer)
     except Exception as err:  # tokenizers raises a bare Exception, e.g. for a size below the corpus's characters

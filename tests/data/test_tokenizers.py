@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from lego_lightning.data import TextDataModule, token_cache
 from lego_lightning.data.token_cache import ids_dtype
+from lego_lightning.data.tokenizer import load_tokenizer
 from tests.conftest import write_corpus
 
 TEXT = ["The café's naïve façade — 3.5 km², 東京 🙂", "", "  = Valkyria Chronicles III =  ", "a\tb"]
@@ -46,6 +47,53 @@ def test_each_kind_covers_every_byte_of_the_text_once(corpus, tmp_path, kind, si
         assert tokenizer.decode(ids) == "".join(line + "\n" for line in TEXT)
 
 
+def bytes_from_offsets(tokenizer, lines):
+    """Each token's bytes as its offsets in its line say (what every line was measured with before the table)."""
+    ids, nbytes = [], []
+    for line in lines:
+        text = line + "\n"
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        ids += encoding.ids
+        counted = 0
+        for start, end in encoding.offsets:  # a character's bytes go to the first token that covers it
+            start = max(start, counted)
+            nbytes.append(len(text[start:end].encode("utf-8")) if end > start else 0)
+            counted = max(counted, end)
+        nbytes[-1] += len(text.encode("utf-8")) - sum(nbytes[len(nbytes) - len(encoding.ids) :])
+    return ids, nbytes
+
+
+@pytest.mark.parametrize(("kind", "size"), [("byte", None), ("bpe", 300), ("unigram", 120), ("gpt2_file", None)])
+def test_bytes_read_from_the_token_table_equal_the_offsets(corpus, tmp_path, kind, size):
+    if kind == "gpt2_file":  # a ready tokenizer.json as GPT-2's: byte-level, a ByteLevel post-processor
+        trained = TextDataModule(path=str(corpus), tokenizer="bpe", max_vocab_size=290, cache_dir=str(tmp_path))
+        spec = trained.text_tokenizer.tokenizer
+        spec.post_processor = processors.ByteLevel(trim_offsets=False)
+        spec.save(str(tmp_path / "tokenizer.json"))
+        kind, size = str(tmp_path / "tokenizer.json"), None
+    dm = TextDataModule(path=str(corpus), tokenizer=kind, max_vocab_size=size, cache_dir=str(tmp_path))
+    tokenizer = dm.text_tokenizer
+    assert tokenizer.byte_table is not None  # the fast way applies
+    # Lines with characters of 2, 3 and 4 bytes, split across byte-level tokens, an empty line, a tab.
+    lines = [*TEXT, *(corpus / "train.txt").read_text(encoding="utf-8").split("\n")[:40], "ünïcödé 🙂🙂 東京東京"]
+    ids, nbytes = tokenizer.encode_lines(lines)
+    expected_ids, expected_bytes = bytes_from_offsets(tokenizer.tokenizer, lines)
+    assert list(ids) == expected_ids and list(nbytes) == expected_bytes
+
+
+def test_a_tokenizer_whose_tokens_do_not_say_their_bytes_is_measured_by_offsets(tmp_path):
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    hf = load_tokenizer(tmp_path / "tokenizer.json")
+    assert hf.byte_table is None
+    ids, nbytes = hf.encode_lines(["A b  c"])
+    assert (
+        (ids, nbytes) == bytes_from_offsets(tokenizer, ["A b  c"]) == ([1, 2, 0], [1, 1, 5])
+    )  # uncovered spaces go to the last
+
+
 def test_word_and_char_bytes_add_up_to_each_line_with_its_break(corpus, tmp_path):
     for level in ("word", "char"):
         dm = TextDataModule(path=str(corpus), level=level, seq_len=8, cache_dir=str(tmp_path))
@@ -59,7 +107,7 @@ def test_the_stream_on_disk_is_what_the_tokenizer_gives_line_by_line(corpus, tmp
     lines = (corpus / "train.txt").read_text(encoding="utf-8").split("\n")[:-1]
     expected = dm.text_tokenizer.encode_lines(lines)[0]
     stream = stream_of(dm)
-    assert stream.tolist() == expected[: len(stream)]
+    assert stream.tolist() == list(expected[: len(stream)])
     batch = next(iter(dm.val_dataloader()))
     assert batch["target_bytes"].shape == (batch["input_ids"].shape[0],)
     assert (batch["target_bytes"] > 0).all()
