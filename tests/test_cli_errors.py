@@ -48,6 +48,24 @@ def trained(tmp_path_factory, corpus):
         (["--trainer.max_epochs", "0"], r"trainer.max_epochs=0 trains nothing"),
         (["--trainer.max_steps", "0"], r"trainer.max_steps=0 trains nothing"),
         (["--trainer.limit_train_batches", "0"], r"trainer.limit_train_batches=0 trains nothing"),
+        # Exits by rule and layer dropout (standard.yaml has 3 layers and names its stages).
+        (["--model.exits", "all"], r"model.stages and model.exits were both given"),
+        (["--model.stages", "null", "--model.exits", "[0, 2]"], r"exits.layers=\[0, 2\] names layer 0"),
+        (["--model.stages", "null", "--model.exits", "[2, 5]"], r"names layer 5, past the model's depth: allowed 1..3"),
+        (["--model.stages", "null", "--model.exits", "{fractions: [1.5]}"], r"exits.fractions=\[1.5\] has 1.5"),
+        (["--model.stages", "null", "--model.exits", "{every: 1, loss_weights: cubic}"], r"loss_weights='cubic'"),
+        (["--model.layer_dropout", "{p_max: 1.0}"], r"layer_dropout.p_max=1.0 is not allowed: a rate in \[0, 1\)"),
+        (["--model.layer_dropout", "{p_max: -0.5}"], r"layer_dropout.p_max=-0.5 is not allowed"),
+        (["--model.layer_dropout", "{scale: cubic}"], r"scale.*cubic"),
+        (
+            [
+                "--trainer.callbacks+=ExitWeightSchedule",
+                "--trainer.callbacks.start=final",
+                "--trainer.callbacks.end=cubic",
+                "--trainer.callbacks.duration=2",
+            ],
+            r"ExitWeightSchedule.end='cubic' is not a rule: allowed \('final', 'uniform', 'l'",
+        ),
     ],
 )
 def test_bad_settings_print_their_message_alone(corpus, tmp_path, capsys, extra, message):
@@ -202,3 +220,11 @@ def test_a_run_that_trained_nothing_says_so_and_prints_no_table(corpus, tmp_path
     main(args)
     assert "Nothing was trained (0 optimizer steps)" in caplog.text
     assert "ASHEM two-stage evaluation" not in caplog.text
+
+
+def test_a_run_without_checkpointing_trains_writes_none_and_says_so(corpus, tmp_path, caplog):
+    caplog.set_level("INFO")
+    main(lego_args(corpus, tmp_path, "--trainer.enable_checkpointing", "false", "--trainer.limit_train_batches", "2"))
+    assert "checkpoints: none (trainer.enable_checkpointing is false)" in caplog.text
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached" in caplog.text  # it trained
+    assert not list(tmp_path.rglob("*.ckpt"))
