@@ -286,3 +286,11 @@ def test_exit_tuning_takes_the_learned_classifier_and_loss_scaled_lr(checkpoint,
     routed = routed_forward(module.model, idx, 0.5, "learned", hidden_confidence=module.hidden_confidence)
     expected = torch.where(module.exit_classifier(4, module.model.hidden_states(idx, [4])[4]) >= 0.5, 0, -1)
     assert torch.equal(routed.exit_position == 0, expected == 0)  # exit 4's classifier decides who leaves there
+
+
+def test_a_rule_on_the_command_line_replaces_the_configs_whole(checkpoint, corpus, tmp_path):
+    args = cli_args("fit", "pretrained/exit_tuning.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))
+    every = LegoCLI(args=[*args, "--model.exits", "{every: 3, loss_weights: 1.0, final_loss_weight: 0.0}"], run=False)
+    assert every.model.config.exit_layers == (3, 6, 9, 12) and every.model.exit_loss_weights == [1, 1, 1, 0]
+    listed = LegoCLI(args=[*args, "--model.exits", "[6]"], run=False)  # not merged with the config's fractions
+    assert listed.model.config.exit_layers == (6, 12) and listed.model.exit_loss_weights == [0.5, 0.5]

@@ -81,7 +81,7 @@ class PhasedExitLM(SupervisedExitLM):
         self,
         phases: list[Phase],
         stages: Sequence[Stage] | None = None,
-        exits: ExitRule | str | list[int] | None = None,
+        exits: dict[str, Any] | str | list[int] | ExitRule | None = None,
         pretrained: str | None = None,
         calibration_bins: int = 65_536,
         log_prefix: str | None = None,

@@ -228,7 +228,7 @@ class SupervisedExitLM(L.LightningModule):
         self,
         vocab_size: int = 256,
         stages: Sequence[Stage] | None = None,
-        exits: ExitRule | str | list[int] | None = None,
+        exits: dict[str, Any] | str | list[int] | ExitRule | None = None,
         layer_dropout: LayerDropout | None = None,
         routing_threshold: float | None = None,
         confidence: str = "max_prob",
