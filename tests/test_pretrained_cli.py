@@ -289,7 +289,7 @@ def test_exit_tuning_takes_the_learned_classifier_and_loss_scaled_lr(checkpoint,
 
 
 def test_a_rule_on_the_command_line_replaces_the_configs_whole(checkpoint, corpus, tmp_path):
-    args = cli_args("fit", "pretrained/exit_tuning.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))
+    args = cli_args("fit", "pretrained/exit_tuning.yaml", corpus, tmp_path, "--model.pretrained", str(checkpoint))[1:]
     every = LegoCLI(args=[*args, "--model.exits", "{every: 3, loss_weights: 1.0, final_loss_weight: 0.0}"], run=False)
     assert every.model.config.exit_layers == (3, 6, 9, 12) and every.model.exit_loss_weights == [1, 1, 1, 0]
     listed = LegoCLI(args=[*args, "--model.exits", "[6]"], run=False)  # not merged with the config's fractions
