@@ -164,6 +164,26 @@ def values(runs: list[dict[str, Any]], method: str, k: int, field: str) -> list[
     return [r["exits"][str(k)][field] for r in runs if r["method"] == method]
 
 
+def plot(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Each method's mean agreement and perplexity against the exit's layer."""
+    try:
+        import matplotlib.pyplot as plt
+
+        from lego_lightning import viz
+    except ImportError:
+        return False
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    layers = sorted({int(k) for r in runs for k in r["exits"]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, field, label in zip(axes, ("agreement", "ppl"), ("greedy token equals the final exit's", "perplexity")):
+        series = {m: [(k, statistics.fmean(values(runs, m, k, field))) for k in layers] for m in methods}
+        viz.metric_curves(series, title=f"WikiText-2 valid, mean of {len(runs) // len(methods)} seed(s)",
+                          ylabel=label, log_y=field == "ppl", styles={m: "o-" for m in methods}, ax=ax)  # fmt: skip
+        ax.set_xlabel("exit after layer")
+    viz.save(fig, path)
+    return True
+
+
 def report(runs: list[dict[str, Any]], budget: dict[str, Any], args: argparse.Namespace) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     layers = sorted({int(k) for r in runs for k in r["exits"]})
@@ -185,6 +205,10 @@ def report(runs: list[dict[str, Any]], budget: dict[str, Any], args: argparse.Na
         "- `early_exit_loss`: the early-exit loss, rotational curriculum (each step one exit before the last beside "
         "the last, weights by depth), no layer dropout.",
         "- `layerskip`: that loss and layer dropout (each sample skips layer l at 0.2 (2^((l-1)/11) - 1)).",
+        "",
+        f"![agreement and perplexity per exit]({args.name}_exits.png)"
+        if plot(runs, RESULTS / f"{args.name}_exits.png")
+        else "(matplotlib missing: no image)",
         "",
         "## Agreement with the final exit (greedy tokens equal: self-speculative decoding's acceptance rate)",
         "",

@@ -119,7 +119,9 @@ def pretrained_depth(pretrained: str) -> int:
 
 
 def stages_or_rule(
-    stages: Sequence[Stage | Mapping[str, Any]] | None, exits: ExitRule | str | Sequence[int] | None, n_layers: int
+    stages: Sequence[Stage | Mapping[str, Any]] | None,
+    exits: ExitRule | Mapping[str, Any] | str | Sequence[int] | None,
+    n_layers: int,
 ) -> Sequence[Stage | Mapping[str, Any]] | None:
     """The stages given, or the exit rule resolved for ``n_layers`` layers; both given is an error."""
     if exits is None:
