@@ -110,7 +110,7 @@ def test_the_progress_bar_says_the_phase(tmp_path):
 
     trainer = quiet_trainer(tmp_path, max_epochs=4, enable_progress_bar=True, callbacks=[Bar()])
     trainer.fit(four_phase_model(), synthetic())
-    assert descriptions[0].startswith("Epoch 0 (phase 1/4)") and descriptions[-1].startswith("Epoch 3 (phase 3/4)")
+    assert descriptions[0].startswith("Epoch 0 · phase 1/4") and descriptions[-1].startswith("Epoch 3 · phase 3/4")
 
 
 def fit_to(tmp_path, max_epochs, ckpt_path=None):
