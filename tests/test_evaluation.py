@@ -22,6 +22,10 @@ def test_offline_sweep_matches_the_modules_own_routed_validation(tmp_path):
     assert offline["fractions"][1] == pytest.approx(online["val/routed/exit1_frac"])
     assert offline["flops_ratio"] == pytest.approx(online["val/routed/flops_ratio"], rel=1e-6)
     assert outputs.exit_ppl(3) == pytest.approx(online["val/exit3/ppl"], rel=1e-5)
+    # How often exit 1's greedy token is the deepest exit's: counted offline from the tokens, and in validation.
+    agree = (outputs.predicted[0] == outputs.predicted[1]).float().mean().item()
+    assert 0 < agree < 1 and outputs.agreement(1) == agree == pytest.approx(online["val/exit1/agree"])
+    assert outputs.agreement(3) == online["val/exit3/agree"] == 1.0
     sweep = threshold_sweep(outputs, lm.config, [0.0, 1.0])
     assert sweep[0]["ppl"] == pytest.approx(outputs.exit_ppl(1)) and sweep[0]["fractions"][1] == 1.0
     assert sweep[1]["ppl"] == pytest.approx(outputs.exit_ppl(3)) and sweep[1]["layers_ratio"] == 1.0

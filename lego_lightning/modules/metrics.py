@@ -16,7 +16,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 
 class ExitMetrics(nn.Module):
-    """Mean NLL and accuracy per exit (also on hard and easy tokens); routed NLL, accuracy and exit fractions."""
+    """Mean NLL and accuracy per exit (also on hard and easy tokens), each exit's agreement with the deepest;
+    routed NLL, accuracy and exit fractions."""
 
     def __init__(self, exit_layers: Sequence[int]) -> None:
         super().__init__()
@@ -24,6 +25,7 @@ class ExitMetrics(nn.Module):
         keys = [str(k) for k in self.exit_layers]
         self.nll = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.acc = nn.ModuleDict({k: MeanMetric() for k in keys})
+        self.agree = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.hard_nll = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.easy_nll = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.routed_frac = nn.ModuleDict({k: MeanMetric() for k in keys})
@@ -33,11 +35,16 @@ class ExitMetrics(nn.Module):
         self.tokens = SumMetric()
         self.text_bytes = SumMetric()
 
-    def update_exit(self, exit_layer: int, nll: Tensor, correct: Tensor, hard: Tensor | None = None) -> None:
-        """``hard`` ``(N,)`` marks tokens below the routing threshold at the first exit, when there is one."""
+    def update_exit(
+        self, exit_layer: int, nll: Tensor, correct: Tensor, hard: Tensor | None = None, agree: Tensor | None = None
+    ) -> None:
+        """``hard`` ``(N,)`` marks tokens below the routing threshold at the first exit, when there is one;
+        ``agree`` ``(N,)`` the tokens whose greedy token here is the deepest exit's."""
         key = str(exit_layer)
         self.nll[key].update(nll)
         self.acc[key].update(correct.float())
+        if agree is not None:
+            self.agree[key].update(agree.float())
         if hard is not None:
             # Zero weights keep every rank's update the same shape, also when a batch has no hard token.
             self.hard_nll[key].update(nll, hard.float())
@@ -60,7 +67,7 @@ class ExitMetrics(nn.Module):
         return bool(self.routed_nll.update_count)
 
     def compute(self) -> dict[str, float]:
-        """Plain floats, already reduced across ranks. Keys: ``exit{k}/loss|ppl|acc|bpb`` and ``routed/...``."""
+        """Plain floats, already reduced across ranks. Keys: ``exit{k}/loss|ppl|acc|agree|bpb`` and ``routed/...``."""
         out: dict[str, float] = {}
         # nats per token -> bits per byte: x tokens / (bytes * ln 2), lm-eval's wikitext convention.
         to_bpb = None
@@ -73,6 +80,8 @@ class ExitMetrics(nn.Module):
             out[f"exit{k}/loss"] = nll.item()
             out[f"exit{k}/ppl"] = torch.exp(nll).item()
             out[f"exit{k}/acc"] = self.acc[str(k)].compute().item()
+            if self.agree[str(k)].update_count:
+                out[f"exit{k}/agree"] = self.agree[str(k)].compute().item()
             if to_bpb is not None:
                 out[f"exit{k}/bpb"] = nll.item() * to_bpb
             for split, metric in (("hard", self.hard_nll[str(k)]), ("easy", self.easy_nll[str(k)])):

@@ -215,6 +215,8 @@ class SupervisedExitLM(L.LightningModule):
             ``--model.d_model 64`` as before.
 
     Logged: ``train/loss``, ``train/exit{k}/loss``, ``val/exit{k}/{loss,ppl,acc}``,
+    ``val/exit{k}/agree`` (how often exit ``k``'s greedy token is the deepest exit's: the acceptance
+    rate of self-speculative decoding that drafts there),
     ``val/ppl``, ``val/loss`` (the exits' losses at their training weights, summed as
     ``train/loss``: what to monitor when the deepest exit cannot change, as in EE-Tuning),
     ``val/exit{k}/bpb`` (and ``val/routed/bpb``) when the data gives the bytes of
@@ -451,20 +453,22 @@ class SupervisedExitLM(L.LightningModule):
         keep = targets != IGNORE_INDEX
         targets = targets[keep]
         threshold = self.routing_threshold
-        nlls, corrects, confidences = [], [], []
+        nlls, corrects, tops, confidences = [], [], [], []
         exits = self.eval_exit_layers
         for k, h in self.exit_hidden_states(input_ids, exits).items():
             h = h.flatten(0, 1)[keep]
             logits = self.model.head(k)(h).float()
             nlls.append(F.cross_entropy(logits, targets, reduction="none"))
-            corrects.append(logits.argmax(dim=-1) == targets)
+            tops.append(logits.argmax(dim=-1))
+            corrects.append(tops[-1] == targets)
             if threshold is not None:
                 confidences.append(self.exit_confidence(k, h, logits))
         hard = confidences[0] < threshold if threshold is not None else None
         if isinstance(batch, Mapping) and "target_bytes" in batch and self.objective == "causal":
             metrics.update_bytes(targets.numel(), batch["target_bytes"])
-        for k, nll, correct in zip(exits, nlls, corrects):
-            metrics.update_exit(k, nll, correct, hard)
+        for k, nll, correct, top in zip(exits, nlls, corrects, tops):
+            # Greedy self-speculative decoding drafting at exit k keeps a token exactly when the deepest exit agrees.
+            metrics.update_exit(k, nll, correct, hard, agree=top == tops[-1])
         if threshold is not None:
             position = route(torch.stack(confidences), threshold)
             pick = position.unsqueeze(0)
