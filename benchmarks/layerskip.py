@@ -23,7 +23,7 @@ Measured on every WikiText-2 validation block: each exit's perplexity and bits p
 often its greedy token equals the final exit's (the acceptance rate of self-speculative decoding
 drafting at that exit).
 
-    python -m benchmarks.layerskip --seeds 0 1 2                    # about 45 minutes a seed on 2 CPU cores
+    python -m benchmarks.layerskip --seeds 0 1 2                    # over an hour a seed on 2 CPU cores
     python -m benchmarks.layerskip --seeds 0 --train-samples 200 --val-samples 50 --name layerskip_quick
 """
 
@@ -35,6 +35,7 @@ import shlex
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,26 +211,19 @@ def report(runs: list[dict[str, Any]], budget: dict[str, Any], args: argparse.Na
         if plot(runs, RESULTS / f"{args.name}_exits.png")
         else "(matplotlib missing: no image)",
         "",
-        "## Agreement with the final exit (greedy tokens equal: self-speculative decoding's acceptance rate)",
-        "",
-        "| exit after layer | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
     ]
-    for k in layers:
-        lines.append(f"| {k} | " + " | ".join(fmt(summary(values(runs, m, k, "agreement")), 3) for m in methods) + " |")
-    lines += [
-        "",
-        "## Each exit's perplexity (bits per byte)",
-        "",
-        "| exit after layer | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for k in layers:
-        cells = [
-            f"{fmt(summary(values(runs, m, k, 'ppl')), 1)} ({fmt(summary(values(runs, m, k, 'bpb')), 3)})"
-            for m in methods
-        ]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += per_exit_table(
+        "Agreement with the final exit (greedy tokens equal: self-speculative decoding's acceptance rate)",
+        methods,
+        layers,
+        lambda m, k: fmt(summary(values(runs, m, k, "agreement")), 3),
+    )
+    lines += per_exit_table(
+        "Each exit's perplexity (bits per byte)",
+        methods,
+        layers,
+        lambda m, k: f"{fmt(summary(values(runs, m, k, 'ppl')), 1)} ({fmt(summary(values(runs, m, k, 'bpb')), 3)})",
+    )
     lines += [
         "",
         "## Runs",
@@ -250,6 +244,18 @@ def report(runs: list[dict[str, Any]], budget: dict[str, Any], args: argparse.Na
     lines += [f"- {r['method']}, seed {r['seed']}: `{r['command']}`" for r in runs]
     lines += ["", "## What the numbers show", "", *observations(runs, layers)]
     return "\n".join(lines) + "\n"
+
+
+def per_exit_table(title: str, methods: list[str], layers: list[int], cell: Callable[[str, int], str]) -> list[str]:
+    """A markdown section: one row per exit, one column per method, ``cell(method, layer)`` in each."""
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        "| exit after layer | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    return lines + [f"| {k} | " + " | ".join(cell(m, k) for m in methods) + " |" for k in layers]
 
 
 def observations(runs: list[dict[str, Any]], layers: list[int]) -> list[str]:
@@ -289,6 +295,13 @@ def observations(runs: list[dict[str, Any]], layers: list[int]) -> list[str]:
             f"{100 * mean_gain:+.1f} points)."
         )
     final = layers[-1]
+    for method in (m for m in METHODS if m in have):
+        ppl = {k: statistics.fmean(values(runs, method, k, "ppl")) for k in layers}
+        near = min(k for k in layers if ppl[k] <= 1.01 * ppl[final])
+        out.append(
+            f"- `{method}`: the shallowest exit within 1% of the final exit's perplexity is after layer {near} "
+            f"({ppl[near]:.1f} against {ppl[final]:.1f}; mean of the seeds)."
+        )
     for method in ("layerskip", "early_exit_loss"):
         if {method, "standard"} <= have:
             a, b = values(runs, method, final, "ppl"), values(runs, "standard", final, "ppl")
