@@ -19,12 +19,11 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from lego_lightning.data.tokenizer import TextTokenizer
+from lego_lightning.data.tokenizer import TextTokenizer, batches
 from lego_lightning.data.vocab import LEVELS
 
 FORMAT = 1  # bump when the files' layout or the tokenization of lines changes
@@ -132,7 +131,7 @@ def write_arrays(
     ids_file, bytes_file = folder / f"{key}.ids{tmp}", folder / f"{key}.bytes{tmp}"
     tokens = 0
     with open(ids_file, "wb") as ids_out, open(bytes_file, "wb") as bytes_out:
-        for ids, nbytes in _encoded(_batches(lines, LINES_PER_BATCH), tokenizer, processes):
+        for ids, nbytes in _encoded(batches(lines, LINES_PER_BATCH), tokenizer, processes):
             ids_out.write(np.asarray(ids, dtype=dtype).tobytes())
             bytes_out.write(np.minimum(np.asarray(nbytes, dtype=np.int64), 0xFFFF).astype(np.uint16).tobytes())
             tokens += len(ids)
@@ -178,9 +177,3 @@ def _encoded(
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(lines)
-    while batch := list(islice(iterator, size)):
-        yield batch
