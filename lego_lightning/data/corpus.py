@@ -36,7 +36,9 @@ class Corpus:
     """The files of each split (local), or a hub dataset's name and config; ``text_field`` of records.
 
     ``digests`` holds a hash of each local file's bytes, taken while :func:`check_file` read it,
-    so a run reads its corpus once to check and fingerprint it.
+    so a run reads its corpus once to check and fingerprint it; ``plain`` the text files whose lines
+    a reader that splits after each ``\n`` gets as :meth:`lines` gives them (no carriage return, a
+    line break at the end), which Hugging Face ``tokenizers`` can then train on by itself.
     """
 
     files: Mapping[str, tuple[Path, ...]] | None
@@ -45,6 +47,7 @@ class Corpus:
     text_field: str = "text"
     cache_dir: str | None = None
     digests: Mapping[Path, str] = field(default_factory=dict)
+    plain: frozenset[Path] = frozenset()
     _hub_splits: Any = field(default=None, repr=False)
 
     @property
@@ -60,6 +63,12 @@ class Corpus:
             return
         for file in self.files[split]:
             yield from _file_lines(file, self.text_field)
+
+    def plain_files(self, split: str) -> tuple[Path, ...] | None:
+        """The split's files when every one is ``plain`` (see the class), so reading them raw gives :meth:`lines`
+        with line breaks; ``None`` otherwise."""
+        files = None if self.files is None else self.files[split]
+        return files if files is not None and all(f in self.plain for f in files) else None
 
     def size(self, split: str) -> int:
         """Bytes of the split's files (of its Arrow data for a hub dataset)."""
@@ -137,14 +146,17 @@ def local_corpus(path: str | None, files: Mapping[str, str] | None, text_field: 
                 f"TextDataModule.path={str(path)!r} has no {required} split: expected one of {expected} "
                 "(or name the files with TextDataModule.files)"
             )
-    digests = {file: check_file(file, text_field) for split_files in found.values() for file in split_files}
-    return Corpus(files=found, text_field=text_field, digests=digests)
+    checked = {file: check_file(file, text_field) for split_files in found.values() for file in split_files}
+    digests = {file: digest for file, (digest, _) in checked.items()}
+    plain = frozenset(file for file, (_, is_plain) in checked.items() if is_plain)
+    return Corpus(files=found, text_field=text_field, digests=digests, plain=plain)
 
 
-def check_file(file: Path, text_field: str) -> str:
+def check_file(file: Path, text_field: str) -> tuple[str, bool]:
     """Refuse a file that is not UTF-8 text, holds no text, or (records) lacks ``text_field``; reads in pieces.
 
-    Returns the hash of its bytes (:func:`file_digest`), taken on the same read for text files.
+    Returns the hash of its bytes (:func:`file_digest`), taken on the same read for text files, and
+    whether the file is a plain text file (:class:`Corpus`).
     """
     suffix = file.suffix.lower()
     if suffix not in SUFFIXES:
@@ -156,7 +168,7 @@ def check_file(file: Path, text_field: str) -> str:
         raise ValueError(f"TextDataModule.text_field={text_field!r} is not a field of {file}: it has {fields}")
     if not any(line.strip() for line in _file_lines(file, text_field)):
         raise ValueError(f"{file} is empty: the corpus must hold some text")
-    return file_digest(file)
+    return file_digest(file), False
 
 
 def file_digest(file: Path) -> str:
@@ -168,14 +180,17 @@ def file_digest(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_utf8_text(file: Path) -> str:
+def _check_utf8_text(file: Path) -> tuple[str, bool]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     digest = hashlib.blake2b(digest_size=16)  # the same as file_digest's
     offset, has_text = 0, False  # offset: bytes read before this chunk
+    carriage_return, last = False, b""
     with open(file, "rb") as f:
         while True:
             chunk = f.read(READ_CHUNK)
             digest.update(chunk)
+            carriage_return = carriage_return or b"\r" in chunk
+            last = chunk[-1:] or last
             pending = len(decoder.getstate()[0])  # the start of a character cut by the last chunk
             try:
                 text = decoder.decode(chunk, final=not chunk)
@@ -191,7 +206,7 @@ def _check_utf8_text(file: Path) -> str:
                 break
     if not has_text:
         raise ValueError(f"{file} is empty: the corpus must hold some text")
-    return digest.hexdigest()
+    return digest.hexdigest(), not carriage_return and last == b"\n"
 
 
 def _record_fields(file: Path) -> list[str]:

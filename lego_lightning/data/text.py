@@ -181,7 +181,7 @@ class TextDataModule(L.LightningDataModule):
             return tokenizer_from_state(json.loads(cached.read_text(encoding="utf-8")))
         if self.kind in TRAINED_KINDS:
             rank_zero_info(f"Training a {self.kind} tokenizer of {size} tokens on the training split ...")
-        built = build_tokenizer(self.kind, size, self.corpus.lines("train"))
+        built = build_tokenizer(self.kind, size, self.corpus.lines("train"), self.corpus.plain_files("train"))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # ranks building at once never share one
         tmp.write_text(json.dumps(built.state_dict(), ensure_ascii=False), encoding="utf-8")

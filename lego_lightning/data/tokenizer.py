@@ -309,8 +309,15 @@ def untrained_tokenizer(kind: str, vocab_size: int | None) -> tuple[Any, Any]:
     return tokenizer, trainer
 
 
-def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str]) -> TextTokenizer:
-    """A tokenizer of ``kind`` (one of :data:`KINDS`), trained on ``train_lines`` where it needs training."""
+def build_tokenizer(
+    kind: str, vocab_size: int | None, train_lines: Iterable[str], train_files: Sequence[Path] | None = None
+) -> TextTokenizer:
+    """A tokenizer of ``kind`` (one of :data:`KINDS`), trained on ``train_lines`` where it needs training.
+
+    ``train_files``, when given, hold exactly those lines, each with its line break (plain text files,
+    :meth:`~lego_lightning.data.corpus.Corpus.plain_files`): ``tokenizers`` then reads them itself, the
+    same training without passing every line through Python.
+    """
     if kind in LEVELS:
         return VocabularyTokenizer(Vocabulary.build(train_lines, kind, vocab_size))  # type: ignore[arg-type]
     from tokenizers import Tokenizer
@@ -319,8 +326,10 @@ def build_tokenizer(kind: str, vocab_size: int | None, train_lines: Iterable[str
     if trainer is None:
         return HFTokenizer(tokenizer, kind)
     try:
-        # Lists of lines cross into Rust a thousand at a time (the same BPE as one at a time, and faster).
-        tokenizer.train_from_iterator(batches((with_line_break(line) for line in train_lines), 1000), trainer)
+        if train_files:
+            tokenizer.train([str(f) for f in train_files], trainer)
+        else:  # lists of lines cross into Rust a thousand at a time (the same BPE as one at a time, and faster)
+            tokenizer.train_from_iterator(batches((with_line_break(line) for line in train_lines), 1000), trainer)
     except Exception as err:  # tokenizers raises a bare Exception, e.g. for a size below the corpus's characters
         raise ValueError(
             f"TextDataModule.max_vocab_size={vocab_size}: training the {kind} tokenizer failed: {err}"

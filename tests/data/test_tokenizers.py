@@ -259,3 +259,22 @@ def test_data_still_open_at_interpreter_exit_closes_quietly(corpus, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "8"
     assert "Exception ignored" not in out.stderr, out.stderr
+
+
+def test_training_from_plain_files_gives_the_tokenizer_training_from_lines_gives(corpus, tmp_path):
+    from lego_lightning.data.tokenizer import build_tokenizer
+
+    dm = TextDataModule(path=str(corpus), tokenizer="bpe", max_vocab_size=300, cache_dir=str(tmp_path / "lf"))
+    assert dm.corpus.plain_files("train") == (corpus / "train.txt",)  # tokenizers reads the file itself
+    from_lines = build_tokenizer("bpe", 300, dm.corpus.lines("train"))
+    assert dm.text_tokenizer.fingerprint() == from_lines.fingerprint()
+    # The same text with Windows line breaks, and without a last one: read line by line, the same tokenizer.
+    for name, text in (("crlf", "\r\n"), ("no_final_break", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        raw = (corpus / "train.txt").read_text(encoding="utf-8")
+        (folder / "train.txt").write_bytes((raw.replace("\n", text) if text else raw.rstrip("\n")).encode("utf-8"))
+        (folder / "valid.txt").write_bytes((corpus / "valid.txt").read_bytes())
+        other = TextDataModule(path=str(folder), tokenizer="bpe", max_vocab_size=300, cache_dir=str(tmp_path / name))
+        assert other.corpus.plain_files("train") is None
+        assert other.text_tokenizer.fingerprint() == from_lines.fingerprint(), name
