@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python -m benchmarks.data_scale --scales 1 10 100
 	$(BIN)/python -m benchmarks.pretrained
 	$(BIN)/python -m benchmarks.exits_added
+	$(BIN)/python -m benchmarks.layerskip --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache *.egg-info
