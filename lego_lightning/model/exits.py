@@ -40,7 +40,8 @@ def exit_weights(scale: str, exit_layers: Sequence[int], where: str = "scale") -
     if scale not in WEIGHT_SCALES:
         raise ValueError(f"{where}={scale!r} is not a loss-weight scale: allowed {tuple(WEIGHT_SCALES)}")
     raw = WEIGHT_SCALES[scale](exit_layers)
-    return [w / sum(raw) for w in raw]
+    total = sum(raw)
+    return [w / total for w in raw]
 
 
 @dataclass(frozen=True)
