@@ -23,7 +23,7 @@ Measured on every WikiText-2 validation block: each exit's perplexity and bits p
 often its greedy token equals the final exit's (the acceptance rate of self-speculative decoding
 drafting at that exit).
 
-    python -m benchmarks.layerskip --seeds 0 1 2                    # over an hour a seed on 2 CPU cores
+    python -m benchmarks.layerskip --seeds 0 1 2                    # about 45 minutes a seed on 2 idle CPU cores
     python -m benchmarks.layerskip --seeds 0 --train-samples 200 --val-samples 50 --name layerskip_quick
 """
 
