@@ -240,6 +240,14 @@ def versus(a: Sequence[float], b: Sequence[float], digits: int = 1) -> str:
     return f"{diff:+.{digits}f}, {'beyond' if told_apart else 'within'} the seed spread"
 
 
+def grouped_verdict(groups: Sequence[tuple[str, Sequence[Any]]], seeds: int) -> str:
+    """A verdict sentence from ``(label, items)`` groups, e.g. ``higher at exits [1, 2]; not told apart at exits
+    [3]`` (empty groups left out); with fewer than 2 seeds, none."""
+    if seeds < 2:
+        return "one seed, so no verdict"
+    return "; ".join(f"{label} {list(items)}" for label, items in groups if items)
+
+
 def runs_of(runs: list[dict[str, Any]], method: str, patience: int) -> list[dict[str, Any]]:
     """The stored runs of ``method`` at ``patience``, one per seed, in the order they were measured."""
     return [r for r in runs if r["method"] == method and r["patience"] == patience]

@@ -43,6 +43,7 @@ from benchmarks.common import (
     add_resume_arguments,
     config_cli,
     differ,
+    grouped_verdict,
     index_runs,
     resumed_runs,
     summary,
@@ -254,18 +255,9 @@ def observations(rows: list[dict[str, Any]]) -> list[str]:
         diff, told_apart = differ(added, scratch)
         said.append(f"layer {k}: {100 * diff / statistics.fmean(scratch):+.1f}% ({versus(added, scratch)})")
         (same if not told_apart or len(rows) < 2 else worse if diff > 0 else better).append(k)
-    verdict = (
-        "one seed, so no verdict"
-        if len(rows) < 2
-        else "; ".join(
-            part
-            for part in (
-                f"worse after layer(s) {worse}" if worse else "",
-                f"better after layer(s) {better}" if better else "",
-                f"not told apart after layer(s) {same}" if same else "",
-            )
-            if part
-        )
+    verdict = grouped_verdict(
+        [("worse after layer(s)", worse), ("better after layer(s)", better), ("not told apart after layer(s)", same)],
+        len(rows),
     )
     out.append(
         "- Exits added afterwards against exits trained from the start, perplexity (added minus from scratch): "

@@ -47,6 +47,7 @@ from benchmarks.common import (
     config_cli,
     differ,
     fmt,
+    grouped_verdict,
     index_runs,
     resumed_runs,
     summary,
@@ -273,18 +274,8 @@ def observations(runs: list[dict[str, Any]], layers: list[int]) -> list[str]:
             diff, told = differ(values(runs, a, k, "agreement"), values(runs, b, k, "agreement"))
             (same if not told else higher if diff > 0 else lower).append(k)
         n_seeds = min(len(values(runs, a, early[0], "agreement")), len(values(runs, b, early[0], "agreement")))
-        verdict = (
-            "one seed, so no verdict"
-            if n_seeds < 2
-            else "; ".join(
-                part
-                for part in (
-                    f"higher at exits {higher}" if higher else "",
-                    f"lower at exits {lower}" if lower else "",
-                    f"not told apart at exits {same}" if same else "",
-                )
-                if part
-            )
+        verdict = grouped_verdict(
+            [("higher at exits", higher), ("lower at exits", lower), ("not told apart at exits", same)], n_seeds
         )
         mean_gain = statistics.fmean(
             statistics.fmean(values(runs, a, k, "agreement")) - statistics.fmean(values(runs, b, k, "agreement"))
