@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.common import agreement, differ, direction, versus
+from benchmarks.common import agreement, differ, direction, grouped_verdict, versus
 
 
 def test_a_difference_inside_the_seeds_spread_is_not_told_apart():
@@ -112,3 +112,9 @@ def test_char_study_says_which_conclusions_of_patience_0_hold_at_patience_3():
     assert "Seeds at the cap: standard 3 of 3." in said
     assert "asymmetric_aux_0.8" not in said
     assert convergence([r for r in runs if r["patience"] == 0], 0, 3, max_epochs=80) == ""
+
+
+def test_a_grouped_verdict_names_the_groups_that_have_members_and_needs_two_seeds():
+    groups = [("higher at exits", [1, 2]), ("lower at exits", []), ("not told apart at exits", [3])]
+    assert grouped_verdict(groups, seeds=3) == "higher at exits [1, 2]; not told apart at exits [3]"
+    assert grouped_verdict(groups, seeds=1) == "one seed, so no verdict"
