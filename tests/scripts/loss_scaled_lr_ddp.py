@@ -37,4 +37,10 @@ if __name__ == "__main__":
         accelerator="cpu", strategy="ddp", devices=2, max_steps=4, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[LossScaledLR(), Dump(sys.argv[1])],
     )  # fmt: skip
-    trainer.fit(Regression())
+    try:
+        trainer.fit(Regression())
+    finally:
+        # As lego_lightning.cli.main does: Lightning leaves the process group up, and gloo's threads
+        # can then abort the process at exit ("terminate called without an active exception").
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
