@@ -189,6 +189,11 @@ def routed_forward(
 class Generation:
     tokens: Tensor  # (B, P + N): the prompt (as given, padding included) and the generated tokens
     exit_position: Tensor  # (B, N): the exit each generated token came from; -1 once the sequence has ended
+    # Self-speculative decoding only (None otherwise), per row: tokens drafted, drafts the full
+    # model kept, and verifying passes (rounds).
+    drafts: Tensor | None = None
+    accepted: Tensor | None = None
+    verifications: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -212,21 +217,29 @@ class Sampling:
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
     def pick(self, logits: Tensor, generators: list[torch.Generator]) -> Tensor:
         """One token per row of ``logits`` ``(n, V)``; row ``i`` draws from ``generators[i]``."""
-        if self.temperature == 0:
+        if self.greedy:
             return logits.argmax(-1)
+        probs = self.probabilities(logits)
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """The distribution a sampled token is drawn from, ``(..., V)`` in float32: temperature, top-k, top-p."""
         scores = logits.float() / self.temperature
         if self.top_k is not None and self.top_k < scores.shape[-1]:
-            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p is not None and self.top_p < 1.0:
             ordered, order = scores.sort(dim=-1, descending=True)
             probs = ordered.softmax(-1)
             outside = probs.cumsum(-1) - probs >= self.top_p  # the mass before it already reaches top_p
             scores = scores.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-        probs = scores.softmax(-1)
-        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+        return scores.softmax(-1)
 
 
 def _attend_cached(
@@ -353,8 +366,12 @@ def generate(
     seed: int | Sequence[int] | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    draft_exit: int | None = None,
+    num_speculations: int = 4,
+    draft_threshold: float | None = None,
 ) -> Generation:
-    """Decoding with a KV cache; each sequence picks its exit at every step by the routing rule.
+    """Decoding with a KV cache; each sequence picks its exit at every step by the routing rule,
+    or, with ``draft_exit``, decodes self-speculatively.
 
     The prompt runs through every layer. A sequence whose confidence reaches ``threshold`` at
     an exit takes that exit's token; the layers it skips still get its key and value for this
@@ -371,7 +388,31 @@ def generate(
     ``seed + i``, or one seed per row), so a sequence gets the same tokens alone or in a batch.
     A sequence that produces ``eos_token_id`` ends: later tokens are ``pad_token_id`` (default
     the end token), its exit position -1, and it computes nothing but its keys and values.
+
+    ``draft_exit=E`` decodes self-speculatively (:mod:`~lego_lightning.model.speculative`): exit E
+    drafts up to ``num_speculations`` tokens, stopping a row's draft where ``confidence`` falls
+    below ``draft_threshold``, and the layers above verify them, so the tokens are the full
+    model's (greedy: equal to ``threshold=None``; sampled: from the same distribution).
     """
+    if draft_exit is not None:
+        if threshold is not None:
+            raise ValueError(
+                f"threshold={threshold} and draft_exit={draft_exit}: routing and self-speculative decoding are two "
+                "ways to decode; give one (draft_threshold stops a draft early)"
+            )
+        # Imported here: speculative builds on this module's pieces.
+        from lego_lightning.model.speculative import speculative_generate
+
+        return speculative_generate(
+            model, prompt, max_new_tokens, draft_exit, num_speculations, draft_threshold=draft_threshold,
+            confidence=confidence, hidden_confidence=hidden_confidence, attention_mask=attention_mask,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )  # fmt: skip
+    if draft_threshold is not None:
+        raise ValueError(f"draft_threshold={draft_threshold} stops self-speculative drafts: it needs a draft_exit")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
     if threshold is not None:
         check_threshold(threshold, "threshold")
     if not model.config.causal:
