@@ -194,6 +194,9 @@ class Generation:
     drafts: Tensor | None = None
     accepted: Tensor | None = None
     verifications: Tensor | None = None
+    # Self-speculative decoding: tokens through the layers up to the draft exit and above it, and
+    # head rows, summed over the batch after the prompt (what its FLOPs are counted from).
+    work: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

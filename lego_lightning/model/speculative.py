@@ -37,6 +37,7 @@ from lego_lightning.model.early_exit import (
     Generation,
     HiddenConfidence,
     Sampling,
+    _attend_cached,
     _check_attention_mask,
     _generators,
     _measure,
@@ -165,6 +166,8 @@ def speculative_generate(
     if eos_token_id is not None:
         ended |= tokens[:, P] == eos_token_id
     drafts, accepted, verifications = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))
+    # What ran after the prompt, summed over rows (padding included): the FLOPs count reads it.
+    work = {"draft_layer_tokens": 0, "draft_heads": 0, "verify_layer_tokens": 0, "final_heads": 0}
 
     while True:
         rows = (~ended & (made < max_new_tokens)).nonzero(as_tuple=True)[0]
@@ -191,11 +194,13 @@ def speculative_generate(
                 first_key[batch_rows],
             )[:, 0]  # fmt: skip
             hidden[drafting, k] = x
+            work["draft_layer_tokens"] += len(drafting)
             more = cap[drafting] > k  # rows whose draft may grow by one token
             drafting, x = drafting[more], x[more]
             if len(drafting) == 0:
                 break
             logits = draft_head(x)
+            work["draft_heads"] += len(drafting)
             if measure is not None:
                 sure = (
                     hidden_confidence(E, x) if measure.reads_hidden else measure(logits)
@@ -218,6 +223,8 @@ def speculative_generate(
         columns = start[:, None] + torch.arange(Q, device=dev)
         x = _run_layers(model, range(E + 1, L + 1), hidden[:, :Q], caches, subset, columns, first_key[rows])
         logits = final_head(x)  # (R, Q, V): the full model's next token after each column
+        work["verify_layer_tokens"] += R * Q
+        work["final_heads"] += R * Q
         proposed = tokens[rows[:, None], columns[:, 1:]] if Q > 1 else tokens.new_zeros(R, 0)
         within = torch.arange(Q - 1, device=dev) < n_drafts[:, None]
         if sampling.greedy:
@@ -248,7 +255,7 @@ def speculative_generate(
     out[:, P:][past] = pad
     exit_position = torch.full((B, N), len(cfg.exit_layers) - 1, dtype=torch.long, device=dev)
     exit_position[past] = -1
-    return Generation(out, exit_position, drafts=drafts, accepted=accepted, verifications=verifications)
+    return Generation(out, exit_position, drafts=drafts, accepted=accepted, verifications=verifications, work=work)
 
 
 def _speculative_sampling(
@@ -304,8 +311,16 @@ def speedup_bound(
     costs K drafts and one verification and yields :func:`tokens_per_verification` tokens; the
     bound leaves out everything else a round does (bookkeeping, the comparison, sampling).
     """
-    round_cost = num_speculations * draft_cost + verify_cost
-    return tokens_per_verification(acceptance, num_speculations) * full_cost / round_cost
+    tokens = tokens_per_verification(acceptance, num_speculations)
+    return round_speedup(tokens, num_speculations, draft_cost, verify_cost, full_cost)
+
+
+def round_speedup(
+    tokens_per_round: float, drafts_per_round: float, draft_cost: float, verify_cost: float, full_cost: float
+) -> float:
+    """:func:`speedup_bound` for rounds that yield ``tokens_per_round`` tokens from ``drafts_per_round``
+    drafts on average (as measured, e.g. with adaptive drafting, whose drafts vary)."""
+    return tokens_per_round * full_cost / (drafts_per_round * draft_cost + verify_cost)
 
 
 @dataclass
@@ -327,7 +342,8 @@ def measure_step_costs(
     repeats: int = 20,
 ) -> StepCosts:
     """Time the three pieces of :func:`speedup_bound` on this model and machine (median of ``repeats``),
-    with ``context`` tokens already cached, through the code that decoding runs."""
+    with ``context`` tokens already cached, through the code that decoding runs: the draft and the
+    verification as self-speculation runs them, the full step as full-depth ``generate`` does."""
     check_draft(model, draft_exit, num_speculations)
     cfg = model.config
     ref = next(model.parameters())
@@ -356,9 +372,12 @@ def measure_step_costs(
         x = torch.zeros(batch_size, K + 1, cfg.d_model, device=dev, dtype=ref.dtype)
         model.head(cfg.exit_layers[-1])(_run_layers(model, range(E + 1, L + 1), x, caches, None, many, first_key))
 
-    def full() -> None:
+    every_row = torch.arange(batch_size, device=dev)
+
+    def full() -> None:  # a step of full-depth decoding (generate without a draft exit), as it runs there
         x = model.embed(token, positions=one)
-        x = _run_layers(model, range(1, L + 1), x, caches, None, one, first_key)
+        for layer in range(1, L + 1):
+            x = _attend_cached(model, model.blocks[layer - 1], x, caches[layer - 1], context, one, None, every_row)
         model.head(cfg.exit_layers[-1])(x[:, 0]).argmax(-1)
 
     def seconds(fn) -> float:

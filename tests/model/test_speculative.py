@@ -11,6 +11,7 @@ from lego_lightning.model.early_exit import Sampling, generate
 from lego_lightning.model.exit_classifier import ExitClassifier
 from lego_lightning.model.speculative import (
     measure_step_costs,
+    round_speedup,
     speedup_bound,
     tokens_per_verification,
 )
@@ -63,6 +64,11 @@ def test_greedy_tokens_are_full_depths_for_every_draft_exit_and_length(positions
                 assert (got.accepted <= got.drafts).all() and (got.drafts <= k * got.verifications).all()
                 # Each round keeps its accepted drafts and one token of the full model's: 16 in all.
                 assert torch.equal(got.accepted + got.verifications + 1, torch.full((batch,), 16))
+                if batch == 1:  # a round runs the lower layers m + 1 times, m draft heads, the upper layers m + 1 wide
+                    work = got.work
+                    assert work["draft_layer_tokens"] == work["verify_layer_tokens"] == work["final_heads"]
+                    assert work["draft_layer_tokens"] == int(got.drafts + got.verifications)
+                    assert work["draft_heads"] == int(got.drafts)
                 kept += int(got.accepted.sum())
                 refused += int((got.drafts - got.accepted).sum())
     assert kept > 0 and refused > 0  # both branches ran: drafts kept, and caches rolled back after a refusal
@@ -252,6 +258,7 @@ def test_the_speed_bound_counts_tokens_per_round_over_its_cost():
     # Drafts at a quarter of a full step, verification at one full step, all accepted: 5 tokens for 2 steps.
     assert speedup_bound(1.0, 4, draft_cost=0.25, verify_cost=1.0, full_cost=1.0) == pytest.approx(2.5)
     assert speedup_bound(0.0, 4, draft_cost=0.25, verify_cost=1.0, full_cost=1.0) == pytest.approx(0.5)
+    assert round_speedup(3.0, 2.5, draft_cost=0.2, verify_cost=1.0, full_cost=1.0) == pytest.approx(2.0)
     # The expected tokens per round under independent acceptance is what a simulation finds.
     generator = torch.Generator().manual_seed(0)
     accept = torch.rand(20000, 3, generator=generator) < 0.7
