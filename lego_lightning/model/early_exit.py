@@ -190,9 +190,10 @@ class Generation:
     tokens: Tensor  # (B, P + N): the prompt (as given, padding included) and the generated tokens
     exit_position: Tensor  # (B, N): the exit each generated token came from; -1 once the sequence has ended
     # Self-speculative decoding only (None otherwise), per row: tokens drafted, drafts the full
-    # model kept, and verifying passes (rounds).
+    # model kept, rounds that refused a draft, and verifying passes (rounds).
     drafts: Tensor | None = None
     accepted: Tensor | None = None
+    refusals: Tensor | None = None
     verifications: Tensor | None = None
     # Self-speculative decoding: tokens through the layers up to the draft exit and above it, and
     # head rows, summed over the batch after the prompt (what its FLOPs are counted from).

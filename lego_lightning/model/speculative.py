@@ -124,8 +124,9 @@ def speculative_generate(
     there, and greedy tokens equal its full-depth tokens. ``num_speculations`` caps the drafts of
     a round; with ``draft_threshold`` a row stops drafting as soon as the draft exit's
     ``confidence`` (a measure of the registry, or ``"learned"`` through ``hidden_confidence``)
-    falls below it. The result's ``drafts``, ``accepted`` and ``verifications`` count, per row,
-    the tokens drafted, those the full model kept, and the verifying passes.
+    falls below it. The result's ``drafts``, ``accepted``, ``refusals`` and ``verifications``
+    count, per row, the tokens drafted, those the full model kept, the rounds that refused one,
+    and the verifying passes (rounds).
     """
     check_draft(model, draft_exit, num_speculations)
     if draft_threshold is not None:
@@ -165,7 +166,7 @@ def speculative_generate(
     ended = torch.zeros(B, dtype=torch.bool, device=dev)
     if eos_token_id is not None:
         ended |= tokens[:, P] == eos_token_id
-    drafts, accepted, verifications = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))
+    drafts, accepted, refusals, verifications = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(4))
     # What ran after the prompt, summed over rows (padding included): the FLOPs count reads it.
     work = {"draft_layer_tokens": 0, "draft_heads": 0, "verify_layer_tokens": 0, "final_heads": 0}
 
@@ -247,6 +248,7 @@ def speculative_generate(
         made[rows] += new
         drafts[rows] += n_drafts
         accepted[rows] += n_ok
+        refusals[rows] += (n_ok < n_drafts).long()
         verifications[rows] += 1
 
     N = max_new_tokens
@@ -255,7 +257,9 @@ def speculative_generate(
     out[:, P:][past] = pad
     exit_position = torch.full((B, N), len(cfg.exit_layers) - 1, dtype=torch.long, device=dev)
     exit_position[past] = -1
-    return Generation(out, exit_position, drafts=drafts, accepted=accepted, verifications=verifications, work=work)
+    return Generation(
+        out, exit_position, drafts=drafts, accepted=accepted, refusals=refusals, verifications=verifications, work=work
+    )
 
 
 def _speculative_sampling(

@@ -62,6 +62,9 @@ def test_greedy_tokens_are_full_depths_for_every_draft_exit_and_length(positions
                 assert torch.equal(got.tokens, full.tokens), (seed, draft_exit, k)
                 assert (got.exit_position == 2).all()  # every token is the final exit's
                 assert (got.accepted <= got.drafts).all() and (got.drafts <= k * got.verifications).all()
+                # A round that kept fewer drafts than it made refused one; kept drafts plus refused ones
+                # cannot exceed the drafts.
+                assert (got.refusals <= got.verifications).all() and (got.accepted + got.refusals <= got.drafts).all()
                 # Each round keeps its accepted drafts and one token of the full model's: 16 in all.
                 assert torch.equal(got.accepted + got.verifications + 1, torch.full((batch,), 16))
                 if batch == 1:  # a round runs the lower layers m + 1 times, m draft heads, the upper layers m + 1 wide
