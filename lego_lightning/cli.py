@@ -2,6 +2,7 @@
 
     lego fit --config configs/deep_supervision.yaml
     lego validate --config configs/deep_supervision.yaml --ckpt_path <checkpoint>
+    lego generate --ckpt_path <checkpoint> --prompt "The meaning of" --draft_exit 4
 
 ``vocab_size`` flows from the data module to the model, so nobody types it. Bad input ends
 the command with its message alone and exit status 2; ``LEGO_DEBUG=1`` shows the traceback.
@@ -10,6 +11,7 @@ the command with its message alone and exit status 2; ``LEGO_DEBUG=1`` shows the
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import sys
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -29,6 +32,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lego_lightning.callbacks.checkpoint import DEFAULT_FILENAME, BestAndLastCheckpoint
 from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
+from lego_lightning.generation import Generator, PromptDataModule, gather_results, read_prompts
+from lego_lightning.model.early_exit import Sampling
+from lego_lightning.model.routing import check_threshold
+from lego_lightning.model.speculative import check_draft
 from lego_lightning.modules import SupervisedExitLM
 from lego_lightning.modules.phase import as_phase
 
@@ -138,11 +145,44 @@ class LegoCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     # --------------------------------------------------------------------------- parsing
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands and ``generate`` (:meth:`generate`), each with the arguments it skips."""
+        return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's, where ``generate`` is a method of this class rather than of the trainer."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            klass = type(self) if subcommand == "generate" else self.trainer_class
+            description = (getattr(klass, subcommand).__doc__ or "").strip().splitlines()[0]
+            options = {"description": description, **kwargs.get(subcommand, {})}
+            subcommand_parser = self._prepare_subcommand_parser(klass, subcommand, **options)
+            if subcommand == "generate":
+                # Generation reads prompts, not a corpus, and logs nothing.
+                subcommand_parser.set_defaults(
+                    {"data": {"class_path": f"{PromptDataModule.__module__}.PromptDataModule"}, "trainer.logger": False}
+                )
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         raw = sys.argv[1:] if args is None else args
         if isinstance(raw, list):
+            raw = repeated_prompts_as_one_list(raw)
             self._checkpoint_hparams_as_defaults(raw)
+            if args is None and raw != sys.argv[1:]:  # the command line itself, its prompts gathered
+                args = raw
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            elif args is not None:
+                args = raw
         super().parse_arguments(parser, args)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "generate":  # Lightning's looks the trainer's method up first
+            return super()._run_subcommand(subcommand)
+        self.generate(**self._prepare_subcommand_kwargs(subcommand))
 
     def _checkpoint_hparams_as_defaults(self, raw: list[str]) -> None:
         """Make a checkpoint's model hyperparameters the defaults, below the config and the command line.
@@ -200,6 +240,9 @@ class LegoCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        if self.subcommand == "generate":
+            # The checkpoint, learning-rate and diagnostics callbacks the CLI adds watch training.
+            callbacks = []
         if config.get("enable_checkpointing") is False:
             # The checkpoint callback the CLI builds from --checkpoint.* goes: Lightning refuses
             # enable_checkpointing=False beside a ModelCheckpoint (one the user lists stays, and is refused).
@@ -211,6 +254,8 @@ class LegoCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._check_phases(config)
         self._tokenize_as_the_pretrained_model(config)
+        if self.subcommand == "generate":
+            self._prompts_in_the_models_tokenizer(config)
         if self.checkpoint is not None:
             self._check_checkpoint_class(config)
             if self.subcommand == "fit":
@@ -237,6 +282,24 @@ class LegoCLI(LightningCLI):
             from lego_lightning.model.pretrained import resolve
 
             data_args["tokenizer"] = str(resolve(pretrained))
+
+    @staticmethod
+    def _prompts_in_the_models_tokenizer(config: Any) -> None:
+        """``generate`` reads prompts (:class:`PromptDataModule`), whatever data a config names, in the tokenizer of
+        ``--data.tokenizer``, else of the checkpoint (``--ckpt_path``), else of ``--model.pretrained``."""
+        data = config.get("data")
+        given = getattr(getattr(data, "init_args", None), "tokenizer", None)
+        if getattr(data, "class_path", "").rpartition(".")[2] != PromptDataModule.__name__:
+            given = None  # a training corpus' tokenizer setting (bpe, word...) names no file
+        pretrained = getattr(getattr(config.get("model"), "init_args", None), "pretrained", None)
+        tokenizer = given or config.get("ckpt_path") or pretrained
+        if pretrained and tokenizer == pretrained:
+            from lego_lightning.model.pretrained import resolve
+
+            tokenizer = str(resolve(pretrained))
+        config["data"] = Namespace(
+            class_path=f"{PromptDataModule.__module__}.PromptDataModule", init_args=Namespace(tokenizer=tokenizer)
+        )
 
     def _check_checkpoint_class(self, config: Any) -> None:
         """A checkpoint of another model class fails here, not on an argument that class does not take."""
@@ -298,6 +361,93 @@ class LegoCLI(LightningCLI):
     def before_test(self) -> None:
         self._check_log_folders()
 
+    # ---------------------------------------------------------------------------- generate
+    def generate(
+        self,
+        model: LightningModule,
+        datamodule: PromptDataModule,
+        ckpt_path: str | None = None,
+        prompt: list[str] | None = None,
+        prompts: str | None = None,
+        output: str | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 1,
+        threshold: float | None = None,
+        confidence: str = "max_prob",
+        draft_exit: int | None = None,
+        num_speculations: int = 4,
+        draft_threshold: float | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
+        """Generate text from a checkpoint (--ckpt_path) or a pretrained model (--model.pretrained).
+
+        Args:
+            ckpt_path: a checkpoint of ``lego fit``; its model settings and tokenizer come with it.
+            prompt: a text to continue (repeatable).
+            prompts: a file of prompts: one per line, or JSON lines with a ``text`` field (``.jsonl``).
+            output: write JSON lines here (prompt, text, tokens, drafts, accepted, tokens_per_s)
+                instead of printing the texts.
+            max_new_tokens: tokens to generate after each prompt.
+            batch_size: prompts decoded together (padded on the left).
+            threshold: routed decoding: a token leaves at its first exit whose ``confidence``
+                reaches it (``None``: full depth).
+            confidence: the confidence measure of routing and of ``draft_threshold``.
+            draft_exit: self-speculative decoding: the exit that drafts; the layers above verify,
+                so the tokens are the full model's.
+            num_speculations: the most tokens a self-speculative round drafts.
+            draft_threshold: a row stops drafting where the draft exit's confidence falls below it.
+            temperature: 0 decodes greedily; above, tokens are sampled.
+            top_k: sample among the k most likely tokens.
+            top_p: sample among the most likely tokens whose probability reaches p.
+            seed: prompt ``i`` samples with seed ``seed + i``, alike in any batch and on any device.
+            eos_token_id: a prompt's text ends at this token.
+        """
+        texts = read_prompts(prompt, prompts)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
+        net = model.model
+        if draft_exit is not None:
+            check_draft(net, draft_exit, num_speculations)
+        settings = dict(
+            max_new_tokens=max_new_tokens, threshold=threshold, confidence=confidence, draft_exit=draft_exit,
+            num_speculations=num_speculations, draft_threshold=draft_threshold, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+        )  # fmt: skip
+        # Every setting generate() checks, checked on an empty batch before the weights load or anything runs.
+        Sampling(temperature, top_k, top_p)
+        if threshold is not None and draft_exit is not None:
+            raise ValueError(
+                f"threshold={threshold} and draft_exit={draft_exit}: routing and self-speculative decoding are two "
+                "ways to decode; give one"
+            )
+        for name, value in (("threshold", threshold), ("draft_threshold", draft_threshold)):
+            if value is not None:
+                check_threshold(value, name)
+        if draft_threshold is not None and draft_exit is None:
+            raise ValueError(f"draft_threshold={draft_threshold} stops self-speculative drafts: it needs a draft_exit")
+        if output is not None:
+            check_writable_folder(Path(output).expanduser().resolve().parent, "output")
+        datamodule.set_prompts(texts, batch_size, net.config.max_seq_len, max_new_tokens)
+        generator = Generator(model, datamodule.tokenizer, settings)
+        batches = self.trainer.predict(generator, datamodule=datamodule, ckpt_path=ckpt_path)
+        rows = gather_results([row for batch in batches or [] for row in batch])
+        if self.trainer.global_rank != 0:
+            return
+        for row in rows:
+            row["prompt"] = datamodule.texts[row.pop("index")]
+        if output is not None:
+            with open(Path(output).expanduser(), "w", encoding="utf-8") as file:
+                for row in rows:
+                    file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            print(f"wrote {len(rows)} generations to {output}")
+            return
+        for row in rows:
+            print(f"{row['prompt']}{row['text']}\n")
+
     # ------------------------------------------------------------------------------ report
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -323,6 +473,20 @@ class LegoCLI(LightningCLI):
             else "logs: none (trainer.logger is false)"
         )
         rank_zero_info(f"\n{logs}\n{checkpoints}")
+
+
+def repeated_prompts_as_one_list(raw: list[str]) -> list[str]:
+    """``--prompt A --prompt B`` as the one list ``--prompt '["A", "B"]'`` that the parser reads (it keeps the last)."""
+    texts, rest = [], []
+    arguments = iter(raw)
+    for arg in arguments:
+        if arg == "--prompt":
+            texts.append(next(arguments, ""))
+        elif arg.startswith("--prompt="):
+            texts.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return [*rest, "--prompt", json.dumps(texts)] if texts else rest
 
 
 def user_error_message(error: BaseException) -> str | None:

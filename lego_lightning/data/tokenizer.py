@@ -65,6 +65,10 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of ``text`` to continue: as in a line of the corpus, without what ends the line."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Any]:
         """Plain values only (``weights_only=True`` checkpoints); :func:`tokenizer_from_state` rebuilds it."""
         raise NotImplementedError
@@ -111,6 +115,10 @@ class VocabularyTokenizer(TextTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.vocab.decode(ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        index, unk = self.vocab.index, self.vocab.index[UNK]
+        return [index.get(tok, unk) for tok in split_line(text, self.vocab.level)[:-1]]  # no <eos>: the line goes on
 
     def state_dict(self) -> dict[str, Any]:
         return self.vocab.state_dict()
@@ -196,6 +204,9 @@ class HFTokenizer(TextTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids  # no line break: the line goes on
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokenizer_json": self.tokenizer.to_str()}

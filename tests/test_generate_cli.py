@@ -1,0 +1,152 @@
+"""`lego generate`: text from `make demo`'s kind of checkpoint and from a converted Llama, through Lightning's predict."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer
+
+from lego_lightning import ExitTransformer
+from lego_lightning.cli import LegoCLI, main
+from lego_lightning.model.early_exit import generate
+from tests.conftest import REPO
+from tests.helpers import cli_args, subprocess_env
+from tests.test_pretrained_cli import llama_family, save_with_tokenizer
+
+PROMPTS = ["the game began in", "in 1990 the", "a"]
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(corpus, tmp_path_factory) -> Path:
+    """`make demo`'s config (ASHEM on words), two short phases."""
+    logs = tmp_path_factory.mktemp("demo")
+    extra = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1", "--data.calibration_samples", "4",
+             "--trainer.limit_train_batches", "2"]  # fmt: skip
+    cli = LegoCLI(args=cli_args("fit", "ashem.yaml", corpus, logs, *extra))
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def lego_generate(*args: str) -> list[dict]:
+    """``lego generate ... --output`` and the JSON lines it wrote."""
+    out = Path(args[args.index("--output") + 1])
+    main(["generate", "--trainer.enable_progress_bar", "false", *args])
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_generate_from_a_demo_checkpoint_gives_full_depths_text_with_self_speculation(demo_checkpoint, tmp_path):
+    common = ["--ckpt_path", str(demo_checkpoint), *[a for p in PROMPTS for a in ("--prompt", p)],
+              "--max_new_tokens", "10"]  # fmt: skip
+    full = lego_generate(*common, "--output", str(tmp_path / "full.jsonl"))
+    exits = torch.load(demo_checkpoint, weights_only=True)["model_config"]["exit_layers"]
+    drafted = lego_generate(*common, "--draft_exit", str(exits[0]), "--num_speculations", "3", "--batch_size", "2",
+                            "--output", str(tmp_path / "drafted.jsonl"))  # fmt: skip
+    assert [r["prompt"] for r in full] == PROMPTS
+    assert [r["text"] for r in drafted] == [r["text"] for r in full]
+    assert all(r["tokens"] == 10 and r["text"].startswith(" ") for r in full)  # words after the prompt's last
+    assert all(r["drafts"] >= r["accepted"] >= 0 and r["tokens_per_s"] > 0 for r in drafted)
+    assert sum(r["drafts"] for r in drafted) > 0 and "drafts" not in full[0]
+    # The text is the module's own full-depth tokens, decoded in the checkpoint's tokenizer.
+    from lego_lightning import ASHEM
+
+    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
+    from lego_lightning.generation import tokenizer_of
+
+    tokenizer = tokenizer_of(demo_checkpoint)
+    ids = torch.tensor([tokenizer.encode_prompt(PROMPTS[0])])
+    tokens = generate(module.model, ids, 10).tokens[0, ids.shape[1] :].tolist()
+    assert full[0]["text"] == tokenizer.decode(ids[0].tolist() + tokens)[len(tokenizer.decode(ids[0].tolist())) :]
+
+
+def test_prompts_from_a_file_of_lines_or_json_lines_and_sampling_reproducible_by_seed(demo_checkpoint, tmp_path):
+    lines, jsonl = tmp_path / "prompts.txt", tmp_path / "prompts.jsonl"
+    lines.write_text("\n".join(PROMPTS) + "\n\n")
+    jsonl.write_text("\n".join(json.dumps({"text": p, "id": i}) for i, p in enumerate(PROMPTS)))
+    sample = ["--temperature", "1.0", "--top_k", "20", "--seed", "3", "--max_new_tokens", "6"]
+    a = lego_generate("--ckpt_path", str(demo_checkpoint), "--prompts", str(lines), *sample, "--output",
+                      str(tmp_path / "a.jsonl"))  # fmt: skip
+    b = lego_generate("--ckpt_path", str(demo_checkpoint), "--prompts", str(jsonl), *sample, "--batch_size", "3",
+                      "--output", str(tmp_path / "b.jsonl"))  # fmt: skip
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b] == PROMPTS
+    assert [r["text"] for r in a] == [r["text"] for r in b]  # a prompt samples alike alone or in a batch
+
+
+def test_a_converted_llama_generates_transformers_greedy_text(corpus, tmp_path, capsys):
+    torch.manual_seed(0)
+    folder = save_with_tokenizer(llama_family(transformers.LlamaForCausalLM, transformers.LlamaConfig, 4), tmp_path, corpus)
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    hf.generation_config.eos_token_id = None
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    prompt = "the cat sat on"
+    main(["generate", "--model.pretrained", str(folder), "--model.exits", "[2, 4]", "--prompt", prompt,
+          "--max_new_tokens", "8", "--draft_exit", "2", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    printed = capsys.readouterr().out
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert prompt + tokenizer.decode(expected[0, ids.shape[1] :].tolist()) in printed
+    ours = ExitTransformer.from_pretrained(folder, exits=[2, 4]).eval()
+    assert torch.equal(generate(ours, ids, 8, draft_exit=2).tokens, expected)
+
+
+def bare_checkpoint(demo_checkpoint: Path, tmp_path: Path) -> Path:
+    """The demo checkpoint without its data module's state: no tokenizer in it."""
+    saved = torch.load(demo_checkpoint, weights_only=True)
+    for key in [k for k, v in saved.items() if isinstance(v, dict) and set(v) <= {"vocab", "tokenizer"} and v]:
+        del saved[key]
+    path = tmp_path / "bare.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--draft_exit", "4"], r"draft_exit=4 is not an exit before the last: .* allowed \(2,\)"),
+        (["--draft_exit", "2", "--num_speculations", "0"], r"num_speculations=0: allowed a positive integer"),
+        (["--max_new_tokens", "40"], r"prompt 1 has 4 tokens; with max_new_tokens=40 .* max_seq_len=32"),
+        (["--threshold", "0.5", "--draft_exit", "2"], r"routing and self-speculative decoding are two ways"),
+        (["--temperature", "-1"], r"temperature must be >= 0"),
+    ],
+)
+def test_bad_generation_input_ends_with_one_line_before_any_work(demo_checkpoint, tmp_path, capsys, extra, message):
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as ended:
+        main(["generate", "--ckpt_path", str(demo_checkpoint), "--prompt", PROMPTS[0], *extra, "--output", str(out)])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.startswith("lego: error:")]) == 1
+    assert __import__("re").search(message, err), err
+    assert not out.exists() and "Predicting" not in err
+
+
+def test_a_checkpoint_without_a_tokenizer_and_an_empty_prompt_file_are_named(demo_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (["--ckpt_path", str(bare_checkpoint(demo_checkpoint, tmp_path)), "--prompt", "a"], "holds no tokenizer"),
+        (["--ckpt_path", str(demo_checkpoint), "--prompts", str(empty)], "is empty: give one prompt per line"),
+        (["--ckpt_path", str(demo_checkpoint)], "no prompt: give --prompt TEXT"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as ended:
+            main(["generate", *args])
+        assert ended.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_prompts_spread_over_two_processes_come_back_whole_and_in_order(demo_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 2))  # 6 prompts in batches of 2: 3 batches over 2 ranks
+    single = lego_generate("--ckpt_path", str(demo_checkpoint), "--prompts", str(prompts), "--batch_size", "2",
+                           "--max_new_tokens", "5", "--output", str(tmp_path / "one.jsonl"))  # fmt: skip
+    out = tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "lego_lightning.cli", "generate", "--ckpt_path", str(demo_checkpoint), "--prompts",
+           str(prompts), "--batch_size", "2", "--max_new_tokens", "5", "--output", str(out), "--trainer.accelerator",
+           "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["text"]) for r in two] == [(r["prompt"], r["text"]) for r in single]
