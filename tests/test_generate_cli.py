@@ -1,6 +1,7 @@
-"""`lego generate`: text from `make demo`'s kind of checkpoint and from a converted Llama, through Lightning's predict."""
+"""`lego generate`: text from `make demo`'s kind of checkpoint and from a converted Llama, by Lightning's predict."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from lego_lightning import ExitTransformer
+from lego_lightning import ASHEM, ExitTransformer
 from lego_lightning.cli import LegoCLI, main
+from lego_lightning.generation import tokenizer_of
 from lego_lightning.model.early_exit import generate
 from tests.conftest import REPO
 from tests.helpers import cli_args, subprocess_env
@@ -50,11 +52,7 @@ def test_generate_from_a_demo_checkpoint_gives_full_depths_text_with_self_specul
     assert all(r["drafts"] >= r["accepted"] >= 0 and r["tokens_per_s"] > 0 for r in drafted)
     assert sum(r["drafts"] for r in drafted) > 0 and "drafts" not in full[0]
     # The text is the module's own full-depth tokens, decoded in the checkpoint's tokenizer.
-    from lego_lightning import ASHEM
-
     module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
-    from lego_lightning.generation import tokenizer_of
-
     tokenizer = tokenizer_of(demo_checkpoint)
     ids = torch.tensor([tokenizer.encode_prompt(PROMPTS[0])])
     tokens = generate(module.model, ids, 10).tokens[0, ids.shape[1] :].tolist()
@@ -76,7 +74,8 @@ def test_prompts_from_a_file_of_lines_or_json_lines_and_sampling_reproducible_by
 
 def test_a_converted_llama_generates_transformers_greedy_text(corpus, tmp_path, capsys):
     torch.manual_seed(0)
-    folder = save_with_tokenizer(llama_family(transformers.LlamaForCausalLM, transformers.LlamaConfig, 4), tmp_path, corpus)
+    llama = llama_family(transformers.LlamaForCausalLM, transformers.LlamaConfig, 4)
+    folder = save_with_tokenizer(llama, tmp_path, corpus)
     hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     hf.generation_config.eos_token_id = None
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -118,7 +117,7 @@ def test_bad_generation_input_ends_with_one_line_before_any_work(demo_checkpoint
     assert ended.value.code == 2
     err = capsys.readouterr().err
     assert len([line for line in err.splitlines() if line.startswith("lego: error:")]) == 1
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not out.exists() and "Predicting" not in err
 
 
@@ -144,8 +143,9 @@ def test_prompts_spread_over_two_processes_come_back_whole_and_in_order(demo_che
                            "--max_new_tokens", "5", "--output", str(tmp_path / "one.jsonl"))  # fmt: skip
     out = tmp_path / "two.jsonl"
     cmd = [sys.executable, "-m", "lego_lightning.cli", "generate", "--ckpt_path", str(demo_checkpoint), "--prompts",
-           str(prompts), "--batch_size", "2", "--max_new_tokens", "5", "--output", str(out), "--trainer.accelerator",
-           "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+           str(prompts), "--batch_size", "2", "--max_new_tokens", "5", "--output", str(out),
+           "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--trainer.enable_progress_bar", "false"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [json.loads(line) for line in out.read_text().splitlines()]
