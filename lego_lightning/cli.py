@@ -25,7 +25,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -33,9 +33,7 @@ from lego_lightning.callbacks.checkpoint import DEFAULT_FILENAME, BestAndLastChe
 from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
 from lego_lightning.generation import Generator, PromptDataModule, gather_results, read_prompts
-from lego_lightning.model.early_exit import Sampling
-from lego_lightning.model.routing import check_threshold
-from lego_lightning.model.speculative import check_draft
+from lego_lightning.model.early_exit import check_decoding
 from lego_lightning.modules import SupervisedExitLM
 from lego_lightning.modules.phase import as_phase
 
@@ -247,7 +245,10 @@ class LegoCLI(LightningCLI):
             # The checkpoint callback the CLI builds from --checkpoint.* goes: Lightning refuses
             # enable_checkpointing=False beside a ModelCheckpoint (one the user lists stays, and is refused).
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if self.subcommand == "generate":  # nor is there a run whose config.yaml to keep (it would land in the cwd)
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+        return trainer
 
     # ----------------------------------------------------------------- before anything runs
     def before_instantiate_classes(self) -> None:
@@ -407,28 +408,17 @@ class LegoCLI(LightningCLI):
             eos_token_id: a prompt's text ends at this token.
         """
         texts = read_prompts(prompt, prompts)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
         net = model.model
-        if draft_exit is not None:
-            check_draft(net, draft_exit, num_speculations)
+        # What generate() would refuse, refused before the weights load or anything runs.
+        check_decoding(
+            net, max_new_tokens, threshold, draft_exit, num_speculations, draft_threshold, temperature, top_k, top_p,
+            confidence, getattr(model, "hidden_confidence", None),
+        )  # fmt: skip
         settings = dict(
             max_new_tokens=max_new_tokens, threshold=threshold, confidence=confidence, draft_exit=draft_exit,
             num_speculations=num_speculations, draft_threshold=draft_threshold, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, eos_token_id=eos_token_id,
         )  # fmt: skip
-        # Every setting generate() checks, checked on an empty batch before the weights load or anything runs.
-        Sampling(temperature, top_k, top_p)
-        if threshold is not None and draft_exit is not None:
-            raise ValueError(
-                f"threshold={threshold} and draft_exit={draft_exit}: routing and self-speculative decoding are two "
-                "ways to decode; give one"
-            )
-        for name, value in (("threshold", threshold), ("draft_threshold", draft_threshold)):
-            if value is not None:
-                check_threshold(value, name)
-        if draft_threshold is not None and draft_exit is None:
-            raise ValueError(f"draft_threshold={draft_threshold} stops self-speculative drafts: it needs a draft_exit")
         if output is not None:
             check_writable_folder(Path(output).expanduser().resolve().parent, "output")
         datamodule.set_prompts(texts, batch_size, net.config.max_seq_len, max_new_tokens)

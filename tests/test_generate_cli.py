@@ -51,6 +51,7 @@ def test_generate_from_a_demo_checkpoint_gives_full_depths_text_with_self_specul
     assert all(r["tokens"] == 10 and r["text"].startswith(" ") for r in full)  # words after the prompt's last
     assert all(r["drafts"] >= r["accepted"] >= 0 and r["tokens_per_s"] > 0 for r in drafted)
     assert sum(r["drafts"] for r in drafted) > 0 and "drafts" not in full[0]
+    assert not (Path.cwd() / "config.yaml").exists()  # generating keeps no run config in the working folder
     # The text is the module's own full-depth tokens, decoded in the checkpoint's tokenizer.
     module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
     tokenizer = tokenizer_of(demo_checkpoint)

@@ -398,30 +398,10 @@ def generate(
     below ``draft_threshold``, and the layers above verify them, so the tokens are the full
     model's (greedy: equal to ``threshold=None``; sampled: from the same distribution).
     """
-    if draft_exit is not None:
-        if threshold is not None:
-            raise ValueError(
-                f"threshold={threshold} and draft_exit={draft_exit}: routing and self-speculative decoding are two "
-                "ways to decode; give one (draft_threshold stops a draft early)"
-            )
-        # Imported here: speculative builds on this module's pieces.
-        from lego_lightning.model.speculative import speculative_generate
-
-        return speculative_generate(
-            model, prompt, max_new_tokens, draft_exit, num_speculations, draft_threshold=draft_threshold,
-            confidence=confidence, hidden_confidence=hidden_confidence, attention_mask=attention_mask,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )  # fmt: skip
-    if draft_threshold is not None:
-        raise ValueError(f"draft_threshold={draft_threshold} stops self-speculative drafts: it needs a draft_exit")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
-    if threshold is not None:
-        check_threshold(threshold, "threshold")
-    if not model.config.causal:
-        raise ValueError("generate() needs a causal model; this one attends both ways (the masked objective)")
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling, measure = check_decoding(
+        model, max_new_tokens, threshold, draft_exit, num_speculations, draft_threshold, temperature, top_k, top_p,
+        confidence, hidden_confidence,
+    )  # fmt: skip
     B, P = prompt.shape
     total = P + max_new_tokens
     kept = _check_attention_mask(attention_mask, prompt)
@@ -432,6 +412,16 @@ def generate(
             f"max_seq_len={model.config.max_seq_len}"
         )
     cfg, dev = model.config, prompt.device
+    generators = _generators(seed, B, dev) if temperature > 0 else []
+    # After its end token a sequence holds pad_token_id, by default the end token itself.
+    pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
+    if draft_exit is not None:
+        from lego_lightning.model.speculative import decode_speculatively  # it builds on this module
+
+        return decode_speculatively(
+            model, prompt, kept, max_new_tokens, draft_exit, num_speculations, sampling, generators, pad,
+            eos_token_id, draft_threshold, measure, hidden_confidence,
+        )  # fmt: skip
     ref = next(model.parameters())
     caches = [
         tuple(torch.zeros(B, cfg.n_kv_heads, total, cfg.head_dim, device=dev, dtype=ref.dtype) for _ in "kv")
@@ -440,11 +430,7 @@ def generate(
     # Without padding the plain kernels run (causal prompt, unmasked decoding) and no step syncs for positions.
     padded = not bool(kept.all())
     keys_kept = torch.cat([kept, kept.new_ones(B, max_new_tokens)], dim=1) if padded else None
-    generators = _generators(seed, B, dev) if temperature > 0 else []
-    measure = _measure(confidence, hidden_confidence)
     exits = cfg.exit_layers
-    # After its end token a sequence holds pad_token_id, by default the end token itself.
-    pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
     tokens = torch.cat([prompt, torch.full((B, max_new_tokens), pad, dtype=prompt.dtype, device=dev)], dim=1)
     exit_position = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -517,6 +503,43 @@ def generate(
                 take(step, s, rows, x[rows, 0])
         settle(step)
     return Generation(tokens, exit_position)
+
+
+def check_decoding(
+    model: ExitTransformer,
+    max_new_tokens: int,
+    threshold: float | None = None,
+    draft_exit: int | None = None,
+    num_speculations: int = 4,
+    draft_threshold: float | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    confidence: str = "max_prob",
+    hidden_confidence: HiddenConfidence | None = None,
+) -> tuple[Sampling, ConfidenceMeasure]:
+    """Every setting of :func:`generate` but the prompt's, checked before any work; the sampling and the
+    confidence measure they give."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
+    if threshold is not None:
+        check_threshold(threshold, "threshold")
+    if draft_exit is not None:
+        if threshold is not None:
+            raise ValueError(
+                f"threshold={threshold} and draft_exit={draft_exit}: routing and self-speculative decoding are two "
+                "ways to decode; give one (draft_threshold stops a draft early)"
+            )
+        from lego_lightning.model.speculative import check_draft  # it builds on this module
+
+        check_draft(model, draft_exit, num_speculations)
+    if draft_threshold is not None:
+        if draft_exit is None:
+            raise ValueError(f"draft_threshold={draft_threshold} stops self-speculative drafts: it needs a draft_exit")
+        check_threshold(draft_threshold, "draft_threshold")
+    if not model.config.causal:
+        raise ValueError("generate() needs a causal model; this one attends both ways (the masked objective)")
+    return Sampling(temperature, top_k, top_p), _measure(confidence, hidden_confidence)
 
 
 def _exit_decision(

@@ -27,23 +27,13 @@ Plain PyTorch, inference only, the model in eval mode.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lego_lightning.model.early_exit import (
-    Generation,
-    HiddenConfidence,
-    Sampling,
-    _attend_cached,
-    _check_attention_mask,
-    _generators,
-    _measure,
-    _prefill,
-)
-from lego_lightning.model.routing import check_threshold
+from lego_lightning.model.confidence import ConfidenceMeasure
+from lego_lightning.model.early_exit import Generation, HiddenConfidence, Sampling, _attend_cached, _prefill
 from lego_lightning.model.transformer import ExitTransformer
 
 
@@ -100,53 +90,34 @@ def _run_layers(
 
 
 @torch.no_grad()
-def speculative_generate(
+def decode_speculatively(
     model: ExitTransformer,
     prompt: Tensor,
+    kept: Tensor,
     max_new_tokens: int,
     draft_exit: int,
-    num_speculations: int = 4,
-    *,
-    draft_threshold: float | None = None,
-    confidence: str = "max_prob",
-    hidden_confidence: HiddenConfidence | None = None,
-    attention_mask: Tensor | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | Sequence[int] | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    num_speculations: int,
+    sampling: Sampling,
+    generators: list[torch.Generator],
+    pad: int,
+    eos_token_id: int | None,
+    draft_threshold: float | None,
+    measure: ConfidenceMeasure,
+    hidden_confidence: HiddenConfidence | None,
 ) -> Generation:
-    """Decode ``max_new_tokens`` with drafts from exit ``draft_exit`` checked by the layers above it.
+    """:func:`~lego_lightning.model.early_exit.generate` with ``draft_exit``, its settings checked there.
 
-    The arguments :func:`~lego_lightning.model.early_exit.generate` shares mean what they mean
-    there, and greedy tokens equal its full-depth tokens. ``num_speculations`` caps the drafts of
-    a round; with ``draft_threshold`` a row stops drafting as soon as the draft exit's
-    ``confidence`` (a measure of the registry, or ``"learned"`` through ``hidden_confidence``)
-    falls below it. The result's ``drafts``, ``accepted``, ``refusals`` and ``verifications``
-    count, per row, the tokens drafted, those the full model kept, the rounds that refused one,
-    and the verifying passes (rounds).
+    ``kept`` marks the prompt's real tokens, ``pad`` fills what follows a row's end. Greedy
+    tokens equal full depth's. ``num_speculations`` caps the drafts of a round; with
+    ``draft_threshold`` a row stops drafting as soon as the draft exit's confidence (``measure``,
+    or ``hidden_confidence`` for a learned one) falls below it. The result's ``drafts``,
+    ``accepted``, ``refusals`` and ``verifications`` count, per row, the tokens drafted, those the
+    full model kept, the rounds that refused one, and the verifying passes (rounds).
     """
-    check_draft(model, draft_exit, num_speculations)
-    if draft_threshold is not None:
-        check_threshold(draft_threshold, "draft_threshold")
-    if not model.config.causal:
-        raise ValueError("generate() needs a causal model; this one attends both ways (the masked objective)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
-    measure = _measure(confidence, hidden_confidence) if draft_threshold is not None else None
-    sampling = Sampling(temperature, top_k, top_p)
     cfg, dev = model.config, prompt.device
     B, P = prompt.shape
     K, E, L = num_speculations, draft_exit, cfg.n_layers
-    kept = _check_attention_mask(attention_mask, prompt)
-    lengths = kept.sum(1)
-    if int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={cfg.max_seq_len}"
-        )
-    first_key = P - lengths  # each row's first real column
+    first_key = P - kept.sum(1)  # each row's first real column
     # Room for a round's drafts past the last token kept: they may be written, never kept.
     width = P + max_new_tokens + K + 1
     ref = next(model.parameters())
@@ -154,10 +125,8 @@ def speculative_generate(
         tuple(torch.zeros(B, cfg.n_kv_heads, width, cfg.head_dim, device=dev, dtype=ref.dtype) for _ in "kv")
         for _ in range(L)
     ]
-    pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
     tokens = torch.full((B, width), pad, dtype=prompt.dtype, device=dev)
     tokens[:, :P] = prompt
-    generators = _generators(seed, B, dev) if not sampling.greedy else []
     draft_head, final_head = model.head(E), model.head(cfg.exit_layers[-1])
 
     at_exits = _prefill(model, prompt, None if bool(kept.all()) else kept, caches)
@@ -202,7 +171,7 @@ def speculative_generate(
                 break
             logits = draft_head(x)
             work["draft_heads"] += len(drafting)
-            if measure is not None:
+            if draft_threshold is not None:
                 sure = (
                     hidden_confidence(E, x) if measure.reads_hidden else measure(logits)
                 ) >= draft_threshold  # a row unsure of its next draft stops before it
