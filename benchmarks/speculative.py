@@ -33,6 +33,7 @@ separate draft model (what transformers offers for a GPT-2 checkpoint, see the r
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,7 @@ from benchmarks.common import DEFAULT_DATA, REPO, RESULTS, add_resume_arguments,
 from lego_lightning import ExitTransformer
 from lego_lightning.model import flops
 from lego_lightning.model.early_exit import Generation, generate
-from lego_lightning.model.speculative import measure_step_costs, round_speedup, speedup_bound
+from lego_lightning.model.speculative import acceptance_needed, measure_step_costs, round_speedup, speedup_bound
 
 CHECKPOINTS = REPO / "benchmarks" / "checkpoints" / "layerskip"
 MODELS = {"layerskip": CHECKPOINTS / "layerskip_seed0", "standard": CHECKPOINTS / "standard_seed0"}
@@ -327,6 +328,24 @@ def observations(runs: list[dict[str, Any]], hf_rows: list[dict[str, Any]]) -> l
                 f"{r['kept_share']:.2f} of the drafts kept, {r['tokens_per_round']:.2f} tokens a verification, "
                 f"{r['share_of_bound']:.2f} of its bound ({r['bound']:.2f}x)."
             )
+        # What the targets would need: the least acceptance at which some fixed setting's bound reaches the
+        # target with its measured costs (the bound is what a setting can reach at most).
+        for batch, target in ((1, TARGETS["batch 1 greedy"]), (8, TARGETS["batch 8 greedy"])):
+            part = [r for r in runs if (r["model"], r["batch"], r["mode"]) == (model, batch, "greedy")
+                    and r["draft_threshold"] is None]  # fmt: skip
+            needs = [(acceptance_needed(target, r["k"], *(r["step_costs"][c] for c in ("draft", "verify", "full"))), r)
+                     for r in part]  # fmt: skip
+            needs = [(a, r) for a, r in needs if a is not None]
+            if not needs:
+                out.append(f"- `{model}`, batch {batch}: no setting's bound reaches {target}x even with every draft "
+                           "accepted, at the measured draft and verification costs.")  # fmt: skip
+                continue
+            a, r = min(needs, key=lambda pair: pair[0])
+            out.append(
+                f"- `{model}`, batch {batch}: by the bound, the {target}x target needs an acceptance of at least "
+                f"{a:.2f}, at the setting that needs the least (draft exit {r['draft_exit']}, K={r['k']}); measured "
+                f"there: {r['acceptance']:.2f}."
+            )
     for model in sorted({r["model"] for r in hf_rows}):
         timed_rows = [r for r in hf_rows if r["model"] == model and "error" not in r]
         ours = [r for r in timed_rows if r["setting"] == "ours self-speculative"]
@@ -373,7 +392,11 @@ def main() -> None:
     )
     grid = [(k, None) for k in args.ks] + [(args.adaptive_cap, t) for t in args.draft_thresholds]
     extra: dict[str, Any] = {"settings": settings, "resumed_from": resumed_from}
-    hf_rows: list[dict[str, Any]] = []
+    # transformers' rows of an earlier invocation, kept on --resume (they are measured per model, at the end).
+    stored = RESULTS / f"{args.name}.json"
+    hf_rows: list[dict[str, Any]] = (
+        json.loads(stored.read_text()).get("transformers", []) if args.resume and stored.exists() else []
+    )
     for name in args.models:
         model = ExitTransformer.from_pretrained(MODELS[name]).eval()
         prompts = load_prompts(MODELS[name], args.data, args.prompts, args.prompt_tokens)
@@ -385,7 +408,7 @@ def main() -> None:
                         runs += measure_exit(name, model, prompts, batch, mode, e, todo, args)
                         write_results(args.name, runs, report(runs, hf_rows, args), extra={**extra, "runs": runs})
                         print(f"{name} batch {batch} {mode} exit {e}: done", flush=True)
-        if args.hf_exits:
+        if args.hf_exits and not any(r["model"] == name for r in hf_rows):
             hf_rows += measure_transformers(name, MODELS[name], prompts, args.hf_exits, args, model)
     extra["transformers"] = hf_rows
     write_results(args.name, runs, report(runs, hf_rows, args), extra={**extra, "runs": runs})

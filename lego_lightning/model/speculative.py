@@ -296,6 +296,21 @@ def round_speedup(
     return tokens_per_round * full_cost / (drafts_per_round * draft_cost + verify_cost)
 
 
+def acceptance_needed(
+    speedup: float, num_speculations: int, draft_cost: float, verify_cost: float, full_cost: float
+) -> float | None:
+    """The least acceptance at which :func:`speedup_bound` reaches ``speedup`` with these costs, or ``None``
+    where even every draft accepted falls short (the bound rises with the acceptance)."""
+    bound = lambda a: speedup_bound(a, num_speculations, draft_cost, verify_cost, full_cost)  # noqa: E731
+    if bound(1.0) < speedup:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if bound(middle) < speedup else (low, middle)
+    return high
+
+
 @dataclass
 class StepCosts:
     """Seconds of one draft step, one verification of ``num_speculations`` drafts and one full-depth step."""

@@ -10,6 +10,7 @@ from lego_lightning import ExitTransformer, Stage, TransformerConfig
 from lego_lightning.model.early_exit import Sampling, generate
 from lego_lightning.model.exit_classifier import ExitClassifier
 from lego_lightning.model.speculative import (
+    acceptance_needed,
     measure_step_costs,
     round_speedup,
     speedup_bound,
@@ -268,6 +269,10 @@ def test_the_speed_bound_counts_tokens_per_round_over_its_cost():
     accept = torch.rand(20000, 3, generator=generator) < 0.7
     simulated = 1 + accept.long().cumprod(1).sum(1).float().mean().item()
     assert simulated == pytest.approx(tokens_per_verification(0.7, 3), rel=0.02)
+    # The acceptance a speed-up needs is where the bound reaches it; past every draft accepted, none.
+    needed = acceptance_needed(2.0, 4, draft_cost=0.25, verify_cost=1.0, full_cost=1.0)
+    assert 0 < needed < 1 and speedup_bound(needed, 4, 0.25, 1.0, 1.0) == pytest.approx(2.0, rel=1e-6)
+    assert acceptance_needed(2.6, 4, draft_cost=0.25, verify_cost=1.0, full_cost=1.0) is None
     with pytest.raises(ValueError, match=r"acceptance=1\.5"):
         tokens_per_verification(1.5, 2)
 
