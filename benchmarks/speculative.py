@@ -50,6 +50,7 @@ from lego_lightning.model.speculative import acceptance_needed, measure_step_cos
 CHECKPOINTS = REPO / "benchmarks" / "checkpoints" / "layerskip"
 MODELS = {"layerskip": CHECKPOINTS / "layerskip_seed0", "standard": CHECKPOINTS / "standard_seed0"}
 SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+RUN_KEY = ("model", "batch", "mode", "draft_exit", "k", "draft_threshold")  # what tells two measured settings apart
 # Targets of the issue for the best setting on the LayerSkip model.
 TARGETS = {"batch 1 greedy": 1.5, "batch 8 greedy": 1.3, "share of bound": 0.85}
 
@@ -104,6 +105,17 @@ def decode_flops(
         + work["draft_heads"] * (head + confidence)
         + work["final_heads"] * head
     )
+
+
+def repeated_share(model: ExitTransformer, prompts: torch.Tensor, new: int, sampling: dict[str, Any]) -> float:
+    """The share of 4-grams in full-depth continuations that already occurred earlier in the same one:
+    repetitive text is easy to draft."""
+    shares = []
+    for g in decode_all(model, prompts, len(prompts), new, **sampling):
+        for row in g.tokens[:, prompts.shape[1] :].tolist():
+            grams = [tuple(row[i : i + 4]) for i in range(len(row) - 3)]
+            shares.append(sum(gram in grams[:i] for i, gram in enumerate(grams)) / len(grams))
+    return sum(shares) / len(shares)
 
 
 def measure_exit(
@@ -233,7 +245,13 @@ def setting_label(row: dict[str, Any]) -> str:
     return f"K={row['k']}" if row["draft_threshold"] is None else f"K≤{row['k']}, max-prob ≥ {row['draft_threshold']}"
 
 
-def report(runs: list[dict[str, Any]], hf_rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def report(
+    runs: list[dict[str, Any]],
+    hf_rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    repetition: dict[str, dict[str, float]] | None = None,
+) -> str:
+    repetition = repetition or {}
     out = [
         "# Self-speculative decoding: drafts from an early exit, checked by the layers above it",
         "",
@@ -300,7 +318,7 @@ def report(runs: list[dict[str, Any]], hf_rows: list[dict[str, Any]], args: argp
                 continue
             out.append(f"| {r['model']} | {r['setting']} | {e} | {k} | {r['over_ours_full']:.2f}x | "
                        f"{'yes' if r['same_tokens_as_ours'] else 'no'} |")  # fmt: skip
-    out += ["", "## What it shows", "", *observations(runs, hf_rows)]
+    out += ["", "## What it shows", "", *observations(runs, hf_rows, repetition)]
     return "\n".join(out)
 
 
@@ -310,8 +328,26 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def observations(runs: list[dict[str, Any]], hf_rows: list[dict[str, Any]]) -> list[str]:
+def observations(
+    runs: list[dict[str, Any]], hf_rows: list[dict[str, Any]], repetition: dict[str, dict[str, float]]
+) -> list[str]:
     out = []
+    for model, shares in repetition.items():
+        out.append(
+            f"- `{model}`'s own full-depth continuations repeat themselves: {shares['greedy']:.0%} of the 4-grams of "
+            f"a greedy one already occurred earlier in it ({shares['sampled']:.0%} sampled). Repetition is easy to "
+            "draft, so greedy acceptance here is higher than on varied text; the sampled rows are the harder test."
+        )
+    # The same setting, timed twice in this run (in the grid, and beside transformers): how far timings move.
+    for r in hf_rows:
+        if r["setting"] == "ours self-speculative" and "error" not in r:
+            key = (r["model"], 1, "greedy", r["draft_exit"], r["k"], None)
+            twin = [g for g in runs if tuple(g[f] for f in RUN_KEY) == key]
+            if twin:
+                out.append(
+                    f"- Timed twice in this run, `{r['model']}` at exit {r['draft_exit']}, K={r['k']}, batch 1, "
+                    f"greedy: {twin[0]['speedup']:.2f}x in the grid, {r['over_ours_full']:.2f}x beside transformers."
+                )
     for model in sorted({r["model"] for r in runs}):
         for (batch, mode), target in (
             ((1, "greedy"), TARGETS["batch 1 greedy"]),
@@ -387,9 +423,7 @@ def main() -> None:
         raise SystemExit(f"missing trained models {missing}: rebuild them as this module's docstring says")
     settings = {k: getattr(args, k) for k in ("prompts", "prompt_tokens", "new_tokens")} | {"sampling": SAMPLING}
     runs, resumed_from = resumed_runs(args, "runs", settings)
-    done = index_runs(
-        runs, lambda r: (r["model"], r["batch"], r["mode"], r["draft_exit"], r["k"], r["draft_threshold"])
-    )
+    done = index_runs(runs, lambda r: tuple(r[f] for f in RUN_KEY))
     grid = [(k, None) for k in args.ks] + [(args.adaptive_cap, t) for t in args.draft_thresholds]
     extra: dict[str, Any] = {"settings": settings, "resumed_from": resumed_from}
     # transformers' rows of an earlier invocation, kept on --resume (they are measured per model, at the end).
@@ -397,9 +431,12 @@ def main() -> None:
     hf_rows: list[dict[str, Any]] = (
         json.loads(stored.read_text()).get("transformers", []) if args.resume and stored.exists() else []
     )
+    repetition: dict[str, dict[str, float]] = {}
     for name in args.models:
         model = ExitTransformer.from_pretrained(MODELS[name]).eval()
         prompts = load_prompts(MODELS[name], args.data, args.prompts, args.prompt_tokens)
+        repetition[name] = {mode: repeated_share(model, prompts, args.new_tokens, SAMPLING if mode == "sampled" else {})
+                            for mode in ("greedy", "sampled")}  # fmt: skip
         for batch in args.batches:
             for mode in args.modes:
                 for e in args.exits:
@@ -410,8 +447,8 @@ def main() -> None:
                         print(f"{name} batch {batch} {mode} exit {e}: done", flush=True)
         if args.hf_exits and not any(r["model"] == name for r in hf_rows):
             hf_rows += measure_transformers(name, MODELS[name], prompts, args.hf_exits, args, model)
-    extra["transformers"] = hf_rows
-    write_results(args.name, runs, report(runs, hf_rows, args), extra={**extra, "runs": runs})
+    extra |= {"transformers": hf_rows, "repetition": repetition}
+    write_results(args.name, runs, report(runs, hf_rows, args, repetition), extra={**extra, "runs": runs})
     print(f"wrote {RESULTS / args.name}.md")
 
 
