@@ -167,15 +167,17 @@ class LegoCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         raw = sys.argv[1:] if args is None else args
+        from_command_line = False
         if isinstance(raw, list):
             raw = repeated_prompts_as_one_list(raw)
             self._checkpoint_hparams_as_defaults(raw)
-            if args is None and raw != sys.argv[1:]:  # the command line itself, its prompts gathered
-                args = raw
+            # The command line itself, its prompts gathered, goes in as args: Lightning's warning then says nothing.
+            from_command_line = args is None and raw != sys.argv[1:]
+            args = raw if args is not None or from_command_line else None
+        with warnings.catch_warnings():
+            if from_command_line:
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            elif args is not None:
-                args = raw
-        super().parse_arguments(parser, args)
+            super().parse_arguments(parser, args)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand != "generate":  # Lightning's looks the trainer's method up first
