@@ -301,7 +301,10 @@ def acceptance_needed(
 ) -> float | None:
     """The least acceptance at which :func:`speedup_bound` reaches ``speedup`` with these costs, or ``None``
     where even every draft accepted falls short (the bound rises with the acceptance)."""
-    bound = lambda a: speedup_bound(a, num_speculations, draft_cost, verify_cost, full_cost)  # noqa: E731
+
+    def bound(acceptance: float) -> float:
+        return speedup_bound(acceptance, num_speculations, draft_cost, verify_cost, full_cost)
+
     if bound(1.0) < speedup:
         return None
     low, high = 0.0, 1.0
