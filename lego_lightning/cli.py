@@ -25,7 +25,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -241,16 +241,14 @@ class LegoCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         if self.subcommand == "generate":
-            # The checkpoint, learning-rate and diagnostics callbacks the CLI adds watch training.
-            callbacks = []
+            # The checkpoint, learning-rate and diagnostics callbacks the CLI adds watch training, and
+            # there is no run whose config.yaml to keep (it would land in the working folder).
+            callbacks, self.save_config_callback = [], None
         if config.get("enable_checkpointing") is False:
             # The checkpoint callback the CLI builds from --checkpoint.* goes: Lightning refuses
             # enable_checkpointing=False beside a ModelCheckpoint (one the user lists stays, and is refused).
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        trainer = super()._instantiate_trainer(config, callbacks)
-        if self.subcommand == "generate":  # nor is there a run whose config.yaml to keep (it would land in the cwd)
-            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
-        return trainer
+        return super()._instantiate_trainer(config, callbacks)
 
     # ----------------------------------------------------------------- before anything runs
     def before_instantiate_classes(self) -> None:
