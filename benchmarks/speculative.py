@@ -45,7 +45,13 @@ from benchmarks.common import DEFAULT_DATA, REPO, RESULTS, add_resume_arguments,
 from lego_lightning import ExitTransformer
 from lego_lightning.model import flops
 from lego_lightning.model.early_exit import Generation, generate
-from lego_lightning.model.speculative import acceptance_needed, measure_step_costs, round_speedup, speedup_bound
+from lego_lightning.model.speculative import (
+    StepCosts,
+    acceptance_needed,
+    measure_step_costs,
+    round_speedup,
+    speedup_bound,
+)
 
 CHECKPOINTS = REPO / "benchmarks" / "checkpoints" / "layerskip"
 MODELS = {"layerskip": CHECKPOINTS / "layerskip_seed0", "standard": CHECKPOINTS / "standard_seed0"}
@@ -120,9 +126,12 @@ def repeated_share(model: ExitTransformer, prompts: torch.Tensor, new: int, samp
 
 def measure_exit(
     name: str, model: ExitTransformer, prompts: torch.Tensor, batch: int, mode: str, draft_exit: int,
-    settings: list[tuple[int, float | None]], args: argparse.Namespace,
+    settings: list[tuple[int, float | None]], args: argparse.Namespace, step_costs: dict[tuple, StepCosts],
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Every (K, draft threshold) at one draft exit, against full depth timed before and after."""
+    """Every (K, draft threshold) at one draft exit, against full depth timed before and after.
+
+    ``step_costs`` keeps the draft, verification and full-step costs of each (model, exit, K, batch):
+    greedy and sampled settings, and adaptive drafting at each threshold, share them."""
     sampling = SAMPLING if mode == "sampled" else {}
     new = args.new_tokens
     context = prompts.shape[1] + new / 2
@@ -145,7 +154,10 @@ def measure_exit(
         # A batch runs as many rounds as its slowest row: the rounds it ran over those its mean row needed.
         straggling = sum(int(g.verifications.max()) * len(g.verifications) for g in out) / rounds
         work = {key: sum(g.work[key] for g in out) for key in out[0].work}
-        costs = measure_step_costs(model, draft_exit, k, batch_size=batch, context=int(context), repeats=args.repeats)
+        key = (name, draft_exit, k, batch)
+        if key not in step_costs:
+            step_costs[key] = measure_step_costs(model, draft_exit, k, batch, int(context), args.repeats)
+        costs = step_costs[key]
         # The per-draft acceptance of the bound: kept drafts over kept drafts and refusals (a round
         # stops at its first refused draft), the estimate for drafts kept independently.
         refusals = sum(int(g.refusals.sum()) for g in out)
@@ -432,6 +444,7 @@ def main() -> None:
         json.loads(stored.read_text()).get("transformers", []) if args.resume and stored.exists() else []
     )
     repetition: dict[str, dict[str, float]] = {}
+    step_costs: dict[tuple, StepCosts] = {}
     for name in args.models:
         model = ExitTransformer.from_pretrained(MODELS[name]).eval()
         prompts = load_prompts(MODELS[name], args.data, args.prompts, args.prompt_tokens)
@@ -442,7 +455,7 @@ def main() -> None:
                 for e in args.exits:
                     todo = [(k, t) for k, t in grid if (name, batch, mode, e, k, t) not in done]
                     if todo:
-                        runs += measure_exit(name, model, prompts, batch, mode, e, todo, args)
+                        runs += measure_exit(name, model, prompts, batch, mode, e, todo, args, step_costs)
                         write_results(args.name, runs, report(runs, hf_rows, args), extra={**extra, "runs": runs})
                         print(f"{name} batch {batch} {mode} exit {e}: done", flush=True)
         if args.hf_exits and not any(r["model"] == name for r in hf_rows):
