@@ -193,6 +193,7 @@ def training_flops_per_token(
     context: float,
     frozen_layers: int = 0,
     frozen_heads: Sequence[int] = (),
+    teacher: int | None = None,
 ) -> FlopCount:
     """One training step's FLOPs per token: forward, backward and the loss, for everything that runs.
 
@@ -201,7 +202,9 @@ def training_flops_per_token(
     inputs and of weights) for trainable layers and heads, and once (inputs only) for a frozen
     head whose loss still reaches trainable layers below it. The first ``frozen_layers`` layers
     (and the embedding with them) get no backward at all: nothing below them needs a gradient.
-    ``frozen_heads`` are stage positions of heads that do not train.
+    ``frozen_heads`` are stage positions of heads that do not train. ``teacher``: the layer of
+    the exit that weighted exits distil toward (``Phase.distill``); the layers up to it and its
+    head and softmax run forward too, without backward.
     """
     if len(loss_weights) != len(cfg.stages):
         raise ValueError(f"got {len(loss_weights)} loss weights for {len(cfg.stages)} exits {cfg.exit_layers}")
@@ -211,6 +214,8 @@ def training_flops_per_token(
     head = head_flops(cfg)
     cross_entropy = FlopCount(elementwise=(SOFTMAX_FLOPS_PER_ELEMENT + 1) * cfg.vocab_size)
     forward = embedding_flops(cfg) + deepest * layer + len(trained) * (head + cross_entropy)
+    if teacher is not None:
+        forward = forward + max(0, teacher - deepest) * layer + head + cross_entropy
     backward = 2 * max(0, deepest - frozen_layers) * layer
     for i in trained:
         backward = backward + cross_entropy
@@ -221,6 +226,12 @@ def training_flops_per_token(
     if frozen_layers == 0:
         backward = backward + FlopCount(elementwise=cfg.d_model)  # embedding gradient rows
     return forward + backward
+
+
+def agreement_flops_per_token(cfg: TransformerConfig, exit_layer: int, other: int, context: float) -> FlopCount:
+    """Comparing two exits' tokens (mining by disagreement): the layers to the deeper, both heads and softmaxes."""
+    softmax = FlopCount(elementwise=SOFTMAX_FLOPS_PER_ELEMENT * cfg.vocab_size)
+    return embedding_flops(cfg) + max(exit_layer, other) * layer_flops(cfg, context) + 2 * (head_flops(cfg) + softmax)
 
 
 def inference_flops_per_token(cfg: TransformerConfig, exit_layer: int, context: float, confidence: str) -> FlopCount:

@@ -2,7 +2,9 @@
 
 A plan is a list of phases; the first one trains a fresh model, each later one may grow it
 (``layers``), choose what trains (``train``) and at which learning rates (``lr_scale``), and
-put the loss on the tokens an earlier exit is unsure of (``tokens="hard"``). A phase ends
+put the loss on the tokens an earlier exit is unsure of (``tokens="hard"``) or on those where
+two exits disagree (``tokens="disagree"``, ``"disagree_soft"``), and train an exit on a deeper
+exit's distribution instead of the data (``distill``). A phase ends
 after ``patience`` validations without improvement or after ``max_epochs`` epochs, whichever
 comes first (:class:`~lego_lightning.callbacks.PerplexityEarlyStopping` decides).
 :class:`~lego_lightning.modules.PhasedExitLM` runs a plan.
@@ -33,10 +35,14 @@ from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import is_int, is_number
 from lego_lightning.model.transformer import GROW_INITS, GrowInit
 
-Tokens = Literal["all", "hard"]
+Tokens = Literal["all", "hard", "disagree", "disagree_soft"]
 Context = Literal["full", "none"]
+DistillTarget = Literal["softmax", "greedy"]
 TOKENS: tuple[str, ...] = get_args(Tokens)
 CONTEXTS: tuple[str, ...] = get_args(Context)
+DISTILL_TARGETS: tuple[str, ...] = get_args(DistillTarget)
+# The token selections that mine a set of training tokens when the phase starts.
+MINED: tuple[str, ...] = ("hard", "disagree", "disagree_soft")
 
 # A trainable part of the model: ("embedding",), ("layer", i) or ("exit", k).
 Unit = tuple[Any, ...]
@@ -68,18 +74,34 @@ class Phase:
         lr_scale: multiplies the learning rate of what trains (relative to the module's ``lr``,
             not to the previous phase): one number, or ``{part: scale}`` with parts of ``train``
             as keys (a part without a key gets 1.0), so new and unfrozen old layers can differ.
-        tokens: ``all``, or ``hard``: the loss covers only the training tokens whose confidence
-            at ``hard_exit`` is below a threshold calibrated on held-out tokens so that
-            ``hard_ratio`` of them fall below it (ASHEM).
+        tokens: which training tokens carry the loss, chosen once when the phase starts:
+            ``all``; ``hard``: those whose confidence at ``hard_exit`` is below a threshold
+            calibrated on held-out tokens so that ``hard_ratio`` of them fall below it (ASHEM);
+            ``disagree``: those where ``hard_exit``'s greedy token differs from ``agree_with``'s
+            (the drafts self-speculative decoding drafting at ``hard_exit`` loses);
+            ``disagree_soft``: those where ``hard_exit``'s probability of ``agree_with``'s greedy
+            token is below a threshold calibrated as ``hard``'s (``hard_ratio`` of held-out
+            tokens below it).
         hard_ratio: the fraction of held-out tokens below the threshold, in (0, 1).
         hard_exit: the exit whose confidence is calibrated and mined (a layer, or ``first`` or
-            ``last`` of this phase's exits); default the previous
-            phase's deepest exit.
+            ``last`` of this phase's exits); default the previous phase's deepest exit (in a
+            first phase, which may mine a pretrained model, and with ``disagree*``: ``first``).
+        agree_with: with ``disagree*``, the exit ``hard_exit`` is compared with (default
+            ``last``, the model's output).
         confidence: the measure mined (``max_prob``, ``margin``, ``entropy``); default the
             module's, which also sets the routing threshold to the calibrated one.
         context: with hard tokens, ``full`` keeps each hard token's sequence as its context;
             ``none`` feeds the layers above ``hard_exit`` each hard token's state alone (the
             research's variant, SEEDS.md mistake 3).
+        distill: the share of each exit's loss that is distillation toward ``distill_from``
+            instead of cross-entropy with the data: one number for every trained exit, or
+            ``{exit: share}`` (exits not named: 0), each in [0, 1]; 1 is distillation alone.
+        distill_from: the teacher exit, deeper than every distilled one (default ``last``). Its
+            forward runs without gradients, in the same pass.
+        distill_target: ``softmax``: the KL divergence from the teacher's softmax at
+            ``distill_temperature`` to the student's (times the temperature squared, Hinton's
+            scaling); ``greedy``: cross-entropy with the teacher's greedy token.
+        distill_temperature: the softmax temperature of ``softmax`` distillation, > 0.
     """
 
     max_epochs: int = 50
@@ -95,11 +117,23 @@ class Phase:
     hard_exit: ExitRef | None = None
     confidence: str | None = None
     context: Context = "full"
+    agree_with: ExitRef = "last"
+    distill: float | dict[ExitRef, float] = 0.0
+    distill_from: ExitRef = "last"
+    distill_target: DistillTarget = "softmax"
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, Mapping):  # JSON and some YAML paths give the layer keys as strings
             keys = {k: int(k) if isinstance(k, str) and k.strip().isdigit() else k for k in self.loss_weights}
             object.__setattr__(self, "loss_weights", {keys[k]: w for k, w in self.loss_weights.items()})
+        if isinstance(self.distill, Mapping):
+            keys = {k: int(k) if isinstance(k, str) and k.strip().isdigit() else k for k in self.distill}
+            object.__setattr__(self, "distill", {keys[k]: w for k, w in self.distill.items()})
+        for name in ("agree_with", "distill_from", "hard_exit"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().isdigit():
+                object.__setattr__(self, name, int(value))
         self.check("Phase")
 
     def check(self, where: str) -> None:
@@ -155,6 +189,24 @@ class Phase:
             fail("context", f"one of {CONTEXTS}")
         if self.context == "none" and self.tokens != "hard":
             fail("context", "'none' only with tokens='hard' (it says how hard tokens are fed)")
+        if not _is_exit_ref(self.agree_with):
+            fail("agree_with", "a positive layer number, first or last")
+        compared = self.tokens in ("disagree", "disagree_soft")
+        if compared and self.hard_exit is not None and self.hard_exit == self.agree_with:
+            fail("agree_with", f"an exit other than hard_exit={self.hard_exit!r}: an exit never disagrees with itself")
+        shares = self.distill.values() if isinstance(self.distill, Mapping) else [self.distill]
+        if isinstance(self.distill, Mapping) and not all(_is_exit_ref(k) for k in self.distill):
+            fail("distill", "a share in [0, 1], or {exit layer, first or last: share in [0, 1]}")
+        if not all(is_number(w) and 0.0 <= w <= 1.0 for w in shares):
+            fail("distill", "a share in [0, 1], or {exit layer, first or last: share in [0, 1]}")
+        if not _is_exit_ref(self.distill_from):
+            fail("distill_from", "a positive layer number, first or last")
+        if self.distill_target not in DISTILL_TARGETS:
+            fail("distill_target", f"one of {DISTILL_TARGETS}")
+        if not is_number(self.distill_temperature) or self.distill_temperature <= 0:
+            fail("distill_temperature", "a number > 0")
+        if self.context == "none" and any(w > 0 for w in shares):
+            fail("distill", "0 with context='none' (isolated hard tokens train on the data only)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form, safe for ``torch.load(weights_only=True)`` and YAML."""
@@ -191,7 +243,15 @@ class ResolvedPhase:
     trained: dict[Unit, float] = field(default_factory=dict)  # unit -> lr scale
     default_lr_scale: float = 1.0  # for what does not train (it gets no gradient; any rate does)
     fit_classifier: bool = False
-    hard_exit: int | None = None
+    hard_exit: int | None = None  # the exit mined (with tokens other than "all")
+    agree_with: int | None = None  # the exit hard_exit is compared with (tokens "disagree*")
+    distill: dict[int, float] = field(default_factory=dict)  # exit -> share of its loss that is distillation
+    distill_from: int | None = None  # the teacher exit, when some exit distils
+
+    @property
+    def mines(self) -> bool:
+        """Whether the phase selects a set of training tokens when it starts."""
+        return self.phase.tokens != "all"
 
 
 def parse_part(spec: str, where: str, resolved: ResolvedPhase) -> list[Unit]:
@@ -273,8 +333,11 @@ def resolve_plan(
     first_loss_weights: Sequence[float],
     learned_confidence: bool,
     causal: bool,
+    pretrained: bool = False,
 ) -> list[ResolvedPhase]:
-    """Fill in each phase's depth, exits, loss weights, trained parts and rates; errors name the phase."""
+    """Fill in each phase's depth, exits, loss weights, trained parts and rates; errors name the phase.
+
+    ``pretrained``: the model starts trained, so the first phase may mine tokens too."""
     resolved: list[ResolvedPhase] = []
     previous = 0
     for i, phase in enumerate(phases):
@@ -308,24 +371,72 @@ def resolve_plan(
                 r.fit_classifier = True
         if not r.trained:
             raise ValueError(f"{where}.train={train} trains nothing but the classifier; name a part of the model")
-        if phase.tokens == "hard":
-            if i == 0:
-                raise ValueError(
-                    f"{where}.tokens='hard' needs a trained exit to mine at; the first phase trains the model from "
-                    "scratch"
-                )
-            if not causal:
-                raise ValueError(f"{where}.tokens='hard' needs objective='causal'")
-            named = phase.hard_exit if phase.hard_exit is not None else resolved[-1].exits[-1]
-            hard_exit = exit_layer(named, exits, f"{where}.hard_exit={named}")
-            if phase.context == "none" and not any(k > hard_exit and w > 0 for k, w in r.loss_weights.items()):
-                raise ValueError(
-                    f"{where}.context='none' feeds layers above hard_exit={hard_exit} without context, but no exit "
-                    f"above it has a loss weight: {r.loss_weights}"
-                )
-            r.hard_exit = hard_exit
-            if learned_confidence and phase.confidence is None:
+        if phase.tokens in MINED:
+            _resolve_mining(r, where, resolved[-1].exits[-1] if resolved else None, causal, pretrained)
+            if phase.tokens == "hard" and learned_confidence and phase.confidence is None:
                 r.fit_classifier = True  # the learned measure must know the exit before it calibrates
+        _resolve_distillation(r, where)
         resolved.append(r)
         previous = depth
     return resolved
+
+
+def _resolve_mining(r: ResolvedPhase, where: str, previous_deepest: int | None, causal: bool, pretrained: bool) -> None:
+    """The exits a mining phase compares or calibrates (``hard_exit``, ``agree_with``), checked."""
+    phase, exits = r.phase, r.exits
+    if previous_deepest is None and not pretrained:
+        raise ValueError(
+            f"{where}.tokens={phase.tokens!r} needs a trained exit to mine at; the first phase trains the model from "
+            "scratch (with model.pretrained it may mine)"
+        )
+    if not causal:
+        raise ValueError(f"{where}.tokens={phase.tokens!r} needs objective='causal'")
+    disagreement = phase.tokens != "hard"
+    named = phase.hard_exit
+    if named is None:
+        named = "first" if disagreement or previous_deepest is None else previous_deepest
+    hard_exit = exit_layer(named, exits, f"{where}.hard_exit={named}")
+    if phase.context == "none" and not any(k > hard_exit and w > 0 for k, w in r.loss_weights.items()):
+        raise ValueError(
+            f"{where}.context='none' feeds layers above hard_exit={hard_exit} without context, but no exit "
+            f"above it has a loss weight: {r.loss_weights}"
+        )
+    r.hard_exit = hard_exit
+    if disagreement:
+        other = exit_layer(phase.agree_with, exits, f"{where}.agree_with={phase.agree_with}")
+        if other == hard_exit:
+            raise ValueError(
+                f"{where}.agree_with={phase.agree_with!r} is exit {other}, the same exit as hard_exit={named!r}: an "
+                "exit never disagrees with itself; compare two different exits"
+            )
+        r.agree_with = other
+
+
+def _resolve_distillation(r: ResolvedPhase, where: str) -> None:
+    """Each distilled exit's share and the teacher, checked: every student shallower than its teacher."""
+    phase = r.phase
+    shares = phase.distill if isinstance(phase.distill, Mapping) else None
+    if shares is None and not phase.distill:
+        return
+    teacher = exit_layer(phase.distill_from, r.exits, f"{where}.distill_from={phase.distill_from}")
+    if shares is None:  # one share for every trained exit below the teacher
+        distill = {k: float(phase.distill) for k, w in r.loss_weights.items() if w > 0 and k < teacher}
+        if not distill:
+            raise ValueError(
+                f"{where}.distill={phase.distill} distils no exit: none with a loss weight is shallower than "
+                f"distill_from={phase.distill_from!r} (exit {teacher}); loss weights {r.loss_weights}"
+            )
+    else:
+        distill = {}
+        for ref, share in shares.items():
+            k = exit_layer(ref, r.exits, f"{where}.distill names exit {ref!r}, which")
+            if k >= teacher:
+                raise ValueError(
+                    f"{where}.distill names exit {k}, which is not shallower than distill_from={phase.distill_from!r} "
+                    f"(exit {teacher}): an exit distils toward a deeper one"
+                )
+            if share > 0 and r.loss_weights.get(k, 0.0) == 0:
+                raise ValueError(f"{where}.distill names exit {k}, whose loss weight is 0: give it a loss weight")
+            if share > 0:
+                distill[k] = float(share)
+    r.distill, r.distill_from = distill, teacher

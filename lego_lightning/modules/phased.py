@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -43,8 +43,9 @@ from lego_lightning.callbacks.quantile_threshold_calibration import calibrate_th
 from lego_lightning.data.token_set import TokenSet
 from lego_lightning.model.confidence import get_confidence
 from lego_lightning.model.config import Stage, as_stage, validate_stages
+from lego_lightning.model.distillation import greedy_targets, linear_distillation
 from lego_lightning.model.exits import ExitRule
-from lego_lightning.model.lean_loss import IGNORE_INDEX
+from lego_lightning.model.lean_loss import IGNORE_INDEX, linear_cross_entropy
 from lego_lightning.model.transformer import GROW_INITS
 from lego_lightning.modules.phase import Phase, ResolvedPhase, Unit, as_phase, grown_stage_ends, resolve_plan
 from lego_lightning.modules.supervised_exit import SupervisedExitLM, pretrained_depth, stages_or_rule
@@ -65,6 +66,11 @@ class PhasedExitLM(SupervisedExitLM):
         calibration_bins: histogram resolution of hard-token thresholds.
         log_prefix: the folder of the phase's own logs (default ``phases``; the presets use
             ``progressive`` and ``ashem``).
+        monitor, mode: what ends a phase (with its ``patience``) and picks the weights it hands on:
+            a logged metric, lower better (``min``) or higher (``max``). ``{first}`` and ``{last}``
+            stand for the first phase's shallowest and deepest exit, so that a config fits any
+            depth: ``val/exit{first}/agree`` with ``max`` follows a draft exit's agreement with
+            the final one (when only a draft exit trains, ``val/ppl`` cannot change).
 
         **kwargs: :class:`SupervisedExitLM`'s arguments (the model's sizes, the optimizer's
             settings, ``confidence``, ...) but ``n_layers``: the depth is the deepest phase's.
@@ -85,6 +91,8 @@ class PhasedExitLM(SupervisedExitLM):
         pretrained: str | None = None,
         calibration_bins: int = 65_536,
         log_prefix: str | None = None,
+        monitor: str = "val/ppl",
+        mode: Literal["min", "max"] = "min",
         **kwargs: Any,
     ) -> None:
         if isinstance(phases, (str, Mapping)) or not isinstance(phases, Sequence):
@@ -104,6 +112,10 @@ class PhasedExitLM(SupervisedExitLM):
                 f"n_layers={kwargs['n_layers']!r} is not an argument of {type(self).__name__}: the depth is each "
                 "phase's layers (the deepest phase's is the model's)"
             )
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} is not allowed: 'min' or 'max'")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor={monitor!r} is not allowed: the name of a logged metric such as 'val/ppl'")
         if not isinstance(calibration_bins, int) or calibration_bins < 2:
             raise ValueError(f"calibration_bins must be an integer >= 2, got {calibration_bins!r}")
         first_depth = plan[0].layers
@@ -121,6 +133,7 @@ class PhasedExitLM(SupervisedExitLM):
             [s.loss_weight for s in self.config.stages],
             learned_confidence=self.confidence == "learned",
             causal=self.config.causal,
+            pretrained=pretrained is not None,
         )
         self._units = self._unit_parameters()
         for r in self.plan:
@@ -130,6 +143,14 @@ class PhasedExitLM(SupervisedExitLM):
                     "trainable: false"
                 )
         self.calibration_bins = calibration_bins
+        exits = self.plan[0].exits
+        try:
+            self.monitor = monitor.format(first=exits[0], last=exits[-1])
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"monitor={monitor!r} is not allowed: a metric name, where only {{first}} and {{last}} are replaced"
+            ) from None
+        self.mode = mode
         if log_prefix is not None:
             self.log_prefix = log_prefix
         self.phase = 1
@@ -262,27 +283,49 @@ class PhasedExitLM(SupervisedExitLM):
         if r.fit_classifier:
             # The exit's classifier learns whether its top token is right (no deeper exit is trained yet).
             self.exit_classifier_stats = fit_exit_classifier(trainer, self, target="correct")
-        threshold = None
-        if r.phase.tokens == "hard":
-            assert r.hard_exit is not None
-            confidence = self._mining_confidence(r)
-            threshold = calibrate_threshold(
-                trainer, self, confidence, r.phase.hard_ratio, self.calibration_bins, self.log_prefix
-            )
-            if r.phase.confidence is None:  # the routing measure: route with the calibrated threshold
-                self.routing_threshold = threshold
-            self.hard_tokens = mine_hard_tokens(trainer, self, confidence, threshold)
-            log_once(trainer, {f"{self.log_prefix}/hard_frac": self.hard_tokens.fraction()})
-        else:
-            self.hard_tokens = None
-        self._device_tokens = None
+        threshold = self.select_tokens(trainer)
         if self._grow(r):
             log_once(trainer, {"growth/init": float(GROW_INITS.index(r.phase.grow_init))})
         self.set_trainable()
         rank_zero_info(self.describe_phase(ended, why, threshold, trainer))
 
+    def select_tokens(self, trainer: L.Trainer) -> float | None:
+        """The running phase's training tokens (``Phase.tokens``), mined into ``hard_tokens``; the threshold
+        mining used (``None`` when the phase trains on all tokens)."""
+        r = self.current
+        self._device_tokens = None
+        if not r.mines:
+            self.hard_tokens = None
+            return None
+        confidence = self._mining_confidence(r)
+        if r.phase.tokens == "disagree":
+            threshold = 0.5  # the measure is 1 where the two exits agree, 0 where they do not
+        else:
+            threshold = calibrate_threshold(
+                trainer, self, confidence, r.phase.hard_ratio, self.calibration_bins, self.log_prefix
+            )
+        if r.phase.tokens == "hard" and r.phase.confidence is None:  # the routing measure: route with it
+            self.routing_threshold = threshold
+        self.hard_tokens = mine_hard_tokens(trainer, self, confidence, threshold)
+        log_once(trainer, {f"{self.log_prefix}/hard_frac": self.hard_tokens.fraction()})
+        return threshold
+
     def _mining_confidence(self, r: ResolvedPhase) -> Callable[[Tensor], Tensor]:
+        """The per-token measure whose low values mining selects: confidence at ``hard_exit`` (``hard``), or
+        whether / how much ``hard_exit`` agrees with ``agree_with`` (``disagree``, ``disagree_soft``)."""
         k = r.hard_exit
+        if r.agree_with is not None:
+            other = r.agree_with
+
+            def agreement(input_ids: Tensor) -> Tensor:
+                hidden = self.exit_hidden_states(input_ids, [k, other])
+                logits = self.model.head(k)(hidden[k]).float()
+                reference = self.model.head(other)(hidden[other]).argmax(dim=-1, keepdim=True)
+                if r.phase.tokens == "disagree":
+                    return (logits.argmax(dim=-1, keepdim=True) == reference).squeeze(-1).float()
+                return logits.softmax(dim=-1).gather(-1, reference).squeeze(-1)
+
+            return agreement
         if r.phase.confidence is None:
             return lambda input_ids: self.token_confidence(input_ids, k)
         measure = get_confidence(r.phase.confidence)
@@ -333,11 +376,7 @@ class PhasedExitLM(SupervisedExitLM):
         r = self.current
         lines = [f"Phase {ended}/{self.num_phases} ended{': ' + why if why else ''}."]
         if threshold is not None:
-            assert self.hard_tokens is not None
-            lines.append(
-                f"  hard tokens: threshold {threshold:.4g} at exit {r.hard_exit} (hard_ratio {r.phase.hard_ratio}), "
-                f"{self.hard_tokens.fraction():.1%} of the training tokens"
-            )
+            lines.append(self.describe_tokens(threshold))
         grown = (
             f", layers {r.previous_depth + 1}-{r.depth} new ({r.phase.grow_init})" if r.depth > r.previous_depth else ""
         )
@@ -351,6 +390,21 @@ class PhasedExitLM(SupervisedExitLM):
         )
         lines.append(f"  learning rates: {', '.join(f'{lr:.3g}' for lr in rates)}")
         return "\n".join(lines)
+
+    def describe_tokens(self, threshold: float) -> str:
+        """The line that says which training tokens the running phase mined."""
+        r = self.current
+        assert self.hard_tokens is not None
+        share = f"{self.hard_tokens.fraction():.1%} of the training tokens"
+        if r.phase.tokens == "disagree":
+            return f"  tokens: where exit {r.hard_exit}'s greedy token is not exit {r.agree_with}'s, {share}"
+        if r.phase.tokens == "disagree_soft":
+            return (
+                f"  tokens: where exit {r.hard_exit} gives exit {r.agree_with}'s greedy token a probability below "
+                f"{threshold:.4g} (hard_ratio {r.phase.hard_ratio}), {share}"
+            )
+        ratio = r.phase.hard_ratio
+        return f"  hard tokens: threshold {threshold:.4g} at exit {r.hard_exit} (hard_ratio {ratio}), {share}"
 
     def _parts(self, keep: Callable[[torch.nn.Parameter], bool]) -> str:
         """The parts of the running depth whose every parameter satisfies ``keep``, by name."""
@@ -395,6 +449,8 @@ class PhasedExitLM(SupervisedExitLM):
         return y if keep is None else torch.where(keep[:, layer - 1, None, None], y, x)
 
     def exit_losses(self, input_ids: Tensor, targets: Tensor, keep: Tensor | None = None) -> dict[int, Tensor]:
+        if self.current.distill:
+            return self._distilled_losses(input_ids, targets, keep)
         cut = self._isolated_above
         if cut is None:
             return super().exit_losses(input_ids, targets, keep)
@@ -413,6 +469,40 @@ class PhasedExitLM(SupervisedExitLM):
                 losses[layer] = self.exit_loss(layer, x.squeeze(1), flat_targets[hard])
         return losses
 
+    def _distilled_losses(self, input_ids: Tensor, targets: Tensor, keep: Tensor | None) -> dict[int, Tensor]:
+        """Each weighted exit's loss, the share ``Phase.distill`` names of it toward the teacher exit.
+
+        The teacher runs in the same pass (with layer dropout, skipping what the batch skips), its
+        head without gradients; layers between the deepest weighted exit and the teacher then run
+        for the teacher alone."""
+        r = self.current
+        teacher = r.distill_from
+        weighted = [k for k, w in zip(self.config.exit_layers, self.exit_loss_weights) if w > 0]
+        hidden = self.exit_hidden_states(input_ids, sorted({*weighted, teacher}), keep)
+        teacher_head = self.model.head(teacher)
+        with torch.no_grad():
+            teacher_x = teacher_head.norm(hidden[teacher]).flatten(0, -2)
+        losses = {}
+        for k in weighted:
+            share = r.distill.get(k, 0.0)
+            data = self.exit_loss(k, hidden[k], targets) if share < 1 else None
+            if share == 0:
+                losses[k] = data
+                continue
+            head = self.model.head(k)
+            x = head.norm(hidden[k]).flatten(0, -2)
+            chunk = self.loss_chunk_size or x.shape[0]
+            flat = targets.flatten()
+            if r.phase.distill_target == "greedy":
+                teacher_tokens = greedy_targets(teacher_x, teacher_head.proj.weight, flat, chunk)
+                distilled = linear_cross_entropy(x, head.proj.weight, teacher_tokens, chunk)
+            else:
+                distilled = linear_distillation(
+                    x, head.proj.weight, teacher_x, teacher_head.proj.weight, flat, r.phase.distill_temperature, chunk
+                )
+            losses[k] = share * distilled if data is None else (1 - share) * data + share * distilled
+        return losses
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.hard_tokens is not None:
             targets = batch["targets"]
@@ -423,10 +513,11 @@ class PhasedExitLM(SupervisedExitLM):
     # ---------------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        mines = any(r.phase.tokens == "hard" for r in self.plan)
+        mines = any(r.mines for r in self.plan)
         if stage == "fit" and mines and not hasattr(getattr(self.trainer, "datamodule", None), "train_dataset"):
             raise TypeError(
-                "a phase with tokens='hard' needs trainer.datamodule.train_dataset (a dataset of dicts with "
+                "a phase that mines tokens (tokens='hard', 'disagree' or 'disagree_soft') needs "
+                "trainer.datamodule.train_dataset (a dataset of dicts with "
                 "input_ids, targets and index), as TextDataModule and SyntheticDataModule give"
             )
 
@@ -449,7 +540,9 @@ class PhasedExitLM(SupervisedExitLM):
 
         # It ends each phase (a PerplexityEarlyStopping on the Trainer is replaced by it, as Lightning does with
         # a module's callback of the same type) and hands the phase's best weights to advance_phase.
-        stopping = PerplexityEarlyStopping(patience=self.phase_patience, restore_best_weights=True)
+        stopping = PerplexityEarlyStopping(
+            monitor=self.monitor, mode=self.mode, patience=self.phase_patience, restore_best_weights=True
+        )
         return [stopping, *super().configure_callbacks()]
 
     def on_train_start(self) -> None:
@@ -457,6 +550,10 @@ class PhasedExitLM(SupervisedExitLM):
         trainer = self.trainer
         if trainer.global_step == 0 and self.phase == 1:
             self._set_learning_rates(trainer)
+            if self.current.mines and self.hard_tokens is None:  # a pretrained model's first phase mines it
+                threshold = self.select_tokens(trainer)
+                assert threshold is not None
+                rank_zero_info(f"Phase 1/{self.num_phases}:\n{self.describe_tokens(threshold)}")
         elif trainer.ckpt_path:
             r = self.current
             threshold = "" if self.routing_threshold is None else f", routing threshold {self.routing_threshold:.4g}"
