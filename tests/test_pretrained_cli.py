@@ -54,6 +54,7 @@ RULED_EXITS = {
     "pretrained/exit_tuning.yaml": {2: (1, 2), 4: (1, 3, 4), 6: (2, 4, 6), 12: (4, 8, 12), 16: (5, 11, 16)},
     "pretrained/layerskip.yaml": {n: tuple(range(1, n + 1)) for n in (2, 4, 6, 12, 16)},
     "pretrained/ashem.yaml": {2: (1, 2), 4: (1, 4), 6: (2, 6), 12: (4, 12), 16: (5, 16)},
+    "pretrained/draft_mining.yaml": {2: (1, 2), 4: (1, 4), 6: (2, 6), 12: (3, 12), 16: (4, 16)},  # a quarter
 }
 
 
@@ -86,9 +87,12 @@ def fitted(checkpoint, corpus, tmp_path_factory):
 
 
 def test_the_pretrained_configs_are_here():
-    assert {"pretrained/exit_tuning.yaml", "pretrained/layerskip.yaml", "pretrained/ashem.yaml"} <= set(
-        PRETRAINED_CONFIGS
-    )
+    assert {
+        "pretrained/exit_tuning.yaml",
+        "pretrained/layerskip.yaml",
+        "pretrained/ashem.yaml",
+        "pretrained/draft_mining.yaml",
+    } <= set(PRETRAINED_CONFIGS)
 
 
 @pytest.mark.parametrize("config", PRETRAINED_CONFIGS)
