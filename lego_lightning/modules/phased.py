@@ -18,9 +18,10 @@ checkpoints) and its own training step applies it; no callback changes a batch.
 Every layer the plan will reach is built up front: DDP cannot see modules added after it wraps
 the model (DESIGN.md, known traps), so growth initialises a stage that was there, unused, all
 along. Every weight the plan ever trains still requires a gradient when DDP wraps the model
-(it then registers them all); each phase's freeze is applied after, at ``on_train_start`` and
-at each phase change. A plan of more than one phase needs
-``strategy="ddp_find_unused_parameters_true"`` under DDP.
+(it then registers them all), and only those: a weight no phase trains is frozen at set-up. Each
+phase's freeze is applied after, at ``on_train_start`` and at each phase change. A plan of more
+than one phase needs ``strategy="ddp_find_unused_parameters_true"`` under DDP; a plan of one
+phase (a draft exit's head alone, say) runs under plain ``ddp``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class PhasedExitLM(SupervisedExitLM):
 
     Args:
         phases: the plan; the first phase needs ``layers``. In a YAML config,
-            ``model.init_args.phases``, a list of mappings with the fields of ``Phase``.
+            ``model.init_args.phases``, a list of mappings with the fields of ``Phase`` (typed as
+            mappings first so that ``--model.phases`` on the command line replaces the config's
+            plan whole rather than merging into its phases field by field).
         stages: the first phase's stages over its ``layers`` (default one stage, one exit);
             each later phase that grows adds one stage with an exit after its last layer.
         exits: instead of ``stages``, a rule for the first phase's exits, resolved against its
@@ -85,7 +88,7 @@ class PhasedExitLM(SupervisedExitLM):
 
     def __init__(
         self,
-        phases: list[Phase],
+        phases: list[dict[str, Any] | Phase],
         stages: Sequence[Stage] | None = None,
         exits: dict[str, Any] | str | list[int] | ExitRule | None = None,
         pretrained: str | None = None,
@@ -512,6 +515,10 @@ class PhasedExitLM(SupervisedExitLM):
 
     # ---------------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # before DDP wraps the model, so it registers only what some phase trains
+            ever = set().union(*(self._lr_scales(r) for r in self.plan)) & self._trainable_ids
+            for param in self.model.parameters():
+                param.requires_grad_(id(param) in ever)
         super().setup(stage)
         mines = any(r.mines for r in self.plan)
         if stage == "fit" and mines and not hasattr(getattr(self.trainer, "datamodule", None), "train_dataset"):

@@ -110,5 +110,10 @@ def test_training_flops_against_a_hand_count():
     # ASHEM's phase 2: layer 1, embedding and exit 1 frozen, exit 2 trained: no backward below layer 2.
     phase2 = flops.training_flops_per_token(cfg, [0.0, 1.0], c, frozen_layers=1, frozen_heads=[0])
     assert phase2.total == pytest.approx((8 + 2 * layer + head + ce) + (2 * layer + ce + 2 * head))
+    # Draft-only distillation: exit 1's head alone trains, toward exit 2, whose layer, head and softmax run forward.
+    draft = flops.training_flops_per_token(cfg, [1.0, 0.0], c, frozen_layers=2, frozen_heads=[1], teacher=2)
+    assert draft.total == pytest.approx((8 + layer + head + ce) + (layer + head + ce) + (ce + 2 * head))
+    # Mining by disagreement: both layers, both heads and both softmaxes, per training token.
+    assert flops.agreement_flops_per_token(cfg, 1, 2, c).total == pytest.approx(8 + 2 * layer + 2 * (head + 5 * 11))
     with pytest.raises(ValueError, match="got 1 loss weights for 2 exits"):
         flops.training_flops_per_token(cfg, [1.0], c)

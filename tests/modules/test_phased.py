@@ -221,6 +221,32 @@ def test_a_resume_that_cannot_find_the_phases_best_weights_fails_before_training
         ([Phase(layers=2), {"layers": 3, "loss_weights": {5: 1.0}}], r"phases\[1\].loss_weights names exits \[5\]"),
         ([Phase(layers=2), {"layers": 3, "colour": "red"}], r"phases\[1\] has unknown fields \['colour'\]"),
         ([Phase(layers=2), {"train": ["classifier"]}], r"'classifier' needs the module's confidence='learned'"),
+        # Draft mining: an exit compared with itself, a student not shallower than its teacher, an absent exit.
+        (
+            [Phase(layers=2), {"layers": 3, "tokens": "disagree", "hard_exit": 3}],
+            r"phases\[1\].agree_with='last' is exit 3, the same exit as hard_exit=3: an exit never disagrees",
+        ),
+        (
+            [Phase(layers=2), {"layers": 3, "loss_weights": {2: 1.0}, "distill": {3: 1.0}, "distill_from": 2}],
+            r"phases\[1\].distill names exit 3, which is not shallower than distill_from=2",
+        ),
+        (
+            [Phase(layers=2), {"layers": 3, "loss_weights": {3: 1.0}, "distill": 1.0}],
+            r"phases\[1\].distill=1.0 distils no exit: none with a loss weight is shallower than distill_from='last'",
+        ),
+        (
+            [Phase(layers=2), {"layers": 3, "loss_weights": {2: 1.0}, "distill": {2: 1.0}, "distill_from": 1}],
+            r"phases\[1\].distill_from=1 is not an exit of this phase; its exits follow layers \(2, 3\)",
+        ),
+        (
+            [Phase(layers=2), {"layers": 3, "loss_weights": {3: 1.0}, "distill": {2: 1.0}}],
+            r"phases\[1\].distill names exit 2, whose loss weight is 0",
+        ),
+        (
+            [Phase(layers=2), {"train": ["exit 1"], "loss_weights": {2: 1.0}}],
+            r"phases\[1\].train: 'exit 1' is not an exit of this phase; its exits follow layers \(2,\)",
+        ),
+        ([Phase(layers=2, tokens="disagree")], r"phases\[0\].tokens='disagree' needs a trained exit.*model.pretrained"),
     ],
 )
 def test_a_bad_plan_fails_at_construction_with_the_phase_and_field_named(phases, message):
@@ -239,6 +265,13 @@ def test_a_bad_plan_fails_at_construction_with_the_phase_and_field_named(phases,
         ({"loss_weights": {2: 0.0}}, r"at least one weight > 0"),
         ({"confidence": "learned"}, r"Phase.confidence='learned' is not allowed"),
         ({"confidence": "vibes"}, r"Phase.confidence: confidence='vibes' is not a known measure"),
+        ({"distill_temperature": 0.0}, r"Phase.distill_temperature=0.0 is not allowed: a number > 0"),
+        ({"distill_temperature": -1}, r"Phase.distill_temperature=-1 is not allowed: a number > 0"),
+        ({"distill": 1.5}, r"Phase.distill=1.5 is not allowed: a share in \[0, 1\]"),
+        ({"distill": {"middle": 1.0}}, r"Phase.distill=\{'middle': 1.0\} is not allowed"),
+        ({"distill_target": "logits"}, r"Phase.distill_target='logits' is not allowed: one of \('softmax', 'greedy'\)"),
+        ({"tokens": "disagree", "hard_exit": 2, "agree_with": 2}, r"Phase.agree_with=2 is not allowed: an exit other"),
+        ({"tokens": "disagreeing"}, r"Phase.tokens='disagreeing' is not allowed: one of \('all', 'hard', 'disagree'"),
     ],
 )
 def test_a_bad_phase_fails_when_built(kwargs, message):
@@ -292,6 +325,21 @@ def test_the_validation_that_ends_a_phase_ranks_in_that_phase_with_its_model(tmp
     assert state["state_dict"]["model.blocks.2.mlp.proj.weight"].abs().sum() > 0  # layer 3 not yet grown (identity)
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert last["phase"]["phase"] == 2 and "phase=2-" in ckpt.best_model_path
+
+
+def test_the_monitor_that_ends_a_phase_may_name_the_first_and_last_exit():
+    plan = [Phase(layers=3, loss_weights={1: 1.0}, max_epochs=1)]
+    sizes = dict(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, stages=[{"layers": (1, 1)}, {"layers": (2, 3)}])
+    module = PhasedExitLM(phases=plan, monitor="val/exit{first}/agree", mode="max", **sizes)
+    (stopping,) = [c for c in module.configure_callbacks() if isinstance(c, PerplexityEarlyStopping)]
+    assert module.monitor == stopping.monitor == "val/exit1/agree" and stopping.mode == "max"
+    assert PhasedExitLM(phases=plan, monitor="val/exit{last}/loss", **sizes).monitor == "val/exit3/loss"
+    with pytest.raises(
+        ValueError, match=r"monitor='val/exit\{second\}/agree' is not allowed: .*\{first\} and \{last\}"
+    ):
+        PhasedExitLM(phases=plan, monitor="val/exit{second}/agree", **sizes)
+    with pytest.raises(ValueError, match=r"mode='up' is not allowed: 'min' or 'max'"):
+        PhasedExitLM(phases=plan, mode="up", **sizes)
 
 
 def test_loss_weight_keys_written_as_text_are_layers():
