@@ -137,7 +137,9 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
     mining = agreement * args.train_samples * dm.seq_len
     calibration = agreement * args.calibration_samples * dm.seq_len
     total = step(False) * args.ce_steps
-    out: dict[str, Any] = {"flops": total, "steps": {}, "mining_flops": {}, "flops_per_step": {}}
+    out: dict[str, Any] = {
+        "flops": total, "steps": {}, "mining_flops": {}, "flops_per_step": {}, "batch_size": dm.batch_size
+    }  # fmt: skip
     for plan, spec in PLANS.items():
         cost = 0.0 if spec["tokens"] == "all" else mining + (calibration if spec["tokens"] == "disagree_soft" else 0)
         per_step = step(spec["distill"] > 0)
@@ -263,7 +265,7 @@ def report(runs: list[dict[str, Any]], plan_budget: dict[str, Any], args: argpar
             f"## `{model}` model, drafting at exit {DRAFT_EXIT} (K={k1} at batch 1, K={k8} at batch 8)",
             "",
             "| plan | agreement | tokens per verification (batch 1) | speed-up batch 1 | speed-up batch 8 "
-            "| exit 1 PPL | final PPL | output unchanged | mined | steps | train s |",
+            "| exit 1 PPL | final PPL | output unchanged | mined | steps (epochs) | train s |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for plan in plans:
@@ -279,7 +281,8 @@ def report(runs: list[dict[str, Any]], plan_budget: dict[str, Any], args: argpar
                 f"| {plan} | {cell('agreement')} | {cell('tokens_per_verification', 1, 2)} | "
                 f"{cell('speedup', 1, 2)}x | {cell('speedup', 8, 2)}x | {cell('draft_ppl', digits=1)} | "
                 f"{rows[0]['final_ppl']:.3f} | {'yes' if all(unchanged(runs, r) for r in rows) else 'NO'} | "
-                f"{'-' if mined[0] is None else fmt(summary(mined), 3)} | {rows[0]['steps']} | "
+                f"{'-' if mined[0] is None else fmt(summary(mined), 3)} | {rows[0]['steps']} "
+                f"({rows[0]['steps'] * plan_budget['batch_size'] / args.train_samples:.1f}) | "
                 f"{fmt(summary([r['train_wall_s'] for r in rows]), 0)} |"
             )
         lines.append("")
@@ -287,31 +290,46 @@ def report(runs: list[dict[str, Any]], plan_budget: dict[str, Any], args: argpar
     return "\n".join(lines)
 
 
+# Each comparison the report makes: (plan, against, what it asks).
+COMPARISONS = [
+    ("distill_all", "ce_all", "distillation against cross-entropy, all tokens"),
+    ("distill_mined", "ce_all", "mined distillation against EE-Tuning"),
+    ("ce_mined", "ce_all", "mining against all tokens, cross-entropy"),
+    ("distill_mined", "distill_all", "mining against all tokens, distillation"),
+    ("distill_soft", "distill_all", "soft mining against all tokens, distillation"),
+    ("distill_soft", "distill_mined", "soft against greedy disagreement"),
+]
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """``a`` against ``b`` as a plain verdict: higher, lower, not told apart (the seed-spread rule), or one seed."""
+    if min(len(a), len(b)) < 2:
+        return "one seed, no verdict"
+    diff, told = differ(a, b)
+    return ("higher" if diff > 0 else "lower") if told else "not told apart"
+
+
 def observations(runs: list[dict[str, Any]]) -> list[str]:
     out = []
     for model in MODELS:
-        base = values(runs, model, "ce_all", "agreement")
-        if not base:
-            continue
         start = values(runs, model, "start", "agreement")
-        out.append(
-            f"- `{model}`: `ce_all` moves exit 1's agreement from {start[0]:.3f} (start) to {fmt(summary(base), 3)}."
-        )
-        for plan in PLANS:
-            if plan == "ce_all":
+        if not start:
+            continue
+        moved = [
+            f"`{plan}` {fmt(summary(values(runs, model, plan, 'agreement')), 3)}"
+            for plan in PLANS
+            if values(runs, model, plan, "agreement")
+        ]
+        out.append(f"- `{model}`: exit 1's agreement was {start[0]:.3f} before training; after: {', '.join(moved)}.")
+        for plan, other, what in COMPARISONS:
+            a, b = values(runs, model, plan, "agreement"), values(runs, model, other, "agreement")
+            if not a or not b:
                 continue
-            a = values(runs, model, plan, "agreement")
-            if not a:
-                continue
-            diff, told = differ(a, base)
-            verdict = "one seed" if min(len(a), len(base)) < 2 else ("beats" if diff > 0 and told else "does not beat")
-            speed = values(runs, model, plan, "speedup", 1)
-            points = versus([100 * v for v in a], [100 * v for v in base])
-            out.append(
-                f"- `{model}`, `{plan}` against `ce_all`: agreement {points} points ({verdict} `ce_all`); "
-                f"batch-1 speed-up {fmt(summary(speed), 2)}x against "
-                f"{fmt(summary(values(runs, model, 'ce_all', 'speedup', 1)), 2)}x."
-            )
+            points = versus([100 * v for v in a], [100 * v for v in b]).replace(",", " points,", 1)
+            out.append(f"- `{model}`, {what}: `{plan}` against `{other}`, agreement {points}: {verdict(a, b)}.")
+        beats = [p for p in PLANS if p != "ce_all" and verdict(
+            values(runs, model, p, "agreement"), values(runs, model, "ce_all", "agreement")) == "higher"]  # fmt: skip
+        out.append(f"- `{model}`: plans whose agreement beats `ce_all` beyond the seed spread: {beats or 'none'}.")
     changed = [r for r in runs if r["plan"] != "start" and not unchanged(runs, r)]
     out.append(
         "- Output: every plan left every weight but exit 1's head, the final exit's perplexity and the greedy tokens "
@@ -356,15 +374,14 @@ def main() -> None:
     starts: dict[str, dict[str, torch.Tensor]] = {}  # each model's weights before any plan, but the draft head
     for seed in args.seeds:
         for model in args.models:
-            if model not in starts:  # measured once; a resumed run only reads its weights again
-                start = run(model, "start", 0, 0, ks, args)
+            todo = [plan for plan in args.plans if (model, plan, seed) not in done]
+            if model not in starts and (todo or (model, "start", 0) not in done):
+                start = run(model, "start", 0, 0, ks, args)  # measured once; a resumed run reads its weights again
                 starts[model] = start.pop("trunk")
                 if (model, "start", 0) not in done:
                     runs.append(start)
                     done[(model, "start", 0)] = start
-            for plan in args.plans:
-                if (model, plan, seed) in done:
-                    continue
+            for plan in todo:
                 row = run(model, plan, seed, plan_budget["steps"][plan], ks, args)
                 trunk = row.pop("trunk")
                 row["trunk_identical"] = set(trunk) == set(starts[model]) and all(
