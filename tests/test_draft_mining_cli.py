@@ -191,3 +191,21 @@ def test_a_plan_on_the_command_line_replaces_the_configs_whole(checkpoint, corpu
     # Nothing of the config's phase is merged in: its tokens, distillation and exits are the defaults again.
     assert (phase.tokens, phase.distill, phase.hard_exit, phase.max_epochs) == ("all", 0.0, None, 2)
     assert not cli.model.plan[0].mines and cli.model.plan[0].distill == {}
+
+
+def test_lego_generate_drafts_from_the_trained_checkpoint_and_writes_the_untouched_models_text(
+    checkpoint, fitted, tmp_path
+):
+    from tests.test_generate_cli import lego_generate
+
+    prompts = [a for p in ("the game began in", "in 1990 the") for a in ("--prompt", p)]
+    drafted = lego_generate(
+        "--ckpt_path", fitted.trainer.checkpoint_callback.last_model_path, *prompts, "--max_new_tokens", "10",
+        "--draft_exit", "1", "--num_speculations", "3", "--output", str(tmp_path / "drafted.jsonl"),
+    )  # fmt: skip
+    before = lego_generate(
+        "--model.pretrained", str(checkpoint), "--model.exits", "[1]", *prompts, "--max_new_tokens", "10",
+        "--output", str(tmp_path / "before.jsonl"),
+    )  # fmt: skip
+    assert [r["text"] for r in drafted] == [r["text"] for r in before]
+    assert sum(r["drafts"] for r in drafted) > 0

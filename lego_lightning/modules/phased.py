@@ -322,8 +322,9 @@ class PhasedExitLM(SupervisedExitLM):
 
             def agreement(input_ids: Tensor) -> Tensor:
                 hidden = self.exit_hidden_states(input_ids, [k, other])
+                # One exit's logits alive at a time: the reference is its greedy token before k's are computed.
+                reference = self.model.head(other)(hidden.pop(other)).argmax(dim=-1, keepdim=True)
                 logits = self.model.head(k)(hidden[k]).float()
-                reference = self.model.head(other)(hidden[other]).argmax(dim=-1, keepdim=True)
                 if r.phase.tokens == "disagree":
                     return (logits.argmax(dim=-1, keepdim=True) == reference).squeeze(-1).float()
                 return logits.softmax(dim=-1).gather(-1, reference).squeeze(-1)
