@@ -124,16 +124,13 @@ class Phase:
     distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.loss_weights, Mapping):  # JSON and some YAML paths give the layer keys as strings
-            keys = {k: int(k) if isinstance(k, str) and k.strip().isdigit() else k for k in self.loss_weights}
-            object.__setattr__(self, "loss_weights", {keys[k]: w for k, w in self.loss_weights.items()})
-        if isinstance(self.distill, Mapping):
-            keys = {k: int(k) if isinstance(k, str) and k.strip().isdigit() else k for k in self.distill}
-            object.__setattr__(self, "distill", {keys[k]: w for k, w in self.distill.items()})
-        for name in ("agree_with", "distill_from", "hard_exit"):
+        # JSON and some YAML paths give layer numbers as strings ("2"), mapping keys always.
+        for name in ("loss_weights", "distill"):
             value = getattr(self, name)
-            if isinstance(value, str) and value.strip().isdigit():
-                object.__setattr__(self, name, int(value))
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, {_as_layer(k): w for k, w in value.items()})
+        for name in ("agree_with", "distill_from", "hard_exit"):
+            object.__setattr__(self, name, _as_layer(getattr(self, name)))
         self.check("Phase")
 
     def check(self, where: str) -> None:
@@ -305,6 +302,11 @@ def exit_layer(ref: ExitRef, exits: Sequence[int], where: str) -> int:
     if k not in exits:
         raise ValueError(f"{where} is not an exit of this phase; its exits follow layers {tuple(exits)}")
     return k
+
+
+def _as_layer(value: Any) -> Any:
+    """A layer number written as text (``"2"``) as the number; anything else as it is."""
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 def _is_exit_ref(value: Any) -> bool:
