@@ -372,15 +372,17 @@ def main() -> None:
         write_results(args.name, runs, report(runs, plan_budget, args), extra={**extra, "runs": runs})
 
     starts: dict[str, dict[str, torch.Tensor]] = {}  # each model's weights before any plan, but the draft head
+    for model in args.models:  # every starting point first: each report compares its plans with it
+        todo = [(plan, seed) for seed in args.seeds for plan in args.plans if (model, plan, seed) not in done]
+        if todo or (model, "start", 0) not in done:
+            start = run(model, "start", 0, 0, ks, args)  # measured once; a resumed run reads its weights again
+            starts[model] = start.pop("trunk")
+            if (model, "start", 0) not in done:
+                runs.append(start)
+                done[(model, "start", 0)] = start
     for seed in args.seeds:
         for model in args.models:
             todo = [plan for plan in args.plans if (model, plan, seed) not in done]
-            if model not in starts and (todo or (model, "start", 0) not in done):
-                start = run(model, "start", 0, 0, ks, args)  # measured once; a resumed run reads its weights again
-                starts[model] = start.pop("trunk")
-                if (model, "start", 0) not in done:
-                    runs.append(start)
-                    done[(model, "start", 0)] = start
             for plan in todo:
                 row = run(model, plan, seed, plan_budget["steps"][plan], ks, args)
                 trunk = row.pop("trunk")
