@@ -245,7 +245,11 @@ def report(runs: list[dict[str, Any]], plan_budget: dict[str, Any], args: argpar
         "mining and the final exit's forward for distillation counted: "
         + ", ".join(f"`{p}` {s} steps" for p, s in plan_budget["steps"].items())
         + f". Scored on {runs[0]['val_tokens']:,} validation tokens; decoding on {args.prompts} validation "
-        f"paragraphs of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy.",
+        f"paragraphs of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy. A seed changes only the "
+        "order of the training blocks (the draft head starts as the same copy of the final head in every seed), so "
+        "the seed spread is narrow. Each speed-up is a ratio of two timings in the same run (self-speculative against "
+        "full depth); how much one moves between seeds (up to a quarter of its value) is its noise, so plans are "
+        "compared by agreement and tokens per verification, which do not depend on timing.",
         "",
         "- `ce_all`: cross-entropy with the data on every token (EE-Tuning).",
         "- `distill_all`: KL to the final exit's softmax on every token.",
@@ -327,6 +331,14 @@ def observations(runs: list[dict[str, Any]]) -> list[str]:
                 continue
             points = versus([100 * v for v in a], [100 * v for v in b]).replace(",", " points,", 1)
             out.append(f"- `{model}`, {what}: `{plan}` against `{other}`, agreement {points}: {verdict(a, b)}.")
+        tokens = {p: summary(values(runs, model, p, "tokens_per_verification", 1))["mean"] for p in PLANS}
+        best = max((p for p in tokens), key=lambda p: tokens[p])
+        start_tokens = values(runs, model, "start", "tokens_per_verification", 1)[0]
+        out.append(
+            f"- `{model}`, decoding its own greedy continuations at batch 1: {start_tokens:.2f} tokens per "
+            f"verification before training; the most after, {tokens[best]:.2f} (`{best}`)"
+            + (" (no plan raised it)." if tokens[best] <= start_tokens else ".")
+        )
         beats = [p for p in PLANS if p != "ce_all" and verdict(
             values(runs, model, p, "agreement"), values(runs, model, "ce_all", "agreement")) == "higher"]  # fmt: skip
         out.append(f"- `{model}`: plans whose agreement beats `ce_all` beyond the seed spread: {beats or 'none'}.")
