@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python -m benchmarks.exits_added
 	$(BIN)/python -m benchmarks.layerskip --seeds 0 1 2 --keep benchmarks/checkpoints/layerskip
 	$(BIN)/python -m benchmarks.speculative
+	$(BIN)/python -m benchmarks.draft_mining --seeds 0 1 2
 
 # On a machine with one CUDA GPU (install torch's CUDA build through TORCH_SPEC/TORCH_INDEX):
 # training speed and memory at bf16/fp32, eager/compiled, and generation speed, in under 8 minutes.
