@@ -78,9 +78,11 @@ class PhasedExitLM(SupervisedExitLM):
         **kwargs: :class:`SupervisedExitLM`'s arguments (the model's sizes, the optimizer's
             settings, ``confidence``, ...) but ``n_layers``: the depth is the deepest phase's.
 
-    Logged: ``{log_prefix}/phase`` every epoch; when a phase with hard tokens starts,
-    ``{log_prefix}/threshold``, ``{log_prefix}/calibration_hard_frac``, ``{log_prefix}/hard_frac``
-    and a histogram ``{log_prefix}/confidence``; when a phase grows, ``growth/init`` (0
+    Logged: ``{log_prefix}/phase`` every epoch; when a phase that mines tokens starts,
+    ``{log_prefix}/hard_frac`` (the share of training tokens mined) and, where a threshold is
+    calibrated (``hard``, ``disagree_soft``), ``{log_prefix}/threshold``,
+    ``{log_prefix}/calibration_hard_frac`` and a histogram ``{log_prefix}/confidence`` (for
+    ``disagree_soft``, of the draft's probability of the other exit's token); when a phase grows, ``growth/init`` (0
     identity, 1 copy, 2 random); ``phase/ended_at_epoch`` from the early-stopping callback.
     """
 
