@@ -80,6 +80,9 @@ PLANS: dict[str, dict[str, Any]] = {
     "distill_mined": {"tokens": "disagree", "distill": 1.0},
     "ce_mined": {"tokens": "disagree", "distill": 0.0},
     "distill_soft": {"tokens": "disagree_soft", "hard_ratio": SOFT_RATIO, "distill": 1.0},
+    # Outside the equal-FLOPs grid: distill_mined given distill_all's steps, mining on top, so that the token
+    # selection is compared at the same training and its budget is not what decides.
+    "distill_mined_same_steps": {"tokens": "disagree", "distill": 1.0, "same_steps_as": "distill_all"},
 }
 RUN_KEY = ("model", "plan", "seed")
 
@@ -101,7 +104,8 @@ def best_ks() -> dict[tuple[str, int], int]:
 
 
 def overrides(model: str, plan: str, seed: int, steps: int, args: argparse.Namespace) -> list[str]:
-    phase = {**_PHASE, **PLANS.get(plan, PLANS["ce_all"])}  # "start" builds ce_all's plan and never trains
+    spec = {k: v for k, v in PLANS.get(plan, PLANS["ce_all"]).items() if k != "same_steps_as"}
+    phase = {**_PHASE, **spec}  # "start" builds ce_all's plan and never trains
     return [
         "--model.pretrained", str(CHECKPOINTS / f"{model}_seed0"),
         "--model.exits", f"{{layers: [{DRAFT_EXIT}]}}",
@@ -142,15 +146,18 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
     calibration = agreement * args.calibration_samples * dm.seq_len
     total = step(False) * args.ce_steps
     out: dict[str, Any] = {
-        "flops": total, "steps": {}, "mining_flops": {}, "flops_per_step": {}, "batch_size": dm.batch_size
+        "flops": total, "steps": {}, "mining_flops": {}, "flops_per_step": {}, "batch_size": dm.batch_size,
+        "flops_ratio": {},
     }  # fmt: skip
     for plan, spec in PLANS.items():
         cost = 0.0 if spec["tokens"] == "all" else mining + (calibration if spec["tokens"] == "disagree_soft" else 0)
         per_step = step(spec["distill"] > 0)
-        out["steps"][plan] = int((total - cost) // per_step)
+        steps = out["steps"][spec["same_steps_as"]] if "same_steps_as" in spec else int((total - cost) // per_step)
+        out["steps"][plan] = steps
         out["mining_flops"][plan] = cost
         out["flops_per_step"][plan] = per_step
-        if out["steps"][plan] < 1:
+        out["flops_ratio"][plan] = (cost + steps * per_step) / total  # 1 but for rounding, outside the grid more
+        if steps < 1:
             raise SystemExit(f"{plan}: mining alone costs more than the budget; raise --ce-steps")
     return out
 
@@ -247,7 +254,14 @@ def report(runs: list[dict[str, Any]], plan_budget: dict[str, Any], args: argpar
         f"{args.calibration_samples} held-out blocks for the soft selection's calibration, seeds {seeds}. Every plan "
         f"gets the training FLOPs of {args.ce_steps} steps of `ce_all` ({plan_budget['flops'] / 1e12:.1f} TFLOPs), "
         "mining and the final exit's forward for distillation counted: "
-        + ", ".join(f"`{p}` {s} steps" for p, s in plan_budget["steps"].items())
+        + ", ".join(f"`{p}` {s} steps" for p, s in plan_budget["steps"].items() if "same_steps_as" not in PLANS[p])
+        + "; but `distill_mined_same_steps`, outside that grid: "
+        + ", ".join(
+            f"`{p}` {plan_budget['steps'][p]} steps at {plan_budget.get('flops_ratio', {}).get(p, float('nan')):.2f}x "
+            "the FLOPs"
+            for p, spec in PLANS.items()
+            if "same_steps_as" in spec
+        )
         + f". Scored on {runs[0]['val_tokens']:,} validation tokens; decoding on {args.prompts} validation "
         f"paragraphs of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy. A seed changes only the "
         "order of the training blocks (the draft head starts as the same copy of the final head in every seed), so "
@@ -261,6 +275,7 @@ def report(runs: list[dict[str, Any]], plan_budget: dict[str, Any], args: argpar
         "- `ce_mined`: cross-entropy with the data on those mined tokens.",
         f"- `distill_soft`: the KL where exit 1's probability of the final exit's token is below the threshold "
         f"that {SOFT_RATIO:.0%} of held-out tokens fall below.",
+        "- `distill_mined_same_steps`: `distill_mined` with `distill_all`'s steps, mining on top of the budget.",
         "",
     ]
     for model in MODELS:
@@ -306,6 +321,7 @@ COMPARISONS = [
     ("distill_mined", "distill_all", "mining against all tokens, distillation"),
     ("distill_soft", "distill_all", "soft mining against all tokens, distillation"),
     ("distill_soft", "distill_mined", "soft against greedy disagreement"),
+    ("distill_mined_same_steps", "distill_all", "mining against all tokens at the same steps, distillation"),
 ]
 
 
@@ -343,9 +359,11 @@ def observations(runs: list[dict[str, Any]]) -> list[str]:
             f"verification before training; the most after, {tokens[best]:.2f} (`{best}`)"
             + (" (no plan raised it)." if tokens[best] <= start_tokens else ".")
         )
-        beats = [p for p in PLANS if p != "ce_all" and verdict(
+        beats = [p for p in PLANS if p != "ce_all" and "same_steps_as" not in PLANS[p] and verdict(
             values(runs, model, p, "agreement"), values(runs, model, "ce_all", "agreement")) == "higher"]  # fmt: skip
-        out.append(f"- `{model}`: plans whose agreement beats `ce_all` beyond the seed spread: {beats or 'none'}.")
+        out.append(
+            f"- `{model}`: plans at equal FLOPs whose agreement beats `ce_all` beyond the seed spread: {beats or 'none'}."
+        )
     changed = [r for r in runs if r["plan"] != "start" and not unchanged(runs, r)]
     out.append(
         "- Output: every plan left every weight but exit 1's head, the final exit's perplexity and the greedy tokens "
