@@ -362,7 +362,8 @@ def observations(runs: list[dict[str, Any]]) -> list[str]:
         beats = [p for p in PLANS if p != "ce_all" and "same_steps_as" not in PLANS[p] and verdict(
             values(runs, model, p, "agreement"), values(runs, model, "ce_all", "agreement")) == "higher"]  # fmt: skip
         out.append(
-            f"- `{model}`: plans at equal FLOPs whose agreement beats `ce_all` beyond the seed spread: {beats or 'none'}."
+            f"- `{model}`: plans at equal FLOPs whose agreement beats `ce_all` beyond the seed spread: "
+            f"{beats or 'none'}."
         )
     changed = [r for r in runs if r["plan"] != "start" and not unchanged(runs, r)]
     out.append(
