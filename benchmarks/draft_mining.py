@@ -351,7 +351,11 @@ def observations(runs: list[dict[str, Any]]) -> list[str]:
                 continue
             points = versus([100 * v for v in a], [100 * v for v in b]).replace(",", " points,", 1)
             out.append(f"- `{model}`, {what}: `{plan}` against `{other}`, agreement {points}: {verdict(a, b)}.")
-        tokens = {p: summary(values(runs, model, p, "tokens_per_verification", 1))["mean"] for p in PLANS}
+        tokens = {
+            p: summary(values(runs, model, p, "tokens_per_verification", 1))["mean"]
+            for p in PLANS
+            if values(runs, model, p, "tokens_per_verification", 1)
+        }
         best = max((p for p in tokens), key=lambda p: tokens[p])
         start_tokens = values(runs, model, "start", "tokens_per_verification", 1)[0]
         out.append(
