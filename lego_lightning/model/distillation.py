@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lego_lightning.model.lean_loss import IGNORE_INDEX
+from lego_lightning.model.lean_loss import IGNORE_INDEX, stored_gradients
 
 
 class _LinearDistillation(torch.autograd.Function):
@@ -61,11 +61,7 @@ class _LinearDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad_x, grad_w, denominator = ctx.saved_tensors
-        scale = grad_output / denominator
-        dx = None if grad_x is None else grad_x * scale.to(grad_x.dtype)
-        dw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
-        return dx, dw, None, None, None, None, None
+        return *stored_gradients(ctx, grad_output), None, None, None, None, None
 
 
 def linear_distillation(

@@ -51,11 +51,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad_x, grad_w, denominator = ctx.saved_tensors
-        scale = grad_output / denominator
-        dx = None if grad_x is None else grad_x * scale.to(grad_x.dtype)
-        dw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
-        return dx, dw, None, None
+        return *stored_gradients(ctx, grad_output), None, None
+
+
+def stored_gradients(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of a chunked loss whose forward saved ``(grad_x, grad_w, denominator)``: the input's and the
+    weight's gradients of the mean, scaled by ``grad_output``."""
+    grad_x, grad_w, denominator = ctx.saved_tensors
+    scale = grad_output / denominator
+    dx = None if grad_x is None else grad_x * scale.to(grad_x.dtype)
+    dw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
+    return dx, dw
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:

@@ -488,6 +488,7 @@ class PhasedExitLM(SupervisedExitLM):
         teacher_head = self.model.head(teacher)
         with torch.no_grad():
             teacher_x = teacher_head.norm(hidden[teacher]).flatten(0, -2)
+        flat = targets.flatten()
         losses = {}
         for k in weighted:
             share = r.distill.get(k, 0.0)
@@ -498,7 +499,6 @@ class PhasedExitLM(SupervisedExitLM):
             head = self.model.head(k)
             x = head.norm(hidden[k]).flatten(0, -2)
             chunk = self.loss_chunk_size or x.shape[0]
-            flat = targets.flatten()
             if r.phase.distill_target == "greedy":
                 teacher_tokens = greedy_targets(teacher_x, teacher_head.proj.weight, flat, chunk)
                 distilled = linear_cross_entropy(x, head.proj.weight, teacher_tokens, chunk)
