@@ -39,10 +39,11 @@ from benchmarks.common import DEFAULT_DATA, RESULTS, peak_memory_during, quiet_t
 from lego_lightning import ExitTransformer, Stage, SupervisedExitLM, TransformerConfig
 from lego_lightning.callbacks import ExitClassifierTraining
 from lego_lightning.data import TextDataModule
+from lego_lightning.decoding import generate
 from lego_lightning.evaluation import collect_exit_outputs, routed_metrics, threshold_sweep
 from lego_lightning.model import flops
 from lego_lightning.model.confidence import get_confidence
-from lego_lightning.model.early_exit import generate, routed_forward
+from lego_lightning.model.early_exit import routed_forward
 from lego_lightning.model.exit_classifier import ExitClassifier
 
 WIKITEXT_VOCAB = 33_279

@@ -90,7 +90,7 @@ def train(config: str, precision: str, compiled: bool, args: argparse.Namespace)
 @torch.no_grad()
 def generation(args: argparse.Namespace) -> list[dict[str, Any]]:
     from lego_lightning import ExitTransformer
-    from lego_lightning.model.early_exit import generate
+    from lego_lightning.decoding import generate
 
     if (LAYERSKIP_MODEL / "config.json").is_file():
         model, source = ExitTransformer.from_pretrained(LAYERSKIP_MODEL), str(LAYERSKIP_MODEL.relative_to(REPO))

@@ -34,8 +34,9 @@ import torch
 from benchmarks.common import machine, write_results
 from benchmarks.early_exit import timed_ratio
 from lego_lightning import ExitTransformer
+from lego_lightning.decoding import generate
 from lego_lightning.model.confidence import get_confidence
-from lego_lightning.model.early_exit import generate, routed_forward
+from lego_lightning.model.early_exit import routed_forward
 from lego_lightning.model.exit_classifier import ExitClassifier
 
 FRACTIONS = (0.25, 0.5, 0.75)

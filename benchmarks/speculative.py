@@ -18,7 +18,7 @@ adaptive drafting (a cap of 6, drafting stopped where the exit's max-prob falls 
   just after each draft exit's settings; every decoding runs ``--timings`` times and the fastest
   counts (a slower run met other load on the machine);
 * decoding FLOPs per generated token (every layer, both heads, padding included) over full depth's;
-* the speed bound (:func:`~lego_lightning.model.speculative.speedup_bound`) from the measured
+* the speed bound (:func:`~lego_lightning.decoding.speed.speedup_bound`) from the measured
   acceptance and the measured draft, verification and full-step costs, and the realised share.
 
 Greedy tokens are checked equal to full depth's in every setting. At batch 1, greedy,
@@ -43,15 +43,15 @@ import torch
 
 from benchmarks.common import DEFAULT_DATA, REPO, RESULTS, add_resume_arguments, index_runs, resumed_runs, write_results
 from lego_lightning import ExitTransformer
-from lego_lightning.model import flops
-from lego_lightning.model.early_exit import Generation, generate
-from lego_lightning.model.speculative import (
+from lego_lightning.decoding import Generation, generate
+from lego_lightning.decoding.speed import (
     StepCosts,
     acceptance_needed,
     measure_step_costs,
     round_speedup,
     speedup_bound,
 )
+from lego_lightning.model import flops
 
 CHECKPOINTS = REPO / "benchmarks" / "checkpoints" / "layerskip"
 MODELS = {"layerskip": CHECKPOINTS / "layerskip_seed0", "standard": CHECKPOINTS / "standard_seed0"}

@@ -32,8 +32,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lego_lightning.callbacks.checkpoint import DEFAULT_FILENAME, BestAndLastCheckpoint
 from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
+from lego_lightning.decoding import check_decoding
 from lego_lightning.generation import Generator, PromptDataModule, gather_results, read_prompts
-from lego_lightning.model.early_exit import check_decoding
 from lego_lightning.modules import SupervisedExitLM
 from lego_lightning.modules.phase import as_phase
 

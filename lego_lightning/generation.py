@@ -2,7 +2,7 @@
 
 :class:`PromptDataModule` holds the tokenizer (a checkpoint's own, or a pretrained folder's)
 and turns prompts into left-padded batches; :class:`Generator` wraps a trained module and
-decodes each batch with :func:`~lego_lightning.model.early_exit.generate` at full depth, routed
+decodes each batch with :func:`~lego_lightning.decoding.generate` at full depth, routed
 or self-speculatively. Lightning spreads the batches over ``--trainer.devices``; every prompt
 keeps its index, so the results come back in order from any number of processes.
 """
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lego_lightning.checkpoint_io import read_checkpoint
 from lego_lightning.data.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_state
-from lego_lightning.model.early_exit import generate
+from lego_lightning.decoding import generate
 
 
 def tokenizer_of(source: str | Path) -> TextTokenizer:
@@ -122,7 +122,7 @@ class PromptDataModule(L.LightningDataModule):
 class Generator(L.LightningModule):
     """A trained module's model decoding prompts in ``predict_step``; checkpoints load into the module it wraps.
 
-    ``settings`` are :func:`~lego_lightning.model.early_exit.generate`'s keyword arguments
+    ``settings`` are :func:`~lego_lightning.decoding.generate`'s keyword arguments
     (``max_new_tokens``, ``threshold``, ``draft_exit``, sampling...); ``seed`` gives prompt ``i``
     the seed ``seed + i``, so a prompt gets the same text in any batch and on any device.
     """

@@ -13,8 +13,8 @@ import transformers
 
 from lego_lightning import ExitTransformer, Phase, PhasedExitLM
 from lego_lightning.cli import LegoCLI
+from lego_lightning.decoding import generate
 from lego_lightning.model.distillation import linear_distillation
-from lego_lightning.model.early_exit import generate
 from lego_lightning.model.lean_loss import IGNORE_INDEX, linear_cross_entropy
 from lego_lightning.model.pretrained import converted_state
 from tests.helpers import cli_args, two_rank_fit

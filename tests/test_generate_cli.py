@@ -13,8 +13,8 @@ from tokenizers import Tokenizer
 
 from lego_lightning import ASHEM, ExitTransformer
 from lego_lightning.cli import LegoCLI, main
+from lego_lightning.decoding import generate
 from lego_lightning.generation import tokenizer_of
-from lego_lightning.model.early_exit import generate
 from tests.conftest import REPO
 from tests.helpers import cli_args, subprocess_env
 from tests.test_pretrained_cli import llama_family, save_with_tokenizer

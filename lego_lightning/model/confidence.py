@@ -19,6 +19,10 @@ from torch import Tensor
 # FLOPs per vocabulary element of a numerically stable softmax: max, subtract, exp, sum, divide.
 SOFTMAX_FLOPS_PER_ELEMENT = 5
 
+# A confidence from a hidden state, for measures that need no logits (a trained exit classifier):
+# (exit_layer, (N, D)) -> (N,)
+HiddenConfidence = Callable[[int, Tensor], Tensor]
+
 
 @dataclass(frozen=True)
 class ConfidenceMeasure:
@@ -83,6 +87,17 @@ def get_confidence(name: str) -> ConfidenceMeasure:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"confidence={name!r} is not a known measure; allowed: {available_confidences()}") from None
+
+
+def confidence_measure(name: str, hidden_confidence: HiddenConfidence | None) -> ConfidenceMeasure:
+    """The measure named ``name``; a learned one needs its classifier, named before any work."""
+    measure = get_confidence(name)
+    if measure.reads_hidden and hidden_confidence is None:
+        raise ValueError(
+            f"confidence={name!r} reads each exit's hidden state through a trained ExitClassifier: pass it "
+            "as hidden_confidence (a module built with confidence='learned' holds it: module.exit_classifier)"
+        )
+    return measure
 
 
 def _needs_classifier(logits: Tensor) -> Tensor:

@@ -318,12 +318,12 @@ class ExitTransformer(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def embed(self, idx: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
         """Token (and learned position) embeddings: ``(B, T) -> (B, T, D)``, positions from ``start``,
-        or each token's own ``positions`` ``(B, T)`` (prompts padded on the left)."""
+        or each token's own ``positions`` ``(B, T)`` (decoding, which has checked them against the context:
+        reading them back here would wait for the device at every step)."""
         T = idx.shape[1]
-        last = start + T if positions is None else int(positions.max()) + 1
-        if self.config.max_seq_len < last:
+        if positions is None and self.config.max_seq_len < start + T:
             raise ValueError(
-                f"sequence length {last} is larger than the model's context max_seq_len={self.config.max_seq_len}"
+                f"sequence length {start + T} is larger than the model's context max_seq_len={self.config.max_seq_len}"
             )
         x = self.tok_emb(idx)
         if self.pos_emb is not None:

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from lego_lightning import ExitTransformer, Stage, TransformerConfig
-from lego_lightning.model.early_exit import generate, routed_forward
+from lego_lightning.decoding import generate
+from lego_lightning.model.early_exit import routed_forward
 
 V = 40
 

@@ -12,7 +12,7 @@ import transformers
 from torch.testing import assert_close
 
 from lego_lightning import ExitTransformer, TransformerConfig
-from lego_lightning.model.early_exit import generate
+from lego_lightning.decoding import generate
 
 V = 96
 LLAMA_SIZES = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4}

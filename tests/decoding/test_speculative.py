@@ -7,17 +7,17 @@ import torch
 import transformers
 
 from lego_lightning import ExitTransformer, Stage, TransformerConfig
-from lego_lightning.model.early_exit import Sampling, generate
-from lego_lightning.model.exit_classifier import ExitClassifier
-from lego_lightning.model.speculative import (
+from lego_lightning.decoding import Sampling, generate
+from lego_lightning.decoding.speed import (
     acceptance_needed,
     measure_step_costs,
     round_speedup,
     speedup_bound,
     tokens_per_verification,
 )
+from lego_lightning.model.exit_classifier import ExitClassifier
 from tests.model.test_early_exit import V, model_for
-from tests.model.test_generation import PROMPTS, left_padded
+from tests.decoding.test_generate import PROMPTS, left_padded
 from tests.model.test_pretrained import FAMILIES, randomise
 
 EXITS = [Stage((1, 1)), Stage((2, 2)), Stage((3, 4))]

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from lego_lightning import ExitTransformer
-from lego_lightning.model.early_exit import generate
+from lego_lightning.decoding import generate
 from lego_lightning.model.exit_classifier import ExitClassifier
 from tests.model.test_early_exit import model_for
 

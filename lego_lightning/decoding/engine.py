@@ -1,0 +1,210 @@
+"""The decoding engine: requests in a fixed number of slots, decoded together with continuous batching.
+
+A program adds requests (:class:`Request`: a prompt and its own settings), calls :meth:`Engine.step`
+and reads what each step verified. Each step first fills free slots with waiting requests
+(prefilling their prompts and giving each its first token), then runs one round over every
+request in a slot: a full-depth step, a routed step, or a self-speculative round where some
+request drafts. A request that ends (its end token or its token limit) leaves its slot at the
+end of the step, and the next waiting one takes it in the next, while the others go on decoding.
+
+A request gets exactly the tokens it gets alone: every computation of a round is per request
+(its own cache slot, its own positions, its own random stream), so what shares the batch, and
+when the request joined, changes nothing but the speed. Memory is the slots' caches, whatever
+the number of requests waiting.
+
+Plain PyTorch, inference only; the model in eval mode. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, deque
+from collections.abc import Iterator
+
+import torch
+
+from lego_lightning.decoding.cache import SlotCache, check_slots_fit
+from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
+from lego_lightning.decoding.request import Completion, Decoding, Event, Request
+from lego_lightning.model.confidence import HiddenConfidence, confidence_measure
+from lego_lightning.model.routing import check_threshold
+from lego_lightning.model.transformer import ExitTransformer
+
+
+class Engine:
+    """Continuous batching over ``slots`` cache slots.
+
+    Args:
+        model: the model, in eval mode.
+        slots: requests decoded at once; the cache holds this many.
+        threshold: route every request (a token leaves at its first exit whose ``confidence``
+            reaches it); ``None``: full depth, or self-speculative for requests with a draft exit.
+        confidence: the measure of routing and of a request's ``draft_threshold``.
+        hidden_confidence: a trained exit classifier, for ``confidence="learned"``.
+        max_speculations: the most drafts any request may ask for a round (the cache keeps room
+            for them past a request's last token).
+        max_context: the most prompt and new tokens a request may have (default: the model's
+            context); a smaller one makes a smaller cache.
+
+    ``add`` a request, ``step`` until ``busy`` is false, or ``run`` to do both::
+
+        engine = Engine(model, slots=8)
+        ids = [engine.add(Request(prompt, max_new_tokens=64, draft_exit=4)) for prompt in prompts]
+        for event in engine.events():   # as the steps verify them
+            print(event.id, event.tokens, event.finished)
+    """
+
+    def __init__(
+        self,
+        model: ExitTransformer,
+        slots: int = 8,
+        *,
+        threshold: float | None = None,
+        confidence: str = "max_prob",
+        hidden_confidence: HiddenConfidence | None = None,
+        max_speculations: int = 8,
+        max_context: int | None = None,
+    ) -> None:
+        cfg = model.config
+        if not cfg.causal:
+            raise ValueError("generate() needs a causal model; this one attends both ways (the masked objective)")
+        if threshold is not None:
+            check_threshold(threshold, "threshold")
+        if not isinstance(max_speculations, int) or max_speculations < 0:
+            raise ValueError(f"max_speculations={max_speculations!r}: allowed an integer >= 0")
+        context = cfg.max_seq_len if max_context is None else max_context
+        if not isinstance(context, int) or not 1 <= context <= cfg.max_seq_len:
+            raise ValueError(f"max_context={max_context!r}: allowed 1..max_seq_len={cfg.max_seq_len}")
+        self.model = model
+        self.routing = Routing(threshold, confidence_measure(confidence, hidden_confidence), hidden_confidence)
+        self.max_speculations = max_speculations
+        self.max_context = context
+        ref = next(model.parameters())
+        width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
+        check_slots_fit(cfg, slots, width, ref.device, ref.dtype)
+        self.cache = SlotCache(cfg, slots, width, ref.device, ref.dtype)
+        self.slots: list[Decoding | None] = [None] * slots
+        self.waiting: deque[tuple[int, Request]] = deque()
+        self._ids = itertools.count()
+        # What ran, summed over every round: rows through the lower layers of a draft step and through the
+        # draft heads, positions through the verification's layers and the final head, full-depth row steps.
+        self.work: Counter = Counter()
+
+    # ------------------------------------------------------------------------------------ requests
+    def add(self, request: Request) -> int:
+        """Queue ``request`` (checked first: a bad setting raises here, naming the field) and return its id."""
+        request.check(self.model, self.routing.threshold is not None, self.max_speculations)
+        if len(request.prompt) + request.max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(request.prompt)}) + max_new_tokens ({request.max_new_tokens}) exceeds this engine's "
+                f"max_context={self.max_context}"
+            )
+        request_id = next(self._ids)
+        self.waiting.append((request_id, request))
+        return request_id
+
+    def cancel(self, request_id: int) -> Completion | None:
+        """Stop a request, waiting or decoding; its slot is free for the next step. ``None`` if it is not here."""
+        for entry in self.waiting:
+            if entry[0] == request_id:
+                self.waiting.remove(entry)
+                return Completion(request_id, len(entry[1].prompt), [], [], "cancelled")
+        for slot, row in enumerate(self.slots):
+            if row is not None and row.id == request_id:
+                self.slots[slot] = None
+                return row.completion()
+        return None
+
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting or decoding."""
+        return bool(self.waiting) or any(row is not None for row in self.slots)
+
+    @property
+    def active(self) -> int:
+        """Requests in a slot."""
+        return sum(row is not None for row in self.slots)
+
+    # ---------------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Fill free slots with waiting requests, then one round over every request in a slot.
+
+        Returns one event per request that got tokens (in order), or ended, in this step.
+        """
+        events: dict[int, Event] = {}
+        while self.waiting and None in self.slots:
+            self._admit(events)
+        rows = [row for row in self.slots if row is not None]
+        if rows:
+            self._round(rows, events)
+        return list(events.values())
+
+    def events(self) -> Iterator[Event]:
+        """Every event of every step until no request is left."""
+        while self.busy:
+            yield from self.step()
+
+    def run(self) -> dict[int, Completion]:
+        """Step until every request has ended; each one's completion by id."""
+        return {event.id: event.completion for event in self.events() if event.completion is not None}
+
+    def _admit(self, events: dict[int, Event]) -> None:
+        """Waiting requests into the free slots: their prompts prefilled, each its first token."""
+        free = [slot for slot, row in enumerate(self.slots) if row is None]
+        rows = []
+        for slot in free[: len(self.waiting)]:
+            request_id, request = self.waiting.popleft()
+            rows.append(Decoding.start(request_id, request, slot, self.cache.tokens.device))
+            self.slots[slot] = rows[-1]
+        tokens, exit_position = prefill(self.model, self.cache, rows, self.routing)
+        self._keep(rows, [[t] for t in self._write_next(rows, tokens, [0] * len(rows))], exit_position, events)
+
+    def _round(self, rows: list[Decoding], events: dict[int, Event]) -> None:
+        model, cache = self.model, self.cache
+        if self.routing.threshold is not None:
+            tokens, exit_position = routed_step(model, cache, rows, self.routing)
+            self._keep(rows, [[t] for t in self._write_next(rows, tokens, [1] * len(rows))], exit_position, events)
+            return
+        if all(row.request.draft_exit is None for row in rows):
+            tokens = full_depth_step(model, cache, rows)
+            self.work["full_steps"] += len(rows)
+            self._keep(rows, [[t] for t in self._write_next(rows, tokens, [1] * len(rows))], None, events)
+            return
+        result = speculative_round(model, cache, rows, self.routing, self.work)
+        accepted = result.accepted.tolist()
+        kept = result.kept.tolist()
+        for row, n, made in zip(rows, accepted, result.drafts):
+            row.drafts += made
+            row.accepted += n
+            row.refusals += n < made
+            row.verifications += 1
+            row.length += n + 1  # through the last kept draft; the round's own token is next
+        self._keep(rows, [tokens[: n + 1] for tokens, n in zip(kept, accepted)], None, events)
+
+    def _write_next(self, rows: list[Decoding], tokens: torch.Tensor, advance: list[int]) -> list[int]:
+        """Each row's new token at its next column (after moving its length by ``advance``); the tokens."""
+        for row, step in zip(rows, advance):
+            row.length += step
+        dev = self.cache.tokens.device
+        slots = torch.tensor([row.slot for row in rows], device=dev)
+        self.cache.tokens[slots, torch.tensor([row.length for row in rows], device=dev)] = tokens
+        return tokens.tolist()
+
+    def _keep(
+        self,
+        rows: list[Decoding],
+        tokens: list[list[int]],
+        exit_position: torch.Tensor | None,
+        events: dict[int, Event],
+    ) -> None:
+        """Each row keeps its new tokens (up to its end); events for them; rows that ended leave their slots."""
+        last = len(self.model.exit_layers) - 1
+        exits = [last] * len(rows) if exit_position is None else exit_position.tolist()
+        for row, new, exit_index in zip(rows, tokens, exits):
+            kept = row.take(new, exit_index)
+            event = events.setdefault(row.id, Event(row.id, []))
+            event.tokens += kept
+            if row.finish_reason is not None:
+                event.completion = row.completion()
+                self.slots[row.slot] = None

@@ -1,0 +1,133 @@
+"""How fast self-speculative decoding can be: the speed bound, and the step costs it is computed from."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lego_lightning.decoding.attention import Pass, embed, run_layers
+from lego_lightning.decoding.cache import SlotCache
+from lego_lightning.decoding.request import check_draft
+from lego_lightning.model.transformer import ExitTransformer
+
+
+def tokens_per_verification(acceptance: float, num_speculations: int) -> float:
+    """Expected tokens a round yields when each draft is accepted with probability ``acceptance``
+    independently of the others: ``1 + a + a^2 + ... + a^K`` (the kept drafts and the full model's own)."""
+    if not 0.0 <= acceptance <= 1.0:
+        raise ValueError(f"acceptance={acceptance}: allowed 0..1")
+    return sum(acceptance**i for i in range(num_speculations + 1))
+
+
+def speedup_bound(
+    acceptance: float, num_speculations: int, draft_cost: float, verify_cost: float, full_cost: float
+) -> float:
+    """The most self-speculation can gain over full-depth decoding, as a ratio of tokens per second.
+
+    ``draft_cost`` is one draft step (layers 1..E and exit E's head, one token per row),
+    ``verify_cost`` one verification of ``num_speculations`` drafts (layers 1..E for the last
+    draft, the layers above over the K + 1 positions, the final head over them), ``full_cost``
+    one full-depth step: all measured in the same units (:func:`measure_step_costs`). A round
+    costs K drafts and one verification and yields :func:`tokens_per_verification` tokens; the
+    bound leaves out everything else a round does (bookkeeping, the comparison, sampling).
+    """
+    tokens = tokens_per_verification(acceptance, num_speculations)
+    return round_speedup(tokens, num_speculations, draft_cost, verify_cost, full_cost)
+
+
+def round_speedup(
+    tokens_per_round: float, drafts_per_round: float, draft_cost: float, verify_cost: float, full_cost: float
+) -> float:
+    """:func:`speedup_bound` for rounds that yield ``tokens_per_round`` tokens from ``drafts_per_round``
+    drafts on average (as measured, e.g. with adaptive drafting, whose drafts vary)."""
+    return tokens_per_round * full_cost / (drafts_per_round * draft_cost + verify_cost)
+
+
+def acceptance_needed(
+    speedup: float, num_speculations: int, draft_cost: float, verify_cost: float, full_cost: float
+) -> float | None:
+    """The least acceptance at which :func:`speedup_bound` reaches ``speedup`` with these costs, or ``None``
+    where even every draft accepted falls short (the bound rises with the acceptance)."""
+
+    def bound(acceptance: float) -> float:
+        return speedup_bound(acceptance, num_speculations, draft_cost, verify_cost, full_cost)
+
+    if bound(1.0) < speedup:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if bound(middle) < speedup else (low, middle)
+    return high
+
+
+@dataclass
+class StepCosts:
+    """Seconds of one draft step, one verification of ``num_speculations`` drafts and one full-depth step."""
+
+    draft: float
+    verify: float
+    full: float
+
+
+def seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """The median of ``repeats`` timings of ``fn`` after one warm-up (the device synchronised around each)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def measure_step_costs(
+    model: ExitTransformer,
+    draft_exit: int,
+    num_speculations: int,
+    batch_size: int = 1,
+    context: int = 64,
+    repeats: int = 20,
+) -> StepCosts:
+    """Time the three pieces of :func:`speedup_bound` on this model and machine (median of ``repeats``),
+    with ``context`` tokens already cached in each of ``batch_size`` slots, through the engine's own
+    passes: the draft and the verification as self-speculation runs them, the full step as full-depth
+    decoding does."""
+    check_draft(model, draft_exit, num_speculations)
+    cfg = model.config
+    ref = next(model.parameters())
+    K, E, L = num_speculations, draft_exit, cfg.n_layers
+    context = min(context, cfg.max_seq_len - K - 1)
+    cache = SlotCache(cfg, batch_size, context + K + 1, ref.device, ref.dtype)
+    cache.keys.normal_()
+    cache.values.normal_()
+    slots = list(range(batch_size))
+    draft_head, final_head = model.head(E), model.head(cfg.exit_layers[-1])
+
+    def lower(column: int) -> torch.Tensor:
+        p = Pass.of(cache, slots, [column] * batch_size, 1, cfg.max_seq_len)
+        return run_layers(model, cache, range(1, E + 1), embed(model, cache, p), p)
+
+    def draft() -> None:
+        draft_head(lower(context)[:, 0]).argmax(-1)
+
+    def verify() -> None:
+        lower(context + K)
+        many = Pass.of(cache, slots, [context] * batch_size, K + 1, cfg.max_seq_len)
+        x = torch.zeros(batch_size, K + 1, cfg.d_model, device=ref.device, dtype=ref.dtype)
+        final_head(run_layers(model, cache, range(E + 1, L + 1), x, many)).argmax(-1)
+
+    def full() -> None:
+        p = Pass.of(cache, slots, [context] * batch_size, 1, cfg.max_seq_len)
+        x = run_layers(model, cache, range(1, L + 1), embed(model, cache, p), p)
+        final_head(x[:, 0]).argmax(-1)
+
+    return StepCosts(*(seconds(fn, repeats, ref.device) for fn in (draft, verify, full)))
