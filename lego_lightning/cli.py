@@ -184,6 +184,12 @@ class LegoCLI(LightningCLI):
             return super()._run_subcommand(subcommand)
         self.generate(**self._prepare_subcommand_kwargs(subcommand))
 
+    def _set_seed(self) -> None:
+        """Lightning's, but not for ``generate``: each prompt samples from its own seed, and greedy decoding draws
+        nothing (seeding the process said "No seed found, seed set to 0" at every call)."""
+        if self.subcommand != "generate":
+            super()._set_seed()
+
     def _checkpoint_hparams_as_defaults(self, raw: list[str]) -> None:
         """Make a checkpoint's model hyperparameters the defaults, below the config and the command line.
 
@@ -389,11 +395,13 @@ class LegoCLI(LightningCLI):
         Args:
             ckpt_path: a checkpoint of ``lego fit``; its model settings and tokenizer come with it.
             prompt: a text to continue (repeatable).
-            prompts: a file of prompts: one per line, or JSON lines with a ``text`` field (``.jsonl``).
+            prompts: a file of prompts: one per line, or JSON lines with a ``text`` field (``.jsonl``) and, if
+                it likes, its own ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed`` and
+                ``eos_token_id`` over the command line's.
             output: write JSON lines here (prompt, text, tokens, drafts, accepted, tokens_per_s)
                 instead of printing the texts.
             max_new_tokens: tokens to generate after each prompt.
-            batch_size: prompts decoded together (padded on the left).
+            batch_size: prompts decoded at once (the engine's slots): one that ends makes room for the next.
             threshold: routed decoding: a token leaves at its first exit whose ``confidence``
                 reaches it (``None``: full depth).
             confidence: the confidence measure of routing and of ``draft_threshold``.
@@ -414,6 +422,8 @@ class LegoCLI(LightningCLI):
             net, max_new_tokens, threshold, draft_exit, num_speculations, draft_threshold, temperature, top_k, top_p,
             confidence, getattr(model, "hidden_confidence", None),
         )  # fmt: skip
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: allowed a positive integer (prompts decoded at once)")
         settings = dict(
             max_new_tokens=max_new_tokens, threshold=threshold, confidence=confidence, draft_exit=draft_exit,
             num_speculations=num_speculations, draft_threshold=draft_threshold, temperature=temperature, top_k=top_k,
@@ -421,14 +431,15 @@ class LegoCLI(LightningCLI):
         )  # fmt: skip
         if output is not None:
             check_writable_folder(Path(output).expanduser().resolve().parent, "output")
-        datamodule.set_prompts(texts, batch_size, net.config.max_seq_len, max_new_tokens)
-        generator = Generator(model, datamodule.tokenizer, settings)
+        datamodule.set_prompts(texts, net.config.max_seq_len, max_new_tokens)
+        generator = Generator(model, datamodule.tokenizer, datamodule, settings, slots=batch_size)
+        generator.check_requests()
         batches = self.trainer.predict(generator, datamodule=datamodule, ckpt_path=ckpt_path)
         rows = gather_results([row for batch in batches or [] for row in batch])
         if self.trainer.global_rank != 0:
             return
         for row in rows:
-            row["prompt"] = datamodule.texts[row.pop("index")]
+            row["prompt"] = datamodule.prompts[row.pop("index")].text
         if output is not None:
             with open(Path(output).expanduser(), "w", encoding="utf-8") as file:
                 for row in rows:
@@ -476,7 +487,8 @@ def repeated_prompts_as_one_list(raw: list[str]) -> list[str]:
             texts.append(arg.split("=", 1)[1])
         else:
             rest.append(arg)
-    return [*rest, "--prompt", json.dumps(texts)] if texts else rest
+    # Not ASCII-escaped: the parser reads the list as YAML, which refuses the surrogate pairs of an emoji's escape.
+    return [*rest, "--prompt", json.dumps(texts, ensure_ascii=False)] if texts else rest
 
 
 def user_error_message(error: BaseException) -> str | None:

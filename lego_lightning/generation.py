@@ -1,28 +1,40 @@
 """``lego generate``: text from a trained model, through Lightning's predict loop.
 
 :class:`PromptDataModule` holds the tokenizer (a checkpoint's own, or a pretrained folder's)
-and turns prompts into left-padded batches; :class:`Generator` wraps a trained module and
-decodes each batch with :func:`~lego_lightning.decoding.generate` at full depth, routed
-or self-speculatively. Lightning spreads the batches over ``--trainer.devices``; every prompt
-keeps its index, so the results come back in order from any number of processes.
+and the prompts, each with its own settings; :class:`Generator` wraps a trained module and
+decodes every prompt of its process with the decoding engine
+(:class:`~lego_lightning.decoding.Engine`), ``--batch_size`` of them at a time with continuous
+batching: a prompt that ends makes room for the next at once. Lightning spreads the prompts over
+``--trainer.devices``; every prompt keeps its index, so the results come back in order from any
+number of processes.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lego_lightning.checkpoint_io import read_checkpoint
 from lego_lightning.data.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_state
-from lego_lightning.decoding import generate
+from lego_lightning.decoding import Engine, Request
+
+# What a JSON line of --prompts may set for its own prompt, over the command line's defaults.
+PROMPT_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_token_id")
+
+
+@dataclass
+class Prompt:
+    """A prompt's text and the settings of its own JSON line (the command line's fill in the rest)."""
+
+    text: str
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def tokenizer_of(source: str | Path) -> TextTokenizer:
@@ -40,9 +52,10 @@ def tokenizer_of(source: str | Path) -> TextTokenizer:
     return load_tokenizer(path)
 
 
-def read_prompts(prompt: Sequence[str] | None, prompts: str | Path | None) -> list[str]:
-    """``--prompt`` texts, then those of ``--prompts FILE``: one per line, or JSON lines with a ``text`` field."""
-    texts = list(prompt or [])
+def read_prompts(prompt: Sequence[str] | None, prompts: str | Path | None) -> list[Prompt]:
+    """``--prompt`` texts, then those of ``--prompts FILE``: one per line, or JSON lines with a ``text`` field
+    and, if it likes, its own settings (:data:`PROMPT_SETTINGS`; other fields are the caller's own, ignored)."""
+    texts = [Prompt(text) for text in prompt or []]
     if prompts is not None:
         path = Path(prompts).expanduser()
         if not path.is_file():
@@ -52,12 +65,15 @@ def read_prompts(prompt: Sequence[str] | None, prompts: str | Path | None) -> li
             raise ValueError(f"prompts={str(prompts)!r} is empty: give one prompt per line, or JSON lines")
         if path.suffix == ".jsonl":
             for number, line in enumerate(lines, start=1):
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"prompts={str(prompts)!r} line {number} is not JSON: {error}") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ValueError(f'prompts={str(prompts)!r} line {number}: a JSON line needs a "text" string')
-                texts.append(row["text"])
+                texts.append(Prompt(row["text"], {k: row[k] for k in PROMPT_SETTINGS if k in row}))
         else:
-            texts += lines
+            texts += [Prompt(line) for line in lines]
     if not texts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
     return texts
@@ -80,58 +96,57 @@ class PromptDataModule(L.LightningDataModule):
                 "--model.pretrained DIR, or --data.tokenizer PATH"
             )
         self.tokenizer = tokenizer_of(tokenizer)
-        self.prompts: list[list[int]] = []
-        self.texts: list[str] = []
-        self.batch_size = 1
+        self.prompts: list[Prompt] = []
+        self.ids: list[list[int]] = []
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def set_prompts(self, texts: Sequence[str], batch_size: int, room: int, max_new_tokens: int) -> None:
-        """Tokenize ``texts``; each must be non-empty and leave ``max_new_tokens`` within ``room`` (the context)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: allowed a positive integer")
-        self.texts, self.batch_size, self.prompts = list(texts), batch_size, []
-        for i, text in enumerate(self.texts):
-            ids = self.tokenizer.encode_prompt(text)
+    def set_prompts(self, prompts: Sequence[Prompt], room: int, max_new_tokens: int) -> None:
+        """Tokenize ``prompts``; each must be non-empty and leave its own ``max_new_tokens`` (its line's, else
+        ``max_new_tokens``) within ``room`` (the context)."""
+        self.prompts, self.ids = list(prompts), []
+        for i, prompt in enumerate(self.prompts):
+            ids = self.tokenizer.encode_prompt(prompt.text)
             if not ids:
-                raise ValueError(f"prompt {i + 1} ({text!r}) has no tokens")
-            if len(ids) + max_new_tokens > room:
+                raise ValueError(f"prompt {i + 1} ({prompt.text!r}) has no tokens")
+            new = prompt.settings.get("max_new_tokens", max_new_tokens)
+            if isinstance(new, int) and len(ids) + new > room:
                 raise ValueError(
-                    f"prompt {i + 1} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                    f"{len(ids) + max_new_tokens}, longer than the model's context max_seq_len={room}: shorten the "
-                    "prompt or lower max_new_tokens"
+                    f"prompt {i + 1} has {len(ids)} tokens; with max_new_tokens={new} that is {len(ids) + new}, "
+                    f"longer than the model's context max_seq_len={room}: shorten the prompt or lower max_new_tokens"
                 )
-            self.prompts.append(ids)
+            self.ids.append(ids)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(list(range(len(self.prompts))), batch_size=self.batch_size, collate_fn=self._left_padded)
-
-    def _left_padded(self, indices: list[int]) -> dict[str, Tensor]:
-        width = max(len(self.prompts[i]) for i in indices)
-        ids = torch.zeros(len(indices), width, dtype=torch.long)
-        mask = torch.zeros(len(indices), width, dtype=torch.long)
-        for row, i in enumerate(indices):
-            n = len(self.prompts[i])
-            ids[row, width - n :] = torch.tensor(self.prompts[i])
-            mask[row, width - n :] = 1
-        return {"index": torch.tensor(indices), "ids": ids, "mask": mask}
+        # One batch holds every prompt of a process: the engine schedules them over its slots itself.
+        return DataLoader(list(range(len(self.ids))), batch_size=max(1, len(self.ids)), collate_fn=torch.tensor)
 
 
 class Generator(L.LightningModule):
     """A trained module's model decoding prompts in ``predict_step``; checkpoints load into the module it wraps.
 
-    ``settings`` are :func:`~lego_lightning.decoding.generate`'s keyword arguments
-    (``max_new_tokens``, ``threshold``, ``draft_exit``, sampling...); ``seed`` gives prompt ``i``
-    the seed ``seed + i``, so a prompt gets the same text in any batch and on any device.
+    ``settings`` are the engine's (``threshold``, ``confidence``) and each request's defaults
+    (``max_new_tokens``, ``draft_exit``, sampling...), which a prompt's own JSON line overrides;
+    ``seed`` gives prompt ``i`` the seed ``seed + i`` unless its line has one, so a prompt gets the
+    same text whatever else decodes beside it and on any device. ``slots`` prompts decode at once.
     """
 
-    def __init__(self, module: L.LightningModule, tokenizer: TextTokenizer, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        module: L.LightningModule,
+        tokenizer: TextTokenizer,
+        prompts: PromptDataModule,
+        settings: dict[str, Any],
+        slots: int = 1,
+    ) -> None:
         super().__init__()
         self.module = module
         self.tokenizer = tokenizer
+        self.prompts = prompts
         self.settings = dict(settings)
+        self.slots = slots
 
     # The wrapped module's own setup (a pretrained module loads its weights there), then a checkpoint
     # of it: its hooks and weights, under its own names.
@@ -144,38 +159,52 @@ class Generator(L.LightningModule):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict[str, Any]]:
-        settings = dict(self.settings)
-        seed = settings.pop("seed", None)
+    def request(self, index: int) -> Request:
+        """Prompt ``index``'s request: the command line's settings, its own line's over them."""
+        settings = {k: v for k, v in self.settings.items() if k not in ("threshold", "confidence", "seed")}
+        seed = self.settings.get("seed")
+        own = self.prompts.prompts[index].settings
+        settings |= {"seed": None if seed is None else seed + index} | own
+        return Request(self.prompts.ids[index], **settings)
+
+    def check_requests(self) -> None:
+        """Every prompt's request checked against the model before anything runs; an error names the prompt."""
+        model = self.module.model
+        routed = self.settings.get("threshold") is not None
+        for index in range(len(self.prompts.ids)):
+            try:
+                self.request(index).check(model, routed, self.settings.get("num_speculations", 4))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"prompt {index + 1}: {error}") from None
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[dict[str, Any]]:
         model = self.module.model.eval()
-        if settings.get("confidence") == "learned":
-            settings["hidden_confidence"] = self.module.hidden_confidence
-        start = time.perf_counter()
-        out = generate(
+        learned = self.settings.get("confidence") == "learned"
+        engine = Engine(
             model,
-            batch["ids"],
-            attention_mask=batch["mask"],
-            seed=None if seed is None else [seed + int(i) for i in batch["index"]],
-            **settings,
+            min(self.slots, len(batch)),
+            threshold=self.settings.get("threshold"),
+            confidence=self.settings.get("confidence", "max_prob"),
+            hidden_confidence=self.module.hidden_confidence if learned else None,
+            max_speculations=self.settings.get("num_speculations", 4),
         )
-        seconds = time.perf_counter() - start
-        width = batch["ids"].shape[1]
-        made = (out.exit_position >= 0).sum(1)
+        index_of = {engine.add(self.request(index)): index for index in batch.tolist()}
         rows = []
-        for row, index in enumerate(batch["index"].tolist()):
-            prompt = out.tokens[row, :width][batch["mask"][row].bool()].tolist()
-            ids = out.tokens[row, width : width + int(made[row])].tolist()
+        for request_id, done in sorted(engine.run().items()):
+            index = index_of[request_id]
+            prompt = self.prompts.ids[index]
             # The continuation as it reads after the prompt: a word tokenizer's space between them included.
-            text = self.tokenizer.decode(prompt + ids)[len(self.tokenizer.decode(prompt)) :]
-            result: dict[str, Any] = {
+            text = self.tokenizer.decode(prompt + done.tokens)[len(self.tokenizer.decode(prompt)) :]
+            row: dict[str, Any] = {
                 "index": index,
                 "text": text,
-                "tokens": len(ids),
-                "tokens_per_s": float(made.sum()) / seconds,  # the batch's: its rows decode together
+                "tokens": len(done.tokens),
+                # Its own tokens over its own time in a slot, sharing the batch with the others.
+                "tokens_per_s": len(done.tokens) / done.seconds,
             }
-            if out.drafts is not None:
-                result |= {"drafts": int(out.drafts[row]), "accepted": int(out.accepted[row])}
-            rows.append(result)
+            if self.settings.get("draft_exit") is not None:
+                row |= {"drafts": done.drafts, "accepted": done.accepted}
+            rows.append(row)
         return rows
 
 

@@ -151,3 +151,52 @@ def test_prompts_spread_over_two_processes_come_back_whole_and_in_order(demo_che
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["text"]) for r in two] == [(r["prompt"], r["text"]) for r in single]
+
+
+def test_json_lines_carry_their_own_settings_over_the_command_lines(demo_checkpoint, tmp_path, capsys):
+    lines = [
+        {"text": PROMPTS[0], "max_new_tokens": 3},
+        {"text": PROMPTS[1], "temperature": 1.0, "top_k": 20, "seed": 7, "max_new_tokens": 6},
+        {"text": PROMPTS[2], "id": "mine"},  # fields that are not settings are the caller's own
+        {"text": PROMPTS[0], "temperature": 0.9, "top_p": 0.9, "max_new_tokens": 5},  # --seed + its index: 1 + 3
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    # The command line's max_new_tokens (29) overflows the context (32) for these prompts; lines 1, 2 and 4 set
+    # their own, and line 3 is short enough.
+    rows = lego_generate("--ckpt_path", str(demo_checkpoint), "--prompts", str(prompts), "--max_new_tokens", "29",
+                         "--batch_size", "2", "--seed", "1", "--output", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert [r["tokens"] for r in rows] == [3, 6, 29, 5]
+    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
+    tokenizer = tokenizer_of(demo_checkpoint)
+    expected_settings = [
+        {"max_new_tokens": 3},
+        {"max_new_tokens": 6, "temperature": 1.0, "top_k": 20, "seed": 7},
+        {"max_new_tokens": 29},
+        {"max_new_tokens": 5, "temperature": 0.9, "top_p": 0.9, "seed": 4},
+    ]
+    for row, line, settings in zip(rows, lines, expected_settings):
+        ids = torch.tensor([tokenizer.encode_prompt(line["text"])])
+        new = settings.pop("max_new_tokens")
+        tokens = generate(module.model, ids, new, **settings).tokens[0, ids.shape[1] :].tolist()
+        assert row["text"] == tokenizer.decode(ids[0].tolist() + tokens)[len(tokenizer.decode(ids[0].tolist())) :]
+    # The context check reads each line's own max_new_tokens, and a line's bad setting is named before any work.
+    for bad, message in (
+        ({"text": PROMPTS[0], "max_new_tokens": 30}, r"prompt 2 has 4 tokens; with max_new_tokens=30"),
+        ({"text": PROMPTS[0], "temperature": -1}, r"prompt 2: temperature must be >= 0"),
+        ({"text": PROMPTS[0], "top_p": 2}, r"prompt 2: top_p must be in \(0, 1\]"),
+    ):
+        prompts.write_text(json.dumps(lines[0]) + "\n" + json.dumps(bad))
+        with pytest.raises(SystemExit):
+            main(["generate", "--ckpt_path", str(demo_checkpoint), "--prompts", str(prompts), "--max_new_tokens", "4"])
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+        assert "Predicting" not in err
+
+
+def test_a_prompt_with_an_emoji_is_read_and_no_seed_is_announced(demo_checkpoint, tmp_path, capfd):
+    rows = lego_generate("--ckpt_path", str(demo_checkpoint), "--prompt", "the game 🙂", "--prompt", "a",
+                         "--max_new_tokens", "3", "--output", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert [r["prompt"] for r in rows] == ["the game 🙂", "a"] and all(r["tokens"] == 3 for r in rows)
+    printed = capfd.readouterr()
+    assert "seed" not in (printed.out + printed.err).lower()  # neither "No seed found" nor "Seed set to 0"
