@@ -35,7 +35,7 @@ from lego_lightning.model.routing import check_threshold, route
 from lego_lightning.model.transformer import ExitTransformer
 from lego_lightning.modules.metrics import ExitMetrics
 from lego_lightning.modules.optim import Schedule, WarmupSchedule, freeze_untrainable_stages, param_groups
-from lego_lightning.modules.progress import show_train_description
+from lego_lightning.modules.progress import follow_description
 
 Objective = Literal["causal", "masked"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -591,16 +591,8 @@ class SupervisedExitLM(L.LightningModule):
         epoch limit: then ``Epoch N``)."""
         return f"Epoch {self.current_epoch}" if self.trainer.max_epochs in (None, -1) else None
 
-    def on_train_epoch_start(self) -> None:
-        self._describe_training()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._describe_training()  # a bar made mid-epoch (a resumed run's) gets it too; setting text costs nothing
-
-    def _describe_training(self) -> None:
-        text = self.train_description()
-        if text is not None:
-            show_train_description(self.trainer, text)
+    def on_fit_start(self) -> None:
+        follow_description(self.trainer, self.train_description)
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         """AdamW's parameter groups: one per stage and weight-decay setting (:func:`.optim.param_groups`)."""

@@ -1,5 +1,7 @@
 """What a run prints: the progress bar's description (never a negative epoch total) and FLOPs in the model summary."""
 
+import re
+
 import pytest
 from lightning.pytorch.callbacks import Callback, ModelSummary, RichModelSummary, RichProgressBar, TQDMProgressBar
 
@@ -38,6 +40,47 @@ def test_a_phased_run_shows_each_phases_epoch_and_limit(tmp_path, bar):
     assert [d.split("]")[-1].rstrip(": ") for d in descriptions.seen] == expected
 
 
+class RichFrames(Callback):
+    """Every description the Rich bar is given, from its first task on (listed after the bar, which makes its
+    progress display in on_train_start)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_start(self, trainer, pl_module):
+        if not isinstance(trainer.progress_bar_callback, RichProgressBar):
+            return
+        progress = trainer.progress_bar_callback.progress
+        for name in ("add_task", "reset", "update"):
+            method = getattr(progress, name)
+
+            def spy(*args, _method=method, _name=name, **kwargs):
+                description = args[0] if _name == "add_task" and args else kwargs.get("description")
+                if description is not None:
+                    self.seen.append(str(description))
+                return _method(*args, **kwargs)
+
+            setattr(progress, name, spy)
+
+
+@pytest.mark.parametrize("bar", [RichProgressBar, TQDMProgressBar])
+def test_every_frame_of_a_phased_run_shows_its_phase_from_the_first(tmp_path, bar, capsys):
+    frames = RichFrames()
+    trainer = quiet_trainer(tmp_path, max_epochs=-1, enable_progress_bar=True, callbacks=[bar(), frames],
+                            limit_val_batches=1)  # fmt: skip
+    trainer.fit(tiny_ashem(phase1_max_epochs=1, phase2_max_epochs=2), synthetic())
+    if bar is RichProgressBar:
+        seen = frames.seen
+    else:  # each frame tqdm draws, from the output
+        seen = [f for f in capsys.readouterr().out.replace("\n", "\r").split("\r") if f.strip()]
+    epochs = [f for f in seen if "Epoch" in f]
+    assert len(epochs) >= 3 and not any("/-" in f for f in seen)
+    assert all("phase" in f for f in epochs), epochs
+    for epoch, phase in ((0, "phase 1/2, epoch 1/1"), (1, "phase 2/2, epoch 1/2"), (2, "phase 2/2, epoch 2/2")):
+        first = next(f for f in epochs if f"Epoch {epoch} " in f)
+        assert re.sub(r"^\[[^\]]*\]", "", first).lstrip().startswith(f"Epoch {epoch} · {phase}"), first
+
+
 def test_a_run_without_an_epoch_limit_shows_no_negative_total(tmp_path):
     descriptions = Descriptions()
     bar = RichProgressBar()
@@ -46,7 +89,7 @@ def test_a_run_without_an_epoch_limit_shows_no_negative_total(tmp_path):
     )
     trainer.fit(tiny_lm(max_seq_len=16), synthetic())
     assert [d.split("]")[-1].strip() for d in descriptions.seen] == ["Epoch 0", "Epoch 1"]  # 4 steps an epoch
-    assert bar._get_train_description(0).startswith("Epoch 0/-2")  # what Lightning's own description reads
+    assert RichProgressBar._get_train_description(bar, 0).startswith("Epoch 0/-2")  # what Lightning's own reads
 
 
 @pytest.mark.parametrize(
