@@ -16,8 +16,8 @@ from lego_lightning.decoding.speed import (
     tokens_per_verification,
 )
 from lego_lightning.model.exit_classifier import ExitClassifier
-from tests.model.test_early_exit import V, model_for
 from tests.decoding.test_generate import PROMPTS, left_padded
+from tests.model.test_early_exit import V, model_for
 from tests.model.test_pretrained import FAMILIES, randomise
 
 EXITS = [Stage((1, 1)), Stage((2, 2)), Stage((3, 4))]
