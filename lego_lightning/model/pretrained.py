@@ -19,15 +19,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lego_lightning.model.config import ROPE_SCALINGS, Stage, TransformerConfig
 
-if TYPE_CHECKING:
-    from lego_lightning.model.transformer import ExitTransformer
+# The model these functions read and write is an ExitTransformer, which imports this module (its
+# from_pretrained and save_pretrained); they use only its config, heads and state_dict, so nothing
+# here imports it back.
 
 GPT2 = "gpt2"
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -266,7 +267,7 @@ def state_from_hf(hf: Mapping[str, Tensor], cfg: TransformerConfig, family: str)
     return ours
 
 
-def state_to_hf(model: ExitTransformer) -> dict[str, Tensor]:
+def state_to_hf(model: nn.Module) -> dict[str, Tensor]:
     """The trunk and the final exit's head as a Hugging Face ``state_dict`` (what ``from_pretrained`` reads)."""
     cfg, family = model.config, family_of(model.config)
     ours = model.state_dict()
@@ -349,7 +350,7 @@ def read_config(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]
     return folder, hf, saved
 
 
-def converted_state(folder: Path, model: ExitTransformer, saved_exit_heads: bool) -> dict[str, Tensor]:
+def converted_state(folder: Path, model: nn.Module, saved_exit_heads: bool) -> dict[str, Tensor]:
     """The checkpoint in ``folder`` as ``model``'s ``state_dict``: every exit's head starts as the final one
     (or, with ``saved_exit_heads``, as :func:`save_pretrained` left it); a clear error when shapes differ."""
     hf = json.loads((folder / "config.json").read_text())
@@ -371,31 +372,22 @@ def converted_state(folder: Path, model: ExitTransformer, saved_exit_heads: bool
     return state
 
 
-def from_pretrained(
-    path: str | Path,
-    exits: Sequence[int] | None = None,
-    head_sharing: str | None = None,
-    dtype: torch.dtype | str | None = None,
-) -> ExitTransformer:
-    """An :class:`ExitTransformer` holding a Hugging Face checkpoint's weights, with exits after ``exits``.
+def pretrained_config(
+    path: str | Path, exits: Sequence[int] | None = None, head_sharing: str | None = None
+) -> tuple[Path, TransformerConfig, bool]:
+    """A checkpoint's folder, our config for it with exits after ``exits``, and whether to load the exit heads
+    :func:`save_pretrained` wrote beside it (when ``exits`` names no others).
 
     Every exit starts as the final norm and LM head: shared (``head_sharing="shared"``, no new
     parameters, LayerSkip's choice) or a copy per exit (``"separate"``). A folder written by
     :func:`save_pretrained` brings its exits back unless ``exits`` names others.
     """
-    from lego_lightning.model.transformer import ExitTransformer
-
     folder, hf, saved = read_config(path)
     sharing = head_sharing or (saved.get("head_sharing", "shared") if exits is None else "shared")
-    cfg = config_from_hf(hf, exits if exits is not None else saved.get("exits"), sharing)
-    model = ExitTransformer(cfg)
-    model.load_state_dict(converted_state(folder, model, saved_exit_heads=exits is None), strict=True)
-    if dtype is not None:
-        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    return model
+    return folder, config_from_hf(hf, exits if exits is not None else saved.get("exits"), sharing), exits is None
 
 
-def save_pretrained(model: ExitTransformer, path: str | Path) -> Path:
+def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     """Write the trunk and final head in the Hugging Face format (``config.json``, ``model.safetensors``)
     that ``transformers`` loads, and the exits beside it (``lego_exits.json``, and the other heads'
     weights when each exit has its own)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lego_lightning.model import pretrained
 from lego_lightning.model.config import Stage, TransformerConfig
 
 GrowInit = Literal["identity", "copy", "random"]
@@ -241,15 +242,16 @@ class ExitTransformer(nn.Module):
     ) -> ExitTransformer:
         """A GPT-2 or Llama-family checkpoint in the Hugging Face format (a folder, or a hub name),
         converted, with exits after ``exits``; see :mod:`lego_lightning.model.pretrained`."""
-        from lego_lightning.model.pretrained import from_pretrained
-
-        return from_pretrained(path, exits, head_sharing, dtype)
+        folder, config, saved_exit_heads = pretrained.pretrained_config(path, exits, head_sharing)
+        model = cls(config)
+        model.load_state_dict(pretrained.converted_state(folder, model, saved_exit_heads), strict=True)
+        if dtype is not None:
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model
 
     def save_pretrained(self, path: str | Path) -> Path:
         """The trunk in the Hugging Face format, loadable by ``transformers``, and the exits beside it."""
-        from lego_lightning.model.pretrained import save_pretrained
-
-        return save_pretrained(self, path)
+        return pretrained.save_pretrained(self, path)
 
     # ----------------------------------------------------------------------------------- init
     @staticmethod
