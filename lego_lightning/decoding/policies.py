@@ -306,7 +306,8 @@ def speculative_round(
     hidden = torch.zeros(R, K_max + 1, cfg.d_model, device=dev, dtype=cache.keys.dtype)
     n_drafts = [0] * R
     sampled = any(row.generator is not None for row in rows)
-    q_probs = torch.zeros(R, K_max, cfg.vocab_size, device=dev) if sampled else None
+    # The drafts' distributions, by row and draft; only what a row drafted is ever read.
+    q_probs = torch.empty(R, K_max, cfg.vocab_size, device=dev) if sampled else None
     thresholds = [row.request.draft_threshold for row in rows]
 
     drafting = list(range(R))  # rows whose token at column start + j runs the lower layers this step
@@ -344,7 +345,7 @@ def speculative_round(
     p = Pass.of(cache, slots, start, Q, cfg.max_seq_len)
     x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q)
     work["verify_layer_tokens"] += R * Q
-    real = [i * Q + k for i in range(R) for k in range(n_drafts[i] + 1)]
+    real = [i * Q + k for i in range(R) for k in range(n_drafts[i] + 1)]  # row after row
     flat = x.reshape(R * Q, -1)
     if len(real) < R * Q:  # the final head only where a row has a position, not over the padding
         flat = flat.index_select(0, torch.tensor(real, device=dev))
@@ -354,7 +355,7 @@ def speculative_round(
     offsets = torch.arange(Q, device=dev)
     proposed = cache.tokens[slots_t[:, None], start_t[:, None] + 1 + offsets[: Q - 1]]  # (R, Q - 1) the drafts
     within = offsets[: Q - 1] < torch.tensor(n_drafts, device=dev)[:, None]
-    accepted, next_token = _accept(rows, n_drafts, logits, real, Q, proposed, within, q_probs, u)
+    accepted, next_token = _accept(rows, n_drafts, logits, proposed, within, q_probs, u)
     cache.tokens[slots_t, start_t + accepted + 1] = next_token
     kept = cache.tokens[slots_t[:, None], start_t[:, None] + 1 + offsets]
     return Round(n_drafts, accepted, kept)
@@ -393,49 +394,51 @@ def _draft_tokens(
 
 
 def _accept(
-    rows: list[Decoding], n_drafts: list[int], logits: Tensor, real: list[int], Q: int, proposed: Tensor,
-    within: Tensor, q_probs: Tensor | None, u: dict[int, Tensor],
+    rows: list[Decoding], n_drafts: list[int], logits: Tensor, proposed: Tensor, within: Tensor,
+    q_probs: Tensor | None, u: dict[int, Tensor],
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """How many drafts each row keeps, and its next token, from the full model's ``logits`` at the ``real``
-    positions (flat ``row * Q + k``)."""
+    """How many drafts each row keeps, and its next token, from the full model's ``logits`` ``(N, V)``: row
+    ``r``'s positions ``0..n_drafts[r]`` one after the other, row after row."""
     R, dev = len(rows), logits.device
-    V = logits.shape[-1]
     accepted = torch.zeros(R, dtype=torch.long, device=dev)
     next_token = torch.zeros(R, dtype=torch.long, device=dev)
-    real_t = torch.tensor(real, device=dev)
+    first = [0]  # where each row's positions start among the logits
+    for n in n_drafts[:-1]:
+        first.append(first[-1] + n + 1)
     groups = by_sampling(rows, list(range(R)))
     for sampling, members in groups.items():
         index = torch.tensor(members, device=dev)
-        positions, part = real_t, logits
-        if len(groups) > 1:  # this group's positions among the real ones
-            ours = set(members)
-            picked = torch.tensor([n for n, f in enumerate(real) if f // Q in ours], device=dev)
-            positions, part = real_t.index_select(0, picked), logits.index_select(0, picked)
+        part = logits
+        starts = torch.tensor([first[i] for i in members], device=dev)
+        if len(groups) > 1:  # this group's positions only
+            picked = torch.tensor([first[i] + k for i in members for k in range(n_drafts[i] + 1)], device=dev)
+            part = logits.index_select(0, picked)
+            starts = torch.tensor([0, *itertools.accumulate(n_drafts[i] + 1 for i in members)][:-1], device=dev)
         n = torch.tensor([n_drafts[i] for i in members], device=dev)
-        K = int(max(n_drafts[i] for i in members))
+        K = max(n_drafts[i] for i in members)
+        offsets = torch.arange(K + 1, device=dev)
+        at = (starts[:, None] + offsets).clamp(max=len(part) - 1)  # (S, K + 1) each position's row in part
+        d = proposed.index_select(0, index)[:, :K]
         if sampling.greedy:
-            full = torch.zeros(R * Q, dtype=torch.long, device=dev)
-            full[positions] = part.argmax(-1)
-            full = full.view(R, Q).index_select(0, index)
-            agree = (proposed.index_select(0, index) == full[:, :-1]) & within.index_select(0, index)
+            full = part.argmax(-1)[at]  # (S, K + 1): the full model's token after each position
+            agree = (d == full[:, :K]) & within.index_select(0, index)[:, :K]
             n_ok = agree.long().cumprod(1).sum(1)
             accepted[index] = n_ok
             next_token[index] = full.gather(1, n_ok[:, None])[:, 0]
             continue
-        p = torch.zeros(R * Q, V, device=dev)
-        p[positions] = sampling.probabilities(part)
-        p = p.view(R, Q, V).index_select(0, index)  # (S, Q, V): the full model's distributions
+        p = sampling.probabilities(part)  # the full model's distributions where they are needed, once each
         n_ok = torch.zeros(len(members), dtype=torch.long, device=dev)
         if K > 0:
-            d = proposed.index_select(0, index)[:, :K, None]
-            q = q_probs.index_select(0, index)[:, :K]  # (S, K, V): the drafts' distributions
-            ratio = p[:, :K].gather(-1, d)[..., 0] / q.gather(-1, d)[..., 0].clamp(min=1e-30)
-            keep = (_acceptance_uniforms(rows, members, u, K) < ratio) & (torch.arange(K, device=dev) < n[:, None])
+            q = q_probs.index_select(0, index)  # (S, K_max, V)
+            draft = torch.arange(K, device=dev)
+            ratio = p[at[:, :K], d] / q[torch.arange(len(members), device=dev)[:, None], draft, d]
+            keep = (_acceptance_uniforms(rows, members, u, K) < ratio) & (draft < n[:, None])
             n_ok = keep.long().cumprod(1).sum(1)
-        p_next = p.gather(1, n_ok[:, None, None].expand(-1, 1, V))[:, 0]  # (S, V)
+        p_next = p.index_select(0, (starts + n_ok).clamp(max=len(part) - 1))  # (S, V)
         if K > 0:  # at a refused draft the token comes from max(0, p - q)
-            q_next = q.gather(1, n_ok.clamp(max=K - 1)[:, None, None].expand(-1, 1, V))[:, 0]
-            residual = (p_next - (n_ok < n).float()[:, None] * q_next).clamp(min=0)
+            refused = (n_ok < n)[:, None]
+            q_next = q[torch.arange(len(members), device=dev), n_ok.clamp(max=K - 1)]
+            residual = torch.where(refused, (p_next - q_next).clamp(min=0), p_next)
             # p == q up to rounding leaves nothing to draw from; p itself is then the distribution.
             p_next = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
         accepted[index] = n_ok
