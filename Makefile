@@ -28,9 +28,11 @@ demo: install
 		--model.phase1_max_epochs 3 --model.phase2_max_epochs 3 \
 		--trainer.log_every_n_steps 8
 
+# Test files spread over one worker per core (pytest-xdist): a file's tests share a worker, so the checkpoints
+# its fixtures train are trained once.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,6 +13,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lego-test-hf-")
 os.environ["LEGO_CACHE"] = tempfile.mkdtemp(prefix="lego-test-cache-")  # tokenizers and token arrays
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (make test): torch's own threads in each would only contend for the same cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 import pytest
 

@@ -109,40 +109,69 @@ def cli_args(subcommand: str, config: str, corpus: Path, logs: Path, *extra: str
     ]
 
 
-def two_rank_fit(config: str, corpus: Path, tmp_path: Path, strategy: str, *extra: str) -> list[dict[str, Any]]:
-    """``lego fit`` on 2 CPU processes with :class:`RankStateDump`; every rank's state, weights and hard set."""
+# Lightning's strategies that fork their ranks from this process: nothing is imported twice, where a launched
+# process imports torch and Lightning again (seconds per rank). ``two_rank_fit(..., launch="process")`` keeps
+# the real launcher that users run.
+FORKED = {"ddp": "ddp_fork", "ddp_find_unused_parameters_true": "ddp_fork_find_unused_parameters_true"}
+
+
+def two_rank_fit(
+    config: str, corpus: Path, tmp_path: Path, strategy: str, *extra: str, launch: str = "fork"
+) -> list[dict[str, Any]]:
+    """``lego fit`` on 2 CPU processes with :class:`RankStateDump`; every rank's state, weights and hard set.
+
+    ``launch="fork"``: the CLI runs here and Lightning forks both ranks from this process (the same
+    DDP strategy, with its fork launcher); ``"process"``: ``lego fit`` in a new process, which
+    launches its second rank as a user's command does.
+    """
     out = tmp_path / "ranks"
-    args = (
-        f"--data.batch_size 4 --trainer.accelerator cpu --trainer.strategy {strategy} --trainer.devices 2 "
-        "--trainer.limit_train_batches 3 --trainer.limit_val_batches 3 --trainer.enable_progress_bar false"
-    ).split()
-    cmd = [
-        sys.executable,
-        "-m",
-        "lego_lightning.cli",
+    args = [
         "fit",
         "--config",
         str(REPO / "configs" / config),
         "--data.path",
         str(corpus),
-        *args,
+        *[
+            "--data.batch_size",
+            "4",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        "--trainer.strategy",
+        FORKED[strategy] if launch == "fork" else strategy,
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "logs"),
         "--trainer.callbacks+=tests.helpers.RankStateDump",
         f"--trainer.callbacks.out_dir={out}",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if launch == "fork":
+        from lego_lightning.cli import main
+
+        main(args)
+    else:
+        cmd = [sys.executable, "-m", "lego_lightning.cli", *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = []
     for r in (0, 1):
         state = json.loads((out / f"rank{r}.json").read_text())
+        assert state["pid"] != os.getpid()  # a rank of its own, not this process
         state["weights"] = torch.load(out / f"rank{r}.pt", weights_only=True)
         mask = out / f"rank{r}_hard_mask.pt"
         state["hard_mask"] = torch.load(mask, weights_only=True) if mask.exists() else None
         layers = out / f"rank{r}_layer_masks.pt"
         state["layer_masks"] = torch.load(layers, weights_only=True) if layers.exists() else None
         ranks.append(state)
+    assert ranks[0]["pid"] != ranks[1]["pid"]
     return ranks
 
 
@@ -168,6 +197,7 @@ class RankStateDump(Callback):
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "world_size": trainer.world_size,
             "routing_threshold": getattr(pl_module, "routing_threshold", None),
+            "pid": os.getpid(),
         }
         (self.out_dir / f"rank{rank}.json").write_text(json.dumps(state))
         holders = [pl_module, *trainer.callbacks]  # a phased module holds its own set; HardExampleMining its

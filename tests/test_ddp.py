@@ -1,4 +1,5 @@
-"""Two CPU processes under Lightning's DDP, launched through the real `lego` CLI."""
+"""Two CPU processes under Lightning's DDP, through the real `lego` CLI: launched as a user's command launches them,
+and forked by Lightning from the test's process (the same strategy, without importing everything twice)."""
 
 import torch
 from torch.testing import assert_close
@@ -7,7 +8,7 @@ from tests.helpers import two_rank_fit
 
 
 def test_two_ranks_end_with_equal_weights_and_metrics(corpus, tmp_path):
-    ranks = two_rank_fit("deed.yaml", corpus, tmp_path, "ddp", "--trainer.max_epochs", "2")
+    ranks = two_rank_fit("deed.yaml", corpus, tmp_path, "ddp", "--trainer.max_epochs", "2", launch="process")
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert_close(ranks[0]["weights"], ranks[1]["weights"], rtol=0, atol=0)
     # Validation metrics are reduced over both ranks' tokens; train/* is each rank's own batch.

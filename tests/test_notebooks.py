@@ -4,6 +4,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 from tests.conftest import REPO
@@ -22,11 +23,21 @@ def test_notebook_is_committed_without_outputs(path: Path):
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.fixture(scope="module")
+def kernel():
+    """One kernel for every notebook: each starts from an empty namespace (``%reset``), but torch and Lightning
+    are imported once. It inherits this process's environment: offline datasets, the tests' own cache."""
+    manager = KernelManager(kernel_name="python3")
+    manager.start_kernel(cwd=str(REPO))
+    yield manager
+    manager.shutdown_kernel(now=True)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path: Path):
+def test_notebook_runs_top_to_bottom(path: Path, kernel):
     nb = nbformat.read(path, as_version=4)
-    # The kernel inherits this process's environment: offline datasets, the tests' own cache.
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    nb.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))  # nothing a notebook before it defined
+    NotebookClient(nb, km=kernel, timeout=900, resources={"metadata": {"path": str(REPO)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert any(
