@@ -35,7 +35,8 @@ class Pass:
     """Where ``Q`` positions of ``R`` slots read and write, shared by every layer of one pass."""
 
     slots: Tensor  # (R,) cache slot of each row
-    positions: Tensor  # (R, Q) each position's column, which is its position (clamped to the context)
+    columns: Tensor  # (R, Q) each position's column in its slot
+    positions: Tensor  # (R, Q) each position's position: its column, clamped to the context
     span: int  # columns any query of the pass may see: keys are read up to here
     whole: bool  # the rows are every slot of the cache in order: keys are read as a view, not gathered
     write_column: int | None  # the one column every row writes (Q = 1, same start), else None
@@ -65,7 +66,7 @@ class Pass:
         if not causal and not (same_start and Q == 1):
             mask = (torch.arange(span, device=device) <= columns[:, :, None]).unsqueeze(1)
         positions = columns.clamp(max=max_seq_len - 1)  # a verification's padding may run past the context
-        return cls(slot_t, positions, span, whole, write_column, write_index, mask, causal)
+        return cls(slot_t, columns, positions, span, whole, write_column, write_index, mask, causal)
 
     def write(self, cache: Tensor, new: Tensor) -> None:
         """``new`` ``(R, kv_heads, Q, head_dim)`` into one layer's ``cache`` at each row's columns."""
@@ -108,6 +109,10 @@ def run_layers(
     block; the others keep their hidden state and only give the deeper layers their keys and
     values. ``None``: every row.
     """
+    if cache.compiled is not None and attending is None:
+        out = cache.compiled(layers, x, p)
+        if out is not None:
+            return out
     for layer in layers:
         keys, values = cache.layer(layer)
         x = _layer(model, model.blocks[layer - 1], keys, values, x, p, attending)

@@ -11,6 +11,8 @@ is setting a length.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +38,8 @@ class SlotCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # Every token of every slot by column (prompt, kept tokens, drafts): what the next pass embeds.
         self.tokens = torch.zeros(slots, self.width, dtype=torch.long, device=device)
+        # Compiled passes at fixed shapes (decoding.compiled.FixedShapePasses), when the engine compiles.
+        self.compiled: Callable[[range, Tensor, Any], Tensor | None] | None = None
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """Layer ``layer``'s (1-based) keys and values, ``(slots, kv_heads, width, head_dim)`` each."""

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from lego_lightning.decoding.cache import SlotCache, check_slots_fit
+from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
 from lego_lightning.decoding.request import Completion, Decoding, Event, Request
 from lego_lightning.model.confidence import HiddenConfidence, confidence_measure
@@ -45,6 +46,9 @@ class Engine:
             for them past a request's last token).
         max_context: the most prompt and new tokens a request may have (default: the model's
             context); a smaller one makes a smaller cache.
+        compile_backend: run the layers through ``torch.compile`` with this backend (``"inductor"``)
+            at fixed shapes over every slot (:mod:`~lego_lightning.decoding.compiled`): one graph per
+            kind of pass, none recompiled as requests come and go. ``None``: eager.
 
     ``add`` a request, ``step`` until ``busy`` is false, or ``run`` to do both::
 
@@ -64,6 +68,7 @@ class Engine:
         hidden_confidence: HiddenConfidence | None = None,
         max_speculations: int = 8,
         max_context: int | None = None,
+        compile_backend: str | None = None,
     ) -> None:
         cfg = model.config
         if not cfg.causal:
@@ -83,6 +88,8 @@ class Engine:
         width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
         check_slots_fit(cfg, slots, width, ref.device, ref.dtype)
         self.cache = SlotCache(cfg, slots, width, ref.device, ref.dtype)
+        if compile_backend is not None:
+            self.cache.compiled = FixedShapePasses(model, self.cache, max_speculations + 1, compile_backend)
         self.slots: list[Decoding | None] = [None] * slots
         self.waiting: deque[tuple[int, Request]] = deque()
         self._ids = itertools.count()

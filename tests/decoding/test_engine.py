@@ -213,3 +213,29 @@ def test_bad_requests_and_engines_are_named_before_any_work():
         Engine(model, slots=10**13)
     with pytest.raises(ValueError, match=r"confidence='learned' reads .* pass it as hidden_confidence"):
         Engine(model, slots=1, threshold=0.5, confidence="learned")
+
+
+def test_compiled_passes_at_fixed_shapes_give_eager_tokens_and_compile_once_per_kind_of_pass():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = drafting_model(0, "rotary", "shared")
+    todo = [dict(r.__dict__) for r in requests(model, "speculative")]
+    for r in todo:  # one draft exit, so the kinds of pass are three: full step, draft, verification
+        if r["draft_exit"] is not None:
+            r |= {"draft_exit": 1, "draft_threshold": None}
+
+    def run(backend, requests_):
+        engine = Engine(model, 3, max_speculations=4, compile_backend=backend)
+        ids = [engine.add(Request(**r)) for r in requests_]
+        done = engine.run()
+        return [done[i].tokens for i in ids]
+
+    eager = run(None, todo)
+    assert run("aot_eager", todo) == eager
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3
+    # Other requests, other joins, leaves and accepted counts: the same graphs, nothing recompiled.
+    again = [r | {"max_new_tokens": r["max_new_tokens"] - 2} for r in reversed(todo)]
+    assert run("aot_eager", again) == run(None, again)
+    assert counters["stats"]["unique_graphs"] == graphs
