@@ -10,6 +10,7 @@ import torch
 
 from lego_lightning.decoding.attention import Pass, embed, run_layers
 from lego_lightning.decoding.cache import SlotCache
+from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.request import check_draft
 from lego_lightning.model.transformer import ExitTransformer
 
@@ -88,7 +89,55 @@ def seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> flo
     return sorted(times)[len(times) // 2]
 
 
-@torch.no_grad()
+def step_functions(
+    model: ExitTransformer,
+    draft_exit: int,
+    num_speculations: int,
+    batch_size: int = 1,
+    context: int = 64,
+    compile_backend: str | None = None,
+) -> dict[str, Callable[[], None]]:
+    """The three steps of :func:`speedup_bound` as the engine runs them, with ``context`` tokens already cached
+    in each of ``batch_size`` slots: ``draft`` (layers 1..E and exit E's head), ``verify`` (layers 1..E for the
+    last draft, the layers above over the K + 1 positions, the final head) and ``full`` (every layer and the
+    final head), each choosing its tokens greedily; with ``compile_backend``, through the compiled passes."""
+    check_draft(model, draft_exit, num_speculations)
+    cfg = model.config
+    ref = next(model.parameters())
+    K, E, L = num_speculations, draft_exit, cfg.n_layers
+    context = min(context, cfg.max_seq_len - K - 1)
+    cache = SlotCache(cfg, batch_size, context + K + 1, ref.device, ref.dtype)
+    cache.keys.normal_()
+    cache.values.normal_()
+    if compile_backend is not None:
+        cache.compiled = FixedShapePasses(model, cache, K + 1, compile_backend)
+    slots = list(range(batch_size))
+    draft_head, final_head = model.head(E), model.head(cfg.exit_layers[-1])
+
+    def lower(column: int) -> torch.Tensor:
+        p = Pass.of(cache, slots, [column] * batch_size, 1, cfg.max_seq_len)
+        return run_layers(model, cache, range(1, E + 1), embed(model, cache, p), p)
+
+    @torch.no_grad()
+    def draft() -> None:
+        draft_head(lower(context)[:, 0]).argmax(-1)
+
+    @torch.no_grad()
+    def verify() -> None:
+        lower(context + K)
+        many = Pass.of(cache, slots, [context] * batch_size, K + 1, cfg.max_seq_len)
+        x = torch.zeros(batch_size, K + 1, cfg.d_model, device=ref.device, dtype=ref.dtype)
+        final_head(run_layers(model, cache, range(E + 1, L + 1), x, many)).argmax(-1)
+
+    @torch.no_grad()
+    def full() -> None:
+        p = Pass.of(cache, slots, [context] * batch_size, 1, cfg.max_seq_len)
+        x = run_layers(model, cache, range(1, L + 1), embed(model, cache, p), p)
+        final_head(x[:, 0]).argmax(-1)
+
+    return {"draft": draft, "verify": verify, "full": full}
+
+
 def measure_step_costs(
     model: ExitTransformer,
     draft_exit: int,
@@ -98,36 +147,7 @@ def measure_step_costs(
     repeats: int = 20,
 ) -> StepCosts:
     """Time the three pieces of :func:`speedup_bound` on this model and machine (median of ``repeats``),
-    with ``context`` tokens already cached in each of ``batch_size`` slots, through the engine's own
-    passes: the draft and the verification as self-speculation runs them, the full step as full-depth
-    decoding does."""
-    check_draft(model, draft_exit, num_speculations)
-    cfg = model.config
-    ref = next(model.parameters())
-    K, E, L = num_speculations, draft_exit, cfg.n_layers
-    context = min(context, cfg.max_seq_len - K - 1)
-    cache = SlotCache(cfg, batch_size, context + K + 1, ref.device, ref.dtype)
-    cache.keys.normal_()
-    cache.values.normal_()
-    slots = list(range(batch_size))
-    draft_head, final_head = model.head(E), model.head(cfg.exit_layers[-1])
-
-    def lower(column: int) -> torch.Tensor:
-        p = Pass.of(cache, slots, [column] * batch_size, 1, cfg.max_seq_len)
-        return run_layers(model, cache, range(1, E + 1), embed(model, cache, p), p)
-
-    def draft() -> None:
-        draft_head(lower(context)[:, 0]).argmax(-1)
-
-    def verify() -> None:
-        lower(context + K)
-        many = Pass.of(cache, slots, [context] * batch_size, K + 1, cfg.max_seq_len)
-        x = torch.zeros(batch_size, K + 1, cfg.d_model, device=ref.device, dtype=ref.dtype)
-        final_head(run_layers(model, cache, range(E + 1, L + 1), x, many)).argmax(-1)
-
-    def full() -> None:
-        p = Pass.of(cache, slots, [context] * batch_size, 1, cfg.max_seq_len)
-        x = run_layers(model, cache, range(1, L + 1), embed(model, cache, p), p)
-        final_head(x[:, 0]).argmax(-1)
-
-    return StepCosts(*(seconds(fn, repeats, ref.device) for fn in (draft, verify, full)))
+    through the engine's own passes (:func:`step_functions`)."""
+    steps = step_functions(model, draft_exit, num_speculations, batch_size, context)
+    device = next(model.parameters()).device
+    return StepCosts(*(seconds(steps[name], repeats, device) for name in ("draft", "verify", "full")))
