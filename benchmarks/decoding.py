@@ -22,8 +22,8 @@ Parts (``--parts``, all by default), each written to ``benchmarks/results/decodi
   measured in the same run).
 * ``compile``: continuous batching of those prompts, eager against compiled (inductor, fixed shapes),
   at full depth and self-speculative, greedy; the compile time apart.
-* ``memory``: 1,000 prompts through 8 slots: peak resident memory above the model, against the cache
-  one prompt at a time would hold.
+* ``memory``: the peak resident memory of a process that decodes 8 prompts through 8 slots, and of one
+  that decodes 1,000, against the cache one per prompt would hold.
 
     python -m benchmarks.decoding                   # about 30 minutes on 2 idle CPU cores
     python -m benchmarks.decoding --parts roofline --name decoding_quick
@@ -35,6 +35,8 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, alternating_step_times, peak_memory_during, write_results
+from benchmarks.common import DEFAULT_DATA, REPO, RESULTS, alternating_step_times, write_results
 from benchmarks.speculative import MODELS, SAMPLING, decode_all, load_prompts, timed
 from lego_lightning import ExitTransformer, Stage, TransformerConfig
 from lego_lightning.decoding import Engine, Request, measure_step_costs, speedup_bound
@@ -330,23 +332,34 @@ def measure_compile(args: argparse.Namespace, model: ExitTransformer) -> list[di
 
 # -------------------------------------------------------------------------------------------- memory
 def measure_memory(args: argparse.Namespace, model: ExitTransformer) -> list[dict[str, Any]]:
+    """The peak resident memory of a process that loads the model and decodes 8, then 1,000 prompts through
+    8 slots (each its own process, so neither inherits the other's peak): what 992 more prompts cost."""
+    rows = []
+    for count in (8, 1000):
+        cmd = [sys.executable, "-m", "benchmarks.decoding", "--memory-probe", str(count),
+               "--request-prompt-tokens", str(args.request_prompt_tokens), "--data", str(args.data)]  # fmt: skip
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+        rows.append({"part": "memory", "prompts": count, "slots": 8, **json.loads(done.stdout.splitlines()[-1])})
+        print(f"memory {count} prompts: peak {rows[-1]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    return rows
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """``--memory-probe N``: load the model, decode N prompts (16 new tokens each) through 8 slots, print the
+    process's peak resident memory and the slots' cache as a JSON line."""
+    model = ExitTransformer.from_pretrained(MODELS["layerskip"]).eval()
     base, _ = continuous_prompts(args)
-    prompts = [base[i % len(base)] for i in range(1000)]
     new = 16
-    engine_box: dict[str, Engine] = {}
-
-    def run() -> None:
-        engine = Engine(model, 8, max_speculations=0, max_context=args.request_prompt_tokens + new)
-        for p in prompts:
-            engine.add(Request(p, max_new_tokens=new))
-        engine.run()
-        engine_box["engine"] = engine
-
-    peak = peak_memory_during(run)
-    cache = engine_box["engine"].cache
-    per_slot = SlotCache.bytes_per_slot(model.config, cache.width, cache.keys.dtype)
-    return [{"part": "memory", "prompts": len(prompts), "slots": 8, "new_tokens": new, "peak_bytes": peak,
-             "cache_bytes": 8 * per_slot, "one_cache_per_prompt_bytes": len(prompts) * per_slot}]  # fmt: skip
+    engine = Engine(model, 8, max_speculations=0, max_context=args.request_prompt_tokens + new)
+    for i in range(args.memory_probe):
+        engine.add(Request(base[i % len(base)], max_new_tokens=new))
+    done = engine.run()
+    assert len(done) == args.memory_probe
+    per_slot = SlotCache.bytes_per_slot(model.config, engine.cache.width, engine.cache.keys.dtype)
+    peak = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))  # fmt: skip
+    print(json.dumps({"peak_bytes": peak, "cache_bytes": 8 * per_slot, "new_tokens": new,
+                      "one_cache_per_prompt_bytes": args.memory_probe * per_slot}))  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -426,13 +439,15 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                        f"{r['compiled_tokens_per_s']:.0f} | {r['compiled_over_eager']:.2f}x | "
                        f"{r['compile_seconds']:.0f} | {'yes' if r['same_tokens'] else 'no'} |")  # fmt: skip
     mem = [r for r in rows if r["part"] == "memory"]
-    if mem:
-        m = mem[0]
+    if len(mem) == 2:
+        few, many = mem
         out += ["", "## Memory", "",
-                f"{m['prompts']} prompts through {m['slots']} slots, {m['new_tokens']} new tokens each: peak resident "
-                f"memory {m['peak_bytes'] / 2**20:.1f} MiB above what was resident before; the slots' cache "
-                f"{m['cache_bytes'] / 2**20:.2f} MiB, where one cache per prompt would be "
-                f"{m['one_cache_per_prompt_bytes'] / 2**20:.0f} MiB."]  # fmt: skip
+                f"A process that loads the model and decodes {few['prompts']} prompts through 8 slots "
+                f"({few['new_tokens']} new tokens each) peaks at {few['peak_bytes'] / 2**20:.0f} MiB resident; one "
+                f"that decodes {many['prompts']} peaks at {many['peak_bytes'] / 2**20:.0f} MiB "
+                f"({(many['peak_bytes'] - few['peak_bytes']) / 2**20:+.0f} MiB for {many['prompts'] - few['prompts']} "
+                f"more prompts). The slots' cache is {many['cache_bytes'] / 2**20:.2f} MiB; one cache per prompt would "
+                f"be {many['one_cache_per_prompt_bytes'] / 2**20:.0f} MiB."]  # fmt: skip
     return "\n".join(out)
 
 
@@ -452,7 +467,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--name", default="decoding")
     parser.add_argument("--resume", action="store_true", help="keep the parts already in the results JSON")
+    parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe is not None:
+        return memory_probe(args)
     stored = RESULTS / f"{args.name}.json"
     rows: list[dict[str, Any]] = json.loads(stored.read_text())["rows"] if args.resume and stored.exists() else []
     done = {r["part"] for r in rows}
