@@ -71,9 +71,16 @@ def by_sampling(rows: list[Decoding], members: list[int]) -> dict[Sampling, list
     return groups
 
 
-def choose(rows: list[Decoding], members: list[int], logits: Tensor, u: Callable[[int], Tensor]) -> Tensor:
+def choose(
+    rows: list[Decoding],
+    members: list[int],
+    logits: Tensor,
+    u: Callable[[int], Tensor],
+    keep: Callable[[Tensor, Tensor], None] | None = None,
+) -> Tensor:
     """A token per row of ``logits`` ``(n, V)``, row ``k`` being ``rows[members[k]]``'s: its argmax, or a draw
-    with the uniform ``u(members[k])``."""
+    with the uniform ``u(members[k])``. ``keep(rows, probs)`` receives the distributions drawn from (a draft's
+    ``q``, for its acceptance test), with their rows' positions in ``rows``."""
     groups = by_sampling(rows, members)
     if len(groups) == 1 and next(iter(groups)).greedy:
         return logits.argmax(-1)
@@ -83,8 +90,11 @@ def choose(rows: list[Decoding], members: list[int], logits: Tensor, u: Callable
         part = logits.index_select(0, index)
         if sampling.greedy:
             out[index] = part.argmax(-1)
-        else:
-            out[index] = draw(sampling.probabilities(part), torch.stack([u(members[k]) for k in ks]))
+            continue
+        probs = sampling.probabilities(part)
+        if keep is not None:
+            keep(torch.tensor([members[k] for k in ks], device=logits.device), probs)
+        out[index] = draw(probs, torch.stack([u(members[k]) for k in ks]))
     return out
 
 
@@ -333,7 +343,7 @@ def speculative_round(
             if len(keep) < len(members):
                 index = torch.tensor(keep, device=dev)
                 logits, members = logits.index_select(0, index), [members[k] for k in keep]
-        draft = _draft_tokens(rows, members, logits, u, j, q_probs)
+        draft = choose(rows, members, logits, lambda i, j=j: u[i][j], _keep_at(q_probs, j))
         cols = torch.tensor([start[i] + j + 1 for i in members], device=dev)
         cache.tokens[torch.tensor([slots[i] for i in members], device=dev), cols] = draft
         for i in members:
@@ -371,26 +381,13 @@ def _draft_confidence(model: ExitTransformer, routing: Routing, h: Tensor, logit
     return out
 
 
-def _draft_tokens(
-    rows: list[Decoding], members: list[int], logits: Tensor, u: dict[int, Tensor], j: int, q_probs: Tensor | None
-) -> Tensor:
-    """Each drafting row's ``j``-th draft: its argmax, or a draw from its draft distribution ``q``, kept for
-    the acceptance test."""
-    groups = by_sampling(rows, members)
-    if len(groups) == 1 and next(iter(groups)).greedy:
-        return logits.argmax(-1)
-    out = torch.empty(len(members), dtype=torch.long, device=logits.device)
-    for sampling, ks in groups.items():
-        index = torch.tensor(ks, device=logits.device)
-        part = logits.index_select(0, index)
-        if sampling.greedy:
-            out[index] = part.argmax(-1)
-            continue
-        q = sampling.probabilities(part)
-        rows_of = torch.tensor([members[k] for k in ks], device=logits.device)
-        q_probs[rows_of, j] = q
-        out[index] = draw(q, torch.stack([u[members[k]][j] for k in ks]))
-    return out
+def _keep_at(q_probs: Tensor | None, j: int) -> Callable[[Tensor, Tensor], None]:
+    """Where ``choose`` keeps the ``j``-th drafts' distributions, for their acceptance tests."""
+
+    def keep(rows: Tensor, probs: Tensor) -> None:
+        q_probs[rows, j] = probs
+
+    return keep
 
 
 def _accept(
