@@ -60,14 +60,15 @@ class Sampling:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         probs = scores.softmax(-1)
         if self.top_p is not None and self.top_p < 1.0:
-            probs = nucleus(probs, self.top_p)
+            probs = nucleus(probs, self.top_p, scores)
         return probs.view(shape)
 
 
-def nucleus(probs: Tensor, top_p: float) -> Tensor:
+def nucleus(probs: Tensor, top_p: float, scores: Tensor | None = None) -> Tensor:
     """``probs`` ``(N, V)`` kept on the smallest set of most likely tokens whose mass reaches ``top_p``,
-    renormalised: a token is kept where the mass of those before it (in descending order) is below ``top_p``."""
-    log_p = probs.log()
+    renormalised: a token is kept where the mass of those before it (in descending order) is below ``top_p``.
+    ``scores``: the logits whose softmax ``probs`` is (they differ from the log-probabilities by a constant)."""
+    log_p = probs.log() if scores is None else scores
     bucket = ((log_p.amax(-1, keepdim=True) - log_p) * (BUCKETS / SPAN)).clamp_(max=BUCKETS - 1).long()
     mass = probs.new_zeros(len(probs), BUCKETS).scatter_add_(1, bucket, probs)
     before = mass.cumsum(1) - mass  # the mass of the more likely buckets
@@ -75,11 +76,11 @@ def nucleus(probs: Tensor, top_p: float) -> Tensor:
     edge = ((before < top_p).sum(1, keepdim=True) - 1).clamp_(min=0)
     keep = bucket < edge
     in_edge = bucket == edge
-    edge_tokens = probs.masked_fill(~in_edge, -1.0).topk(int(in_edge.sum(1).max()), dim=-1)  # the edge bucket, sorted
+    edge_tokens = torch.where(in_edge, probs, -1.0).topk(int(in_edge.sum(1).max()), dim=-1)  # its tokens, sorted
     inside = before.gather(1, edge) + edge_tokens.values.cumsum(1) - edge_tokens.values < top_p
     inside &= edge_tokens.values >= 0  # rows with fewer tokens in their edge bucket: the rest is filler
     keep.scatter_(1, edge_tokens.indices, inside | keep.gather(1, edge_tokens.indices))
-    kept = probs * keep
+    kept = torch.where(keep, probs, 0.0)
     return kept / kept.sum(-1, keepdim=True)
 
 

@@ -221,7 +221,7 @@ def test_compiled_passes_at_fixed_shapes_give_eager_tokens_and_compile_once_per_
     torch._dynamo.reset()
     model = drafting_model(0, "rotary", "shared")
     todo = [dict(r.__dict__) for r in requests(model, "speculative")]
-    for r in todo:  # one draft exit, so the kinds of pass are three: full step, draft, verification
+    for r in todo:  # one draft exit: passes of one position (steps, drafts) and of K + 1 (verifications)
         if r["draft_exit"] is not None:
             r |= {"draft_exit": 1, "draft_threshold": None}
 
@@ -234,7 +234,7 @@ def test_compiled_passes_at_fixed_shapes_give_eager_tokens_and_compile_once_per_
     eager = run(None, todo)
     assert run("aot_eager", todo) == eager
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 3
+    assert graphs == 4  # a layer before and after its attention, at each of the two widths
     # Other requests, other joins, leaves and accepted counts: the same graphs, nothing recompiled.
     again = [r | {"max_new_tokens": r["max_new_tokens"] - 2} for r in reversed(todo)]
     assert run("aot_eager", again) == run(None, again)
