@@ -17,6 +17,11 @@ What a pass needs beyond the layers (positions, the keys each query may see, whe
 written) is worked out once per pass in :class:`Pass`, so a layer is the block's own arithmetic
 plus two index copies into the cache. Where every slot starts at the same column the plain
 kernels run: no mask for a one-token step, the causal kernel for prefills from column 0.
+
+A :class:`Packed` pass runs rows of different lengths together (new prompts beside one-token
+steps) with their positions one after the other: the layer's matrix products run once over all
+of them, with no padding, and attention runs per group of rows of one length. A step that
+admits a request then reads the weights once for its prefill and for everybody's next token.
 """
 
 from __future__ import annotations
@@ -90,8 +95,45 @@ class Pass:
         return {"attn_mask": mask}
 
 
-def embed(model: ExitTransformer, cache: SlotCache, p: Pass) -> Tensor:
-    """The tokens of the pass's slots at its columns, embedded at their positions: ``(R, Q, D)``."""
+@dataclass
+class Packed:
+    """Rows of different numbers of positions, one after the other: ``T`` positions in all."""
+
+    slots: Tensor  # (T,) each position's slot
+    columns: Tensor  # (T,) its column there
+    positions: Tensor  # (T,) its position (its column, clamped to the context)
+    write_index: Tensor  # (T * kv_heads,) flat row of each written key in a layer's cache, position by position
+    groups: list[tuple[Pass, Tensor]]  # rows of one length: their pass, and where its R * Q positions sit
+    last: Tensor  # (rows,) where each row's last position sits
+
+    @classmethod
+    def of(cls, cache: SlotCache, slots: list[int], start: list[int], counts: list[int], max_seq_len: int) -> Packed:
+        """Row ``r`` at columns ``start[r] .. start[r] + counts[r] - 1`` of slot ``slots[r]`` (host lists)."""
+        device = cache.tokens.device
+        first = [0]
+        for n in counts:
+            first.append(first[-1] + n)
+        rows_of: dict[int, list[int]] = {}
+        for r, n in enumerate(counts):
+            rows_of.setdefault(n, []).append(r)
+        groups = []
+        for n, rows in rows_of.items():
+            p = Pass.of(cache, [slots[r] for r in rows], [start[r] for r in rows], n, max_seq_len)
+            groups.append((p, torch.tensor([first[r] + q for r in rows for q in range(n)], device=device)))
+        slot_t = torch.tensor([s for s, n in zip(slots, counts) for _ in range(n)], device=device)
+        columns = torch.tensor([c + q for c, n in zip(start, counts) for q in range(n)], device=device)
+        heads = cache.keys.shape[2]
+        write_index = (slot_t[:, None] * heads + torch.arange(heads, device=device)) * cache.width + columns[:, None]
+        last = torch.tensor(first[1:], device=device) - 1
+        return cls(slot_t, columns, columns.clamp(max=max_seq_len - 1), write_index.reshape(-1), groups, last)
+
+
+def embed(model: ExitTransformer, cache: SlotCache, p: Pass | Packed) -> Tensor:
+    """The tokens of the pass's slots at its columns, embedded at their positions: ``(R, Q, D)``, or ``(T, D)``
+    for a packed pass."""
+    if isinstance(p, Packed):
+        ids = cache.tokens[p.slots, p.columns]
+        return model.embed(ids[None], positions=p.positions[None])[0]
     return model.embed(cache.tokens[p.slots[:, None], p.positions], positions=p.positions)
 
 
@@ -100,15 +142,21 @@ def run_layers(
     cache: SlotCache,
     layers: range,
     x: Tensor,
-    p: Pass,
+    p: Pass | Packed,
     attending: Tensor | None = None,
 ) -> Tensor:
-    """``layers`` (1-based) over ``x`` ``(R, Q, D)`` of the pass ``p``; each writes its keys and values.
+    """``layers`` (1-based) over ``x`` ``(R, Q, D)`` of the pass ``p`` (``(T, D)`` of a packed one); each
+    writes its keys and values.
 
     ``attending`` (indices into the ``R`` rows): only these rows attend and run the rest of the
     block; the others keep their hidden state and only give the deeper layers their keys and
     values. ``None``: every row.
     """
+    if isinstance(p, Packed):
+        for layer in layers:
+            keys, values = cache.layer(layer)
+            x = _packed_layer(model, model.blocks[layer - 1], keys, values, x, p)
+        return x
     if cache.compiled is not None and attending is None:
         out = cache.compiled(layers, x, p)
         if out is not None:
@@ -146,3 +194,22 @@ def _layer(
     y = attn.attend(q, p.read(keys, attending), p.read(values, attending), **p.attention_kwargs(attending))
     x_attending = block.after_attention(x.index_select(0, attending), attn.proj(attn.from_heads(y)))
     return x.index_copy(0, attending, x_attending)
+
+
+def _packed_layer(model: ExitTransformer, block: Block, keys: Tensor, values: Tensor, x: Tensor, p: Packed) -> Tensor:
+    """One layer over the ``T`` positions of a packed pass: the products over all at once, attention per group."""
+    attn, rotary = block.attn, model.rotary
+    T = x.shape[0]
+    q, k, v = (attn.to_heads(t[None])[0] for t in attn.project(block.ln1(x)))  # (heads, T, hd)
+    if rotary is not None:
+        q, k = rotary(q[None], p.positions[None])[0], rotary(k[None], p.positions[None])[0]
+    head_dim = k.shape[-1]
+    keys.view(-1, head_dim).index_copy_(0, p.write_index, k.transpose(0, 1).reshape(-1, head_dim))
+    values.view(-1, head_dim).index_copy_(0, p.write_index, v.transpose(0, 1).reshape(-1, head_dim))
+    y = q.new_empty(T, q.shape[0] * head_dim)
+    for group, where in p.groups:
+        R, Q = group.columns.shape
+        q_group = q.index_select(1, where).view(q.shape[0], R, Q, head_dim).transpose(0, 1)  # (R, heads, Q, hd)
+        out = attn.attend(q_group, group.read(keys), group.read(values), **group.attention_kwargs())
+        y.index_copy_(0, where, attn.from_heads(out).reshape(R * Q, -1))
+    return block.after_attention(x, attn.proj(y))

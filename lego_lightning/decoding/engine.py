@@ -137,15 +137,43 @@ class Engine:
     def step(self) -> list[Event]:
         """Fill free slots with waiting requests, then one round over every request in a slot.
 
-        Returns one event per request that got tokens (in order), or ended, in this step.
+        At full depth the new prompts' prefill and everybody's next token are one pass (the weights
+        are read once for both); otherwise the prompts are prefilled first, each with its first token,
+        and the round then runs over every request. Returns one event per request that got tokens (in
+        order), or ended, in this step.
         """
         events: dict[int, Event] = {}
+        rows = [row for row in self.slots if row is not None]
+        if self.waiting and None in self.slots and self._one_pass(rows):
+            new = self._take_waiting()
+            tokens = full_depth_step(self.model, self.cache, rows, new)
+            self.work["full_steps"] += len(rows)
+            advance = [1] * len(rows) + [0] * len(new)  # a new request's length is its prompt's, set in the pass
+            self._keep(rows + new, [[t] for t in self._write_next(rows + new, tokens, advance)], None, events)
+            return list(events.values())
         while self.waiting and None in self.slots:
             self._admit(events)
         rows = [row for row in self.slots if row is not None]
         if rows:
             self._round(rows, events)
         return list(events.values())
+
+    def _one_pass(self, rows: list[Decoding]) -> bool:
+        """Whether this step's prefills and decoding run as one pass: full depth for everybody, not routed."""
+        waiting = [request for _, request in itertools.islice(self.waiting, self.slots.count(None))]
+        return self.routing.threshold is None and all(
+            r.draft_exit is None for r in [row.request for row in rows] + waiting
+        )
+
+    def _take_waiting(self) -> list[Decoding]:
+        """Waiting requests into the free slots (nothing run yet)."""
+        free = [slot for slot, row in enumerate(self.slots) if row is None]
+        rows = []
+        for slot in free[: len(self.waiting)]:
+            request_id, request = self.waiting.popleft()
+            rows.append(Decoding.start(request_id, request, slot, self.cache.tokens.device))
+            self.slots[slot] = rows[-1]
+        return rows
 
     def events(self) -> Iterator[Event]:
         """Every event of every step until no request is left."""
@@ -158,12 +186,7 @@ class Engine:
 
     def _admit(self, events: dict[int, Event]) -> None:
         """Waiting requests into the free slots: their prompts prefilled, each its first token."""
-        free = [slot for slot, row in enumerate(self.slots) if row is None]
-        rows = []
-        for slot in free[: len(self.waiting)]:
-            request_id, request = self.waiting.popleft()
-            rows.append(Decoding.start(request_id, request, slot, self.cache.tokens.device))
-            self.slots[slot] = rows[-1]
+        rows = self._take_waiting()
         tokens, exit_position = prefill(self.model, self.cache, rows, self.routing)
         self._keep(rows, [[t] for t in self._write_next(rows, tokens, [0] * len(rows))], exit_position, events)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lego_lightning.decoding.attention import Pass, embed, run_layers
+from lego_lightning.decoding.attention import Packed, Pass, embed, run_layers
 from lego_lightning.decoding.cache import SlotCache
 from lego_lightning.decoding.request import Decoding
 from lego_lightning.decoding.sampling import Sampling, draw
@@ -106,7 +106,7 @@ def ragged_layers(
     every row runs the same layers, else one per stretch of layers where the same rows run."""
     if len(set(bottom)) == 1 and len(set(top)) == 1:
         return run_layers(model, cache, range(bottom[0], top[0] + 1), x, p)
-    slots, start = p.slots.tolist(), (p.positions[:, 0]).tolist()
+    slots, start = p.slots.tolist(), p.columns[:, 0].tolist()
     cuts = sorted({*bottom, *(t + 1 for t in top)})
     for a, b in itertools.pairwise(cuts):
         rows = [r for r in range(len(x)) if bottom[r] <= a and b - 1 <= top[r]]
@@ -134,6 +134,16 @@ def _head_logits(model: ExitTransformer, h: Tensor, exits: list[int]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------- prefill
+def write_prompts(cache: SlotCache, rows: list[Decoding]) -> list[int]:
+    """The rows' prompts into their slots' tokens from column 0; their lengths."""
+    lengths = [len(row.request.prompt) for row in rows]
+    prompts = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=cache.tokens.device)
+    for i, row in enumerate(rows):
+        prompts[i, : lengths[i]] = torch.as_tensor(list(row.request.prompt), device=prompts.device)
+    cache.tokens[torch.tensor([row.slot for row in rows], device=prompts.device), : max(lengths)] = prompts
+    return lengths
+
+
 def prefill(
     model: ExitTransformer, cache: SlotCache, rows: list[Decoding], routing: Routing
 ) -> tuple[Tensor, Tensor | None]:
@@ -141,14 +151,9 @@ def prefill(
     first token (routed: from its first exit whose confidence reaches the threshold). Returns the tokens and,
     routed, the exit each came from."""
     dev = cache.tokens.device
-    lengths = [len(row.request.prompt) for row in rows]
+    lengths = write_prompts(cache, rows)
     Q = max(lengths)
-    prompts = torch.zeros(len(rows), Q, dtype=torch.long, device=dev)
-    for i, row in enumerate(rows):
-        prompts[i, : lengths[i]] = torch.as_tensor(list(row.request.prompt), device=dev)
-    slots = torch.tensor([row.slot for row in rows], device=dev)
-    cache.tokens[slots, :Q] = prompts
-    p = Pass.of(cache, slots.tolist(), [0] * len(rows), Q, model.config.max_seq_len)
+    p = Pass.of(cache, [row.slot for row in rows], [0] * len(rows), Q, model.config.max_seq_len)
     x = embed(model, cache, p)
     last = torch.tensor(lengths, device=dev) - 1
     batch = torch.arange(len(rows), device=dev)
@@ -173,11 +178,25 @@ def prefill(
 
 
 # ------------------------------------------------------------------------------------- full depth
-def full_depth_step(model: ExitTransformer, cache: SlotCache, rows: list[Decoding]) -> Tensor:
-    """Every row's last token through every layer and the final head: its next token."""
-    p = Pass.of(cache, [row.slot for row in rows], [row.length for row in rows], 1, model.config.max_seq_len)
-    x = run_layers(model, cache, range(1, model.config.n_layers + 1), embed(model, cache, p), p)
-    logits = model.head(model.exit_layers[-1])(x[:, 0])
+def full_depth_step(
+    model: ExitTransformer, cache: SlotCache, rows: list[Decoding], new: list[Decoding] | None = None
+) -> Tensor:
+    """Every row's last token through every layer and the final head: its next token. ``new`` requests ride
+    along in the same pass, their prompts prefilled (a packed pass), each taking its first token; the tokens
+    of ``rows`` come first, then those of ``new``."""
+    cfg = model.config
+    if not new:
+        p = Pass.of(cache, [row.slot for row in rows], [row.length for row in rows], 1, cfg.max_seq_len)
+        x = run_layers(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p)[:, 0]
+    else:
+        lengths = write_prompts(cache, new)
+        p = Packed.of(cache, [row.slot for row in rows + new], [row.length for row in rows] + [0] * len(new),
+                      [1] * len(rows) + lengths, cfg.max_seq_len)  # fmt: skip
+        x = run_layers(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p).index_select(0, p.last)
+        for row, n in zip(new, lengths):
+            row.length = n
+        rows = rows + new
+    logits = model.head(model.exit_layers[-1])(x)
     u = round_uniforms(rows)
     return choose(rows, list(range(len(rows))), logits, lambda i: u[i][-1])
 

@@ -96,17 +96,25 @@ def step_functions(
     batch_size: int = 1,
     context: int = 64,
     compile_backend: str | None = None,
+    spread: bool = False,
 ) -> dict[str, Callable[[], None]]:
     """The three steps of :func:`speedup_bound` as the engine runs them, with ``context`` tokens already cached
     in each of ``batch_size`` slots: ``draft`` (layers 1..E and exit E's head), ``verify`` (layers 1..E for the
     last draft, the layers above over the K + 1 positions, the final head) and ``full`` (every layer and the
-    final head), each choosing its tokens greedily; with ``compile_backend``, through the compiled passes."""
+    final head), each choosing its tokens greedily; with ``compile_backend``, through the compiled passes.
+
+    ``spread``: the slots hold from half to one and a half times ``context`` tokens, as requests that
+    joined at different times do under continuous batching (each query then has its own mask), instead
+    of ``context`` each, as a static batch of equal prompts does."""
     check_draft(model, draft_exit, num_speculations)
     cfg = model.config
     ref = next(model.parameters())
     K, E, L = num_speculations, draft_exit, cfg.n_layers
-    context = min(context, cfg.max_seq_len - K - 1)
-    cache = SlotCache(cfg, batch_size, context + K + 1, ref.device, ref.dtype)
+    context = min(context, (cfg.max_seq_len - K - 1) * 2 // 3 if spread else cfg.max_seq_len - K - 1)
+    lengths = [context] * batch_size
+    if spread and batch_size > 1:
+        lengths = [context // 2 + (context * r) // (batch_size - 1) for r in range(batch_size)]
+    cache = SlotCache(cfg, batch_size, max(lengths) + K + 1, ref.device, ref.dtype)
     cache.keys.normal_()
     cache.values.normal_()
     if compile_backend is not None:
@@ -114,24 +122,24 @@ def step_functions(
     slots = list(range(batch_size))
     draft_head, final_head = model.head(E), model.head(cfg.exit_layers[-1])
 
-    def lower(column: int) -> torch.Tensor:
-        p = Pass.of(cache, slots, [column] * batch_size, 1, cfg.max_seq_len)
+    def lower(ahead: int) -> torch.Tensor:
+        p = Pass.of(cache, slots, [n + ahead for n in lengths], 1, cfg.max_seq_len)
         return run_layers(model, cache, range(1, E + 1), embed(model, cache, p), p)
 
     @torch.no_grad()
     def draft() -> None:
-        draft_head(lower(context)[:, 0]).argmax(-1)
+        draft_head(lower(0)[:, 0]).argmax(-1)
 
     @torch.no_grad()
     def verify() -> None:
-        lower(context + K)
-        many = Pass.of(cache, slots, [context] * batch_size, K + 1, cfg.max_seq_len)
+        lower(K)
+        many = Pass.of(cache, slots, lengths, K + 1, cfg.max_seq_len)
         x = torch.zeros(batch_size, K + 1, cfg.d_model, device=ref.device, dtype=ref.dtype)
         final_head(run_layers(model, cache, range(E + 1, L + 1), x, many)).argmax(-1)
 
     @torch.no_grad()
     def full() -> None:
-        p = Pass.of(cache, slots, [context] * batch_size, 1, cfg.max_seq_len)
+        p = Pass.of(cache, slots, lengths, 1, cfg.max_seq_len)
         x = run_layers(model, cache, range(1, L + 1), embed(model, cache, p), p)
         final_head(x[:, 0]).argmax(-1)
 
@@ -145,9 +153,10 @@ def measure_step_costs(
     batch_size: int = 1,
     context: int = 64,
     repeats: int = 20,
+    spread: bool = False,
 ) -> StepCosts:
     """Time the three pieces of :func:`speedup_bound` on this model and machine (median of ``repeats``),
-    through the engine's own passes (:func:`step_functions`)."""
-    steps = step_functions(model, draft_exit, num_speculations, batch_size, context)
+    through the engine's own passes (:func:`step_functions`, whose ``spread`` says how full the slots are)."""
+    steps = step_functions(model, draft_exit, num_speculations, batch_size, context, spread=spread)
     device = next(model.parameters()).device
     return StepCosts(*(seconds(steps[name], repeats, device) for name in ("draft", "verify", "full")))

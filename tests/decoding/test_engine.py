@@ -131,14 +131,15 @@ def test_a_finished_request_frees_its_slot_for_the_next_and_memory_is_the_slots(
     model = drafting_model(1, "rotary", "shared")
     engine = Engine(model, slots=2, max_speculations=2)
     cache_bytes = engine.cache.keys.nbytes + engine.cache.values.nbytes
-    # A step prefills what it admits (a first token each), then runs one round (a token each at full depth).
     short, long = Request([1, 2], max_new_tokens=3), Request([3, 4], max_new_tokens=9)
     third = Request([5], max_new_tokens=4, draft_exit=1, num_speculations=2)
     ids = [engine.add(short), engine.add(long), engine.add(third)]
     first = engine.step()
     assert {e.id for e in first} == {ids[0], ids[1]} and engine.active == 2  # the third waits for a slot
-    second = engine.step()
-    assert any(e.id == ids[0] and e.finished for e in second)
+    for _ in range(5):
+        if any(e.id == ids[0] and e.finished for e in engine.step()):
+            break
+    assert engine.active == 1 and len(engine.waiting) == 1  # the short one left its slot at once
     after = engine.step()
     assert ids[2] in {e.id for e in after}  # it took the freed slot while the long one went on
     assert any(e.id == ids[1] and not e.finished for e in after)
