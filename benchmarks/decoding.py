@@ -17,7 +17,7 @@ Parts (``--parts``, all by default), each written to ``benchmarks/results/decodi
   ``max_new_tokens`` drawn from 16-112 (seed 0; the model's context is 128), 8 slots; static batches
   (8 prompts at a time, the next 8 when all have ended) against continuous batching, at full depth
   and self-speculative (greedy: exit 1, K=4, the speculative benchmark's best at batch 8; sampled: the
-  best cell of ``sampled``), greedy and sampled, in ``--timings`` rounds that run every configuration
+  best cell of ``sampled``), greedy and sampled, in ``--continuous-rounds`` rounds that run every configuration
   once, in turn (the median over the rounds counts; a ratio, the median of the rounds' own ratios):
   tokens per second, time to first token and per-request latency (p50, p99; every request arrives at
   the start), and self-speculation's speed-up against its bound
@@ -291,7 +291,7 @@ def measure_continuous(
         speculative = f"self-speculative (exit {exit_}, K={k})"
         settings = {"full depth": sampling, speculative: sampling | {"draft_exit": exit_, "num_speculations": k}}
         rounds = []
-        for _ in range(args.timings):
+        for _ in range(args.continuous_rounds):
             # The bound's step costs, with the slots at different lengths as continuous batching keeps them.
             costs = measure_step_costs(model, exit_, k, 8, int(context), repeats=args.repeats, spread=True)
             runs = {(d, b): serve(model, prompts, new, settings[d], b == "static")
@@ -468,11 +468,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     cont = [r for r in rows if r["part"] == "continuous"]
     if cont:
         out += ["", "## Static batches against continuous batching (64 requests, 8 slots)", "",
-                f"{args.timings} rounds, each running every configuration once, in turn; each figure is the median "
-                "over the rounds, each ratio the median of the rounds' own ratios. Bound: the speed bound from the "
-                "run's acceptance and the step costs measured at the start of its round (slots at different "
-                "lengths); share of bound: a round's speed-up over its own bound. Every request arrives at the "
-                "start, so time to first token includes the wait for a slot.", "",
+                f"{args.continuous_rounds} rounds, each running every configuration once, in turn; each figure "
+                "is the median over the rounds, each ratio the median of the rounds' own ratios. Bound: the "
+                "speed bound from the run's acceptance and the step costs measured at the start of its round "
+                "(slots at different lengths); share of bound: a round's speed-up over its own bound. Every "
+                "request arrives at the start, so time to first token includes the wait for a slot.", "",
                 "| decoding | sampling | batching | tokens/s | over static | TTFT p50 s | TTFT p99 s | latency p50 s | "
                 "latency p99 s | over full depth | bound | share of bound | greedy = full depth |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -526,12 +526,8 @@ def main() -> None:
     parser.add_argument("--sampled-setting", type=int, nargs=2, default=[4, 1], metavar=("EXIT", "K"))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--request-prompt-tokens", type=int, default=16)
-    parser.add_argument(
-        "--timings",
-        type=int,
-        default=3,
-        help="timings of each decoding (sampled: the fastest counts; continuous: rounds, the median counts)",
-    )
+    parser.add_argument("--timings", type=int, default=3, help="timings of each decoding (the fastest counts)")
+    parser.add_argument("--continuous-rounds", type=int, default=5, help="continuous: rounds (the median counts)")
     parser.add_argument("--rounds", type=int, default=15, help="roofline: rounds of steps timed in turn")
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=20, help="timings per step cost (median)")

@@ -146,10 +146,7 @@ class Engine:
         rows = [row for row in self.slots if row is not None]
         if self.waiting and None in self.slots and self._one_pass(rows):
             new = self._take_waiting()
-            tokens = full_depth_step(self.model, self.cache, rows, new)
-            self.work["full_steps"] += len(rows)
-            advance = [1] * len(rows) + [0] * len(new)  # a new request's length is its prompt's, set in the pass
-            self._keep(rows + new, [[t] for t in self._write_next(rows + new, tokens, advance)], None, events)
+            self._round(rows, events, new)
             return list(events.values())
         while self.waiting and None in self.slots:
             self._admit(events)
@@ -159,11 +156,11 @@ class Engine:
         return list(events.values())
 
     def _one_pass(self, rows: list[Decoding]) -> bool:
-        """Whether this step's prefills and decoding run as one pass: full depth for everybody, not routed."""
+        """Whether this step's prefills run inside the round's passes: requests are decoding (a prefill with
+        nothing beside it is a pass of its own anyway), nobody routes, and one draft exit at most is asked."""
         waiting = [request for _, request in itertools.islice(self.waiting, self.slots.count(None))]
-        return self.routing.threshold is None and all(
-            r.draft_exit is None for r in [row.request for row in rows] + waiting
-        )
+        exits = {r.draft_exit for r in [row.request for row in rows] + waiting} - {None}
+        return bool(rows) and self.routing.threshold is None and len(exits) <= 1
 
     def _take_waiting(self) -> list[Decoding]:
         """Waiting requests into the free slots (nothing run yet)."""
@@ -190,18 +187,21 @@ class Engine:
         tokens, exit_position = prefill(self.model, self.cache, rows, self.routing)
         self._keep(rows, [[t] for t in self._write_next(rows, tokens, [0] * len(rows))], exit_position, events)
 
-    def _round(self, rows: list[Decoding], events: dict[int, Event]) -> None:
-        model, cache = self.model, self.cache
+    def _round(self, rows: list[Decoding], events: dict[int, Event], new: list[Decoding] | None = None) -> None:
+        """One round over ``rows``; ``new`` requests (taken from the queue, not prefilled) are prefilled in its
+        passes and take their first token."""
+        model, cache, new = self.model, self.cache, new or []
         if self.routing.threshold is not None:
             tokens, exit_position = routed_step(model, cache, rows, self.routing)
             self._keep(rows, [[t] for t in self._write_next(rows, tokens, [1] * len(rows))], exit_position, events)
             return
-        if all(row.request.draft_exit is None for row in rows):
-            tokens = full_depth_step(model, cache, rows)
+        if all(row.request.draft_exit is None for row in rows):  # new requests draft from their next round on
+            tokens = full_depth_step(model, cache, rows, new)
             self.work["full_steps"] += len(rows)
-            self._keep(rows, [[t] for t in self._write_next(rows, tokens, [1] * len(rows))], None, events)
+            advance = [1] * len(rows) + [0] * len(new)  # a new request's length is its prompt's, set in the pass
+            self._keep(rows + new, [[t] for t in self._write_next(rows + new, tokens, advance)], None, events)
             return
-        result = speculative_round(model, cache, rows, self.routing, self.work)
+        result = speculative_round(model, cache, rows, self.routing, self.work, new)
         accepted = result.accepted.tolist()
         kept = result.kept.tolist()
         for row, n, made in zip(rows, accepted, result.drafts):
@@ -210,7 +210,8 @@ class Engine:
             row.refusals += n < made
             row.verifications += 1
             row.length += n + 1  # through the last kept draft; the round's own token is next
-        self._keep(rows, [tokens[: n + 1] for tokens, n in zip(kept, accepted)], None, events)
+        firsts = [] if result.first_tokens is None else [[t] for t in result.first_tokens.tolist()]
+        self._keep(rows + new, [tokens[: n + 1] for tokens, n in zip(kept, accepted)] + firsts, None, events)
 
     def _write_next(self, rows: list[Decoding], tokens: torch.Tensor, advance: list[int]) -> list[int]:
         """Each row's new token at its next column (after moving its length by ``advance``); the tokens."""

@@ -310,18 +310,31 @@ def routed_step(
 @dataclass
 class Round:
     """What a self-speculative round gave each row: drafts made, drafts kept, and the kept tokens
-    (the kept drafts, then the full model's own token), ``(R, Q)`` with ``kept[r, :accepted[r] + 1]`` real."""
+    (the kept drafts, then the full model's own token), ``(R, Q)`` with ``kept[r, :accepted[r] + 1]`` real;
+    and the first token of each request that was prefilled in it."""
 
     drafts: list[int]
     accepted: Tensor  # (R,)
     kept: Tensor  # (R, Q)
+    first_tokens: Tensor | None = None  # (new,)
 
 
 def speculative_round(
-    model: ExitTransformer, cache: SlotCache, rows: list[Decoding], routing: Routing, work: Counter
+    model: ExitTransformer,
+    cache: SlotCache,
+    rows: list[Decoding],
+    routing: Routing,
+    work: Counter,
+    new: list[Decoding] | None = None,
 ) -> Round:
     """Draft, verify, accept, for every row at once; rows without drafts this round take a full-depth step
-    inside the verification. The caller keeps the tokens and moves each row's length."""
+    inside the verification. The caller keeps the tokens and moves each row's length.
+
+    ``new`` requests (every row and they with one draft exit, or none) are prefilled in the same passes:
+    their prompts run the lower layers beside the rows' first draft step and the upper ones beside the
+    verification (packed passes), and each takes its first token from the final head; they draft from the
+    next round on."""
+    new = new or []
     cfg, dev = model.config, cache.tokens.device
     L, R = cfg.n_layers, len(rows)
     caps = [row.draft_cap() for row in rows]
@@ -339,10 +352,18 @@ def speculative_round(
     q_probs = torch.empty(R, K_max, cfg.vocab_size, device=dev) if sampled else None
     thresholds = [row.request.draft_threshold for row in rows]
 
+    prompts = write_prompts(cache, new) if new else []
+    new_slots = [row.slot for row in new]
     drafting = list(range(R))  # rows whose token at column start + j runs the lower layers this step
     for j in range(K_max + 1):
-        p = Pass.of(cache, [slots[i] for i in drafting], [start[i] + j for i in drafting], 1, cfg.max_seq_len)
-        x = ragged_layers(model, cache, embed(model, cache, p), p, [1] * len(drafting), [exits[i] for i in drafting], 1)
+        if j == 0 and new:  # the new prompts' lower layers beside everybody's last token
+            pk = Packed.of(cache, slots + new_slots, start + [0] * len(new), [1] * R + prompts, cfg.max_seq_len)
+            lower = run_layers(model, cache, range(1, common + 1), embed(model, cache, pk), pk)
+            x, prompt_hidden = lower[:R, None], lower[R:]
+        else:
+            p = Pass.of(cache, [slots[i] for i in drafting], [start[i] + j for i in drafting], 1, cfg.max_seq_len)
+            x = embed(model, cache, p)
+            x = ragged_layers(model, cache, x, p, [1] * len(drafting), [exits[i] for i in drafting], 1)
         at = torch.tensor(drafting, device=dev)
         hidden[at, j] = x[:, 0]
         work["draft_layer_tokens"] += len(drafting)
@@ -371,14 +392,30 @@ def speculative_round(
 
     # Verify: the layers above each row's exit over its last token and drafts, in one pass.
     Q = max(n_drafts) + 1
-    p = Pass.of(cache, slots, start, Q, cfg.max_seq_len)
-    x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q)
-    work["verify_layer_tokens"] += R * Q
     real = [i * Q + k for i in range(R) for k in range(n_drafts[i] + 1)]  # row after row
-    flat = x.reshape(R * Q, -1)
-    if len(real) < R * Q:  # the final head only where a row has a position, not over the padding
-        flat = flat.index_select(0, torch.tensor(real, device=dev))
-    logits = model.head(cfg.exit_layers[-1])(flat)  # (N, V): the full model's next token after each position
+    final_head = model.head(cfg.exit_layers[-1])
+    first_tokens = None
+    if new:  # packed: each row's own positions, then the new prompts (only their last position reads the head)
+        pk = Packed.of(cache, slots + new_slots, start + [0] * len(new), [n + 1 for n in n_drafts] + prompts,
+                       cfg.max_seq_len)  # fmt: skip
+        upper_input = torch.cat([*(hidden[i, : n_drafts[i] + 1] for i in range(R)), prompt_hidden])
+        upper = run_layers(model, cache, range(common + 1, L + 1), upper_input, pk)
+        work["verify_layer_tokens"] += len(real)
+        logits = final_head(upper[: len(real)])
+        for row, n in zip(new, prompts):
+            row.length = n
+        u_new = round_uniforms(new)
+        first_tokens = choose(new, list(range(len(new))), final_head(upper.index_select(0, pk.last[R:])),
+                              lambda i: u_new[i][-1])  # fmt: skip
+        cache.tokens[torch.tensor(new_slots, device=dev), torch.tensor(prompts, device=dev)] = first_tokens
+    else:
+        p = Pass.of(cache, slots, start, Q, cfg.max_seq_len)
+        x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q)
+        work["verify_layer_tokens"] += R * Q
+        flat = x.reshape(R * Q, -1)
+        if len(real) < R * Q:  # the final head only where a row has a position, not over the padding
+            flat = flat.index_select(0, torch.tensor(real, device=dev))
+        logits = final_head(flat)  # (N, V): the full model's next token after each position
     work["final_heads"] += len(real)
     slots_t, start_t = torch.tensor(slots, device=dev), torch.tensor(start, device=dev)
     offsets = torch.arange(Q, device=dev)
@@ -387,7 +424,7 @@ def speculative_round(
     accepted, next_token = _accept(rows, n_drafts, logits, proposed, within, q_probs, u)
     cache.tokens[slots_t, start_t + accepted + 1] = next_token
     kept = cache.tokens[slots_t[:, None], start_t[:, None] + 1 + offsets]
-    return Round(n_drafts, accepted, kept)
+    return Round(n_drafts, accepted, kept, first_tokens)
 
 
 def _draft_confidence(model: ExitTransformer, routing: Routing, h: Tensor, logits: Tensor, exits: list[int]) -> Tensor:

@@ -40,7 +40,9 @@ def typical_confidence(model, exit_layer=1):
 def requests(model, policy, eos=None):
     out = []
     for i, (prompt, settings) in enumerate(zip(PROMPTS, SETTINGS)):
-        extra = dict(DRAFTS[i]) if policy == "speculative" else {}
+        extra = dict(DRAFTS[i]) if policy.startswith("speculative") else {}
+        if policy == "speculative_one_exit" and extra:  # one exit: new prompts are prefilled inside the rounds
+            extra["draft_exit"] = 1
         if extra.get("draft_threshold") == "typical":
             extra["draft_threshold"] = typical_confidence(model, extra["draft_exit"])
         # Two greedy requests end at a token their free run produces: an end that comes early.
@@ -83,7 +85,7 @@ def classifier_for(model):
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary", "llama"])
-@pytest.mark.parametrize("policy", ["full", "routed", "routed_learned", "speculative"])
+@pytest.mark.parametrize("policy", ["full", "routed", "routed_learned", "speculative", "speculative_one_exit"])
 def test_requests_joining_mid_run_get_the_tokens_they_get_alone(policy, positions):
     model = drafting_model(0, positions, "shared")
     classifier = classifier_for(model) if policy == "routed_learned" else None
@@ -117,12 +119,12 @@ def test_requests_joining_mid_run_get_the_tokens_they_get_alone(policy, position
         assert got.exit_positions == expected.exit_positions
         assert (got.drafts, got.accepted) == (expected.drafts, expected.accepted)
         reasons.add(got.finish_reason)
-        if request.temperature == 0 and policy in ("full", "speculative"):  # the full model's own greedy tokens
+        if request.temperature == 0 and not policy.startswith("routed"):  # the full model's own greedy tokens
             assert got.tokens == no_cache_greedy(model, list(request.prompt), len(got.tokens))
     assert reasons == {"eos", "length"}
     if policy.startswith("routed"):
         assert len({e for c in done.values() for e in c.exit_positions}) > 1  # tokens left at several exits
-    if policy == "speculative":
+    if policy.startswith("speculative"):
         assert sum(c.accepted for c in done.values()) > 0
         assert sum(c.drafts - c.accepted for c in done.values()) > 0
 
