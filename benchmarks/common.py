@@ -207,7 +207,10 @@ GIT_SHA_AT_START = git_sha()
 
 
 def command() -> str:
-    return "python -m " + " ".join(shlex.quote(a) for a in [sys.modules["__main__"].__spec__.name, *sys.argv[1:]])
+    """The command line that ran this benchmark: ``python -m <module> ...``, or the script's path."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # None under `python script.py` and `-c`
+    program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return "python " + " ".join(shlex.quote(a) for a in [*program, *sys.argv[1:]])
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:

@@ -91,6 +91,29 @@ def write_corpus(folder: Path, n_train_lines: int = 120, n_valid_lines: int = 30
     return folder
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_outlives_its_test():
+    """Destroy the process group and launcher variables that a test's in-process DDP run (devices=1) leaves.
+
+    Lightning keeps its process group after fit. A later ``ddp_fork`` test in the same pytest worker would
+    fork ranks that inherit that group, whose threads do not survive the fork: they wait on it forever.
+    """
+    import torch.distributed as dist
+
+    from tests.helpers import LAUNCHER_VARS
+
+    launcher = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in launcher.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

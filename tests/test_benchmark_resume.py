@@ -1,7 +1,10 @@
 """``--resume`` and ``--merge`` of the benchmark scripts: stored runs come back with where they were measured."""
 
 import argparse
+import importlib.machinery
 import json
+import sys
+import types
 
 import pytest
 
@@ -66,3 +69,14 @@ def test_merged_lanes_that_overlap_are_refused_and_merge_needs_resume(tmp_path, 
     with pytest.raises(SystemExit, match="--merge needs --resume"):
         common.resumed_runs(parser.parse_args(["--merge", "lane"]), "rows", SETTINGS)
     assert common.resumed_runs(parser.parse_args([]), "rows", SETTINGS) == ([], [])  # a fresh run keeps nothing
+
+
+def test_the_command_names_the_module_or_the_script_that_ran(monkeypatch):
+    # A script run by path, or a pytest-xdist worker's `python -c`, has a __main__ without a module spec.
+    main = types.ModuleType("__main__")
+    main.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/decoding.py", "--parts", "memory"])
+    assert common.command() == "python benchmarks/decoding.py --parts memory"
+    main.__spec__ = importlib.machinery.ModuleSpec("benchmarks.decoding", None)
+    assert common.command() == "python -m benchmarks.decoding --parts memory"
