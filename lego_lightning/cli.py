@@ -18,7 +18,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import torch
 from jsonargparse import Namespace
@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lego_lightning.callbacks.checkpoint import DEFAULT_FILENAME, BestAndLastCheckpoint
 from lego_lightning.callbacks.exit_diagnostics import ExitDiagnostics
 from lego_lightning.checkpoint_io import CheckpointError, read_checkpoint
-from lego_lightning.decoding import check_decoding
+from lego_lightning.decoding import check_decoding, speculation_room
 from lego_lightning.generation import Generator, PromptDataModule, gather_results, read_prompts
 from lego_lightning.modules import SupervisedExitLM
 from lego_lightning.modules.phase import as_phase
@@ -381,8 +381,9 @@ class LegoCLI(LightningCLI):
         batch_size: int = 1,
         threshold: float | None = None,
         confidence: str = "max_prob",
-        draft_exit: int | None = None,
-        num_speculations: int = 4,
+        draft_exit: int | Literal["auto"] | None = None,
+        num_speculations: int | Literal["auto"] = 4,
+        max_speculations: int = 8,
         draft_threshold: float | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -406,8 +407,11 @@ class LegoCLI(LightningCLI):
                 reaches it (``None``: full depth).
             confidence: the confidence measure of routing and of ``draft_threshold``.
             draft_exit: self-speculative decoding: the exit that drafts; the layers above verify,
-                so the tokens are the full model's.
-            num_speculations: the most tokens a self-speculative round drafts.
+                so the tokens are the full model's. ``auto``: each prompt's exit, or none, chosen every
+                round by the speed it expects from what each exit's drafts would have kept so far.
+            num_speculations: the most tokens a self-speculative round drafts; ``auto``: chosen every round,
+                up to ``max_speculations``.
+            max_speculations: the most tokens ``num_speculations auto`` drafts in a round.
             draft_threshold: a row stops drafting where the draft exit's confidence falls below it.
             temperature: 0 decodes greedily; above, tokens are sampled.
             top_k: sample among the k most likely tokens.
@@ -420,7 +424,7 @@ class LegoCLI(LightningCLI):
         # What generate() would refuse, refused before the weights load or anything runs.
         check_decoding(
             net, max_new_tokens, threshold, draft_exit, num_speculations, draft_threshold, temperature, top_k, top_p,
-            confidence, getattr(model, "hidden_confidence", None),
+            confidence, getattr(model, "hidden_confidence", None), max_speculations,
         )  # fmt: skip
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: allowed a positive integer (prompts decoded at once)")
@@ -428,6 +432,7 @@ class LegoCLI(LightningCLI):
             max_new_tokens=max_new_tokens, threshold=threshold, confidence=confidence, draft_exit=draft_exit,
             num_speculations=num_speculations, draft_threshold=draft_threshold, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+            max_speculations=speculation_room(draft_exit, num_speculations, max_speculations),
         )  # fmt: skip
         if output is not None:
             check_writable_folder(Path(output).expanduser().resolve().parent, "output")

@@ -127,7 +127,7 @@ class PromptDataModule(L.LightningDataModule):
 class Generator(L.LightningModule):
     """A trained module's model decoding prompts in ``predict_step``; checkpoints load into the module it wraps.
 
-    ``settings`` are the engine's (``threshold``, ``confidence``) and each request's defaults
+    ``settings`` are the engine's (``threshold``, ``confidence``, ``max_speculations``) and each request's defaults
     (``max_new_tokens``, ``draft_exit``, sampling...), which a prompt's own JSON line overrides;
     ``seed`` gives prompt ``i`` the seed ``seed + i`` unless its line has one, so a prompt gets the
     same text whatever else decodes beside it and on any device. ``slots`` prompts decode at once.
@@ -159,9 +159,15 @@ class Generator(L.LightningModule):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @property
+    def max_speculations(self) -> int:
+        """The most drafts a round may make (the engine's cache room past a prompt's last token)."""
+        return self.settings.get("max_speculations", self.settings.get("num_speculations", 4))
+
     def request(self, index: int) -> Request:
         """Prompt ``index``'s request: the command line's settings, its own line's over them."""
-        settings = {k: v for k, v in self.settings.items() if k not in ("threshold", "confidence", "seed")}
+        engine_settings = ("threshold", "confidence", "seed", "max_speculations")
+        settings = {k: v for k, v in self.settings.items() if k not in engine_settings}
         seed = self.settings.get("seed")
         own = self.prompts.prompts[index].settings
         settings |= {"seed": None if seed is None else seed + index} | own
@@ -173,7 +179,7 @@ class Generator(L.LightningModule):
         routed = self.settings.get("threshold") is not None
         for index in range(len(self.prompts.ids)):
             try:
-                self.request(index).check(model, routed, self.settings.get("num_speculations", 4))
+                self.request(index).check(model, routed, self.max_speculations)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"prompt {index + 1}: {error}") from None
 
@@ -186,7 +192,7 @@ class Generator(L.LightningModule):
             threshold=self.settings.get("threshold"),
             confidence=self.settings.get("confidence", "max_prob"),
             hidden_confidence=self.module.hidden_confidence if learned else None,
-            max_speculations=self.settings.get("num_speculations", 4),
+            max_speculations=self.max_speculations,
         )
         index_of = {engine.add(self.request(index)): index for index in batch.tolist()}
         rows = []

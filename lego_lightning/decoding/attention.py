@@ -26,6 +26,7 @@ admits a request then reads the weights once for its prefill and for everybody's
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +166,19 @@ def run_layers(
         keys, values = cache.layer(layer)
         x = _layer(model, model.blocks[layer - 1], keys, values, x, p, attending)
     return x
+
+
+def run_tapped(
+    model: ExitTransformer, cache: SlotCache, layers: range, x: Tensor, p: Pass | Packed, taps: Collection[int]
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """:func:`run_layers`, also giving the hidden state after each layer of ``taps`` that ``layers`` runs."""
+    kept, first = {}, layers.start
+    for tap in sorted(t for t in taps if layers.start <= t < layers.stop):
+        x = run_layers(model, cache, range(first, tap + 1), x, p)
+        kept[tap], first = x, tap + 1
+    if first < layers.stop:
+        x = run_layers(model, cache, range(first, layers.stop), x, p)
+    return x, kept
 
 
 def _layer(

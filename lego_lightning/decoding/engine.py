@@ -23,10 +23,12 @@ from collections.abc import Iterator
 
 import torch
 
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, draft_costs
 from lego_lightning.decoding.cache import SlotCache, check_slots_fit
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
-from lego_lightning.decoding.request import Completion, Decoding, Event, Request
+from lego_lightning.decoding.request import Completion, Event, Request
+from lego_lightning.decoding.state import Decoding
 from lego_lightning.model.confidence import HiddenConfidence, confidence_measure
 from lego_lightning.model.routing import check_threshold
 from lego_lightning.model.transformer import ExitTransformer
@@ -49,6 +51,9 @@ class Engine:
         compile_backend: run the layers through ``torch.compile`` with this backend (``"inductor"``)
             at fixed shapes over every slot (:mod:`~lego_lightning.decoding.compiled`): one graph per
             kind of pass, none recompiled as requests come and go. ``None``: eager.
+        draft_costs: the step costs that requests of ``draft_exit`` or ``num_speculations`` ``"auto"``
+            choose by (:mod:`~lego_lightning.decoding.auto`); ``None``: measured at ``slots`` rows the
+            first time such a request comes (once per model shape, device and slots in a process).
 
     ``add`` a request, ``step`` until ``busy`` is false, or ``run`` to do both::
 
@@ -69,6 +74,7 @@ class Engine:
         max_speculations: int = 8,
         max_context: int | None = None,
         compile_backend: str | None = None,
+        draft_costs: DraftCosts | None = None,
     ) -> None:
         cfg = model.config
         if not cfg.causal:
@@ -84,6 +90,7 @@ class Engine:
         self.routing = Routing(threshold, confidence_measure(confidence, hidden_confidence), hidden_confidence)
         self.max_speculations = max_speculations
         self.max_context = context
+        self._draft_costs = draft_costs
         ref = next(model.parameters())
         width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
         check_slots_fit(cfg, slots, width, ref.device, ref.dtype)
@@ -144,12 +151,15 @@ class Engine:
         """
         events: dict[int, Event] = {}
         rows = [row for row in self.slots if row is not None]
+        self._choose_drafts(rows)
         if self.waiting and None in self.slots and self._one_pass(rows):
             new = self._take_waiting()
             self._round(rows, events, new)
             return list(events.values())
         while self.waiting and None in self.slots:
             self._admit(events)
+        admitted = [row for row in self.slots if row is not None and row not in rows]
+        self._choose_drafts(admitted)
         rows = [row for row in self.slots if row is not None]
         if rows:
             self._round(rows, events)
@@ -157,10 +167,23 @@ class Engine:
 
     def _one_pass(self, rows: list[Decoding]) -> bool:
         """Whether this step's prefills run inside the round's passes: requests are decoding (a prefill with
-        nothing beside it is a pass of its own anyway), nobody routes, and one draft exit at most is asked."""
-        waiting = [request for _, request in itertools.islice(self.waiting, self.slots.count(None))]
-        exits = {r.draft_exit for r in [row.request for row in rows] + waiting} - {None}
+        nothing beside it is a pass of its own anyway), nobody routes, and the rows draft from one exit at
+        most this round (the new prompts run the layers below it beside the first draft step)."""
+        exits = {row.draft_exit for row in rows} - {None}
         return bool(rows) and self.routing.threshold is None and len(exits) <= 1
+
+    @property
+    def draft_costs(self) -> DraftCosts:
+        """The step costs that ``auto`` requests choose by (measured on first use, see ``draft_costs``)."""
+        if self._draft_costs is None:
+            self._draft_costs = draft_costs(self.model, len(self.slots), max(1, self.max_speculations))
+        return self._draft_costs
+
+    def _choose_drafts(self, rows: list[Decoding]) -> None:
+        """Each ``auto`` request's draft exit and K for this round."""
+        for row in rows:
+            if row.auto is not None:
+                row.draft_exit, row.num_speculations = row.auto.choose(self.draft_costs, row.remaining)
 
     def _take_waiting(self) -> list[Decoding]:
         """Waiting requests into the free slots (nothing run yet)."""
@@ -169,6 +192,7 @@ class Engine:
         for slot in free[: len(self.waiting)]:
             request_id, request = self.waiting.popleft()
             rows.append(Decoding.start(request_id, request, slot, self.cache.tokens.device))
+            rows[-1].auto = AutoDraft.of(request, tuple(self.model.exit_layers[:-1]), self.max_speculations)
             self.slots[slot] = rows[-1]
         return rows
 
@@ -195,8 +219,8 @@ class Engine:
             tokens, exit_position = routed_step(model, cache, rows, self.routing)
             self._keep(rows, [[t] for t in self._write_next(rows, tokens, [1] * len(rows))], exit_position, events)
             return
-        if all(row.request.draft_exit is None for row in rows):  # new requests draft from their next round on
-            tokens = full_depth_step(model, cache, rows, new)
+        if all(row.draft_exit is None for row in rows):  # new requests draft from their next round on
+            tokens = full_depth_step(model, cache, rows, self.work, new)
             self.work["full_steps"] += len(rows)
             advance = [1] * len(rows) + [0] * len(new)  # a new request's length is its prompt's, set in the pass
             self._keep(rows + new, [[t] for t in self._write_next(rows + new, tokens, advance)], None, events)
@@ -210,6 +234,8 @@ class Engine:
             row.refusals += n < made
             row.verifications += 1
             row.length += n + 1  # through the last kept draft; the round's own token is next
+            if row.auto is not None and made:  # its exit's acceptance: n kept, then one refused or none
+                row.auto.observe(row.draft_exit, n, n + (n < made))
         firsts = [] if result.first_tokens is None else [[t] for t in result.first_tokens.tolist()]
         self._keep(rows + new, [tokens[: n + 1] for tokens, n in zip(kept, accepted)] + firsts, None, events)
 

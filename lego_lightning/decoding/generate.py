@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lego_lightning.decoding.engine import Engine
-from lego_lightning.decoding.request import Request, check_draft
+from lego_lightning.decoding.request import AUTO, Request, check_draft
 from lego_lightning.decoding.sampling import Sampling
 from lego_lightning.model.confidence import ConfidenceMeasure, HiddenConfidence, confidence_measure
 from lego_lightning.model.routing import check_threshold
@@ -48,10 +48,11 @@ def generate(
     seed: int | Sequence[int] | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-    draft_exit: int | None = None,
-    num_speculations: int = 4,
+    draft_exit: int | str | None = None,
+    num_speculations: int | str = 4,
     draft_threshold: float | None = None,
     slots: int | None = None,
+    max_speculations: int = 8,
 ) -> Generation:
     """Decoding with a KV cache; each sequence picks its exit at every step by the routing rule,
     or, with ``draft_exit``, decodes self-speculatively.
@@ -76,6 +77,8 @@ def generate(
     drafts up to ``num_speculations`` tokens, stopping a row's draft where ``confidence`` falls
     below ``draft_threshold``, and the layers above verify them, so the tokens are the full
     model's (greedy: equal to ``threshold=None``; sampled: from the same distribution).
+    ``draft_exit="auto"`` chooses the exit (or no drafts) every round, ``num_speculations="auto"``
+    the K, up to ``max_speculations`` (:mod:`~lego_lightning.decoding.auto`).
 
     The rows are requests of an :class:`~lego_lightning.decoding.engine.Engine` with ``slots``
     cache slots (default: one per row); with fewer, a row that ends makes room for the next
@@ -83,7 +86,7 @@ def generate(
     """
     check_decoding(
         model, max_new_tokens, threshold, draft_exit, num_speculations, draft_threshold, temperature, top_k, top_p,
-        confidence, hidden_confidence,
+        confidence, hidden_confidence, max_speculations,
     )  # fmt: skip
     B, P = prompt.shape
     kept = check_attention_mask(attention_mask, prompt)
@@ -96,7 +99,8 @@ def generate(
     seeds = row_seeds(seed, B) if temperature > 0 else [None] * B
     engine = Engine(
         model, slots or B, threshold=threshold, confidence=confidence, hidden_confidence=hidden_confidence,
-        max_speculations=num_speculations if draft_exit is not None else 0, max_context=max(lengths) + max_new_tokens,
+        max_speculations=speculation_room(draft_exit, num_speculations, max_speculations),
+        max_context=max(lengths) + max_new_tokens,
     )  # fmt: skip
     settings = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
@@ -125,22 +129,31 @@ def generate(
             counts[name] for name in ("drafts", "accepted", "refusals", "verifications")
         )
         out.work = {key: engine.work[key] for key in ("draft_layer_tokens", "draft_heads", "verify_layer_tokens",
-                                                       "final_heads")}  # fmt: skip
+                                                       "final_heads", "probe_heads")}  # fmt: skip
     return out
+
+
+def speculation_room(draft_exit: int | str | None, num_speculations: int | str, max_speculations: int) -> int:
+    """The drafts a round may make at most: none without a draft exit, the cap ``max_speculations`` for
+    ``num_speculations="auto"``, else ``num_speculations``."""
+    if draft_exit is None:
+        return 0
+    return max_speculations if num_speculations == AUTO else num_speculations
 
 
 def check_decoding(
     model: ExitTransformer,
     max_new_tokens: int,
     threshold: float | None = None,
-    draft_exit: int | None = None,
-    num_speculations: int = 4,
+    draft_exit: int | str | None = None,
+    num_speculations: int | str = 4,
     draft_threshold: float | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     confidence: str = "max_prob",
     hidden_confidence: HiddenConfidence | None = None,
+    max_speculations: int = 8,
 ) -> tuple[Sampling, ConfidenceMeasure]:
     """Every setting of :func:`generate` but the prompt's, checked before any work; the sampling and the
     confidence measure they give."""
@@ -155,6 +168,15 @@ def check_decoding(
                 "ways to decode; give one (draft_threshold stops a draft early)"
             )
         check_draft(model, draft_exit, num_speculations)
+        if num_speculations == AUTO and (
+            not isinstance(max_speculations, int) or isinstance(max_speculations, bool) or max_speculations < 1
+        ):
+            raise ValueError(
+                f"max_speculations={max_speculations!r}: num_speculations='auto' chooses K up to it; allowed a "
+                "positive integer"
+            )
+    elif num_speculations == AUTO:
+        raise ValueError("num_speculations='auto' chooses how many tokens a draft exit drafts: it needs a draft_exit")
     if draft_threshold is not None:
         if draft_exit is None:
             raise ValueError(f"draft_threshold={draft_threshold} stops self-speculative drafts: it needs a draft_exit")

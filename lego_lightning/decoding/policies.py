@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lego_lightning.decoding.attention import Packed, Pass, embed, run_layers
+from lego_lightning.decoding.attention import Packed, Pass, embed, run_layers, run_tapped
 from lego_lightning.decoding.cache import SlotCache
-from lego_lightning.decoding.request import Decoding
 from lego_lightning.decoding.sampling import Sampling, draw
+from lego_lightning.decoding.state import Decoding
 from lego_lightning.model.confidence import ConfidenceMeasure, HiddenConfidence
 from lego_lightning.model.transformer import ExitTransformer
 
@@ -58,7 +58,7 @@ def round_uniforms(rows: list[Decoding]) -> dict[int, Tensor]:
     out = {}
     for i, row in enumerate(rows):
         if row.generator is not None:
-            count = 2 * row.request.num_speculations + 1 if row.request.draft_exit is not None else 1
+            count = 2 * row.num_speculations + 1 if row.draft_exit is not None else 1
             out[i] = torch.rand(count, generator=row.generator, device=row.generator.device)
     return out
 
@@ -100,21 +100,36 @@ def choose(
 
 # ----------------------------------------------------------------------------------------- passes
 def ragged_layers(
-    model: ExitTransformer, cache: SlotCache, x: Tensor, p: Pass, bottom: list[int], top: list[int], Q: int
+    model: ExitTransformer,
+    cache: SlotCache,
+    x: Tensor,
+    p: Pass,
+    bottom: list[int],
+    top: list[int],
+    Q: int,
+    kept: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """Row ``r`` of ``x`` ``(R, Q, D)`` through layers ``bottom[r]..top[r]``: one :func:`run_layers` where
-    every row runs the same layers, else one per stretch of layers where the same rows run."""
+    every row runs the same layers, else one per stretch of layers where the same rows run.
+
+    ``kept``: filled with the hidden states ``(R, Q, D)`` after each exit before the last that the pass
+    runs; a row's are its own only where it ran that layer."""
+    taps = model.exit_layers[:-1] if kept is not None else ()
     if len(set(bottom)) == 1 and len(set(top)) == 1:
-        return run_layers(model, cache, range(bottom[0], top[0] + 1), x, p)
+        x, tapped = run_tapped(model, cache, range(bottom[0], top[0] + 1), x, p, taps)
+        if kept is not None:
+            kept.update(tapped)
+        return x
     slots, start = p.slots.tolist(), p.columns[:, 0].tolist()
-    cuts = sorted({*bottom, *(t + 1 for t in top)})
+    cuts = sorted({*bottom, *(t + 1 for t in top), *(t + 1 for t in taps)})
     for a, b in itertools.pairwise(cuts):
         rows = [r for r in range(len(x)) if bottom[r] <= a and b - 1 <= top[r]]
-        if not rows:
-            continue
-        index = torch.tensor(rows, device=x.device)
-        sub = Pass.of(cache, [slots[r] for r in rows], [start[r] for r in rows], Q, model.config.max_seq_len)
-        x = x.index_copy(0, index, run_layers(model, cache, range(a, b), x.index_select(0, index), sub))
+        if rows:
+            index = torch.tensor(rows, device=x.device)
+            sub = Pass.of(cache, [slots[r] for r in rows], [start[r] for r in rows], Q, model.config.max_seq_len)
+            x = x.index_copy(0, index, run_layers(model, cache, range(a, b), x.index_select(0, index), sub))
+        if b - 1 in taps:
+            kept[b - 1] = x
     return x
 
 
@@ -179,26 +194,36 @@ def prefill(
 
 # ------------------------------------------------------------------------------------- full depth
 def full_depth_step(
-    model: ExitTransformer, cache: SlotCache, rows: list[Decoding], new: list[Decoding] | None = None
+    model: ExitTransformer, cache: SlotCache, rows: list[Decoding], work: Counter, new: list[Decoding] | None = None
 ) -> Tensor:
     """Every row's last token through every layer and the final head: its next token. ``new`` requests ride
     along in the same pass, their prompts prefilled (a packed pass), each taking its first token; the tokens
-    of ``rows`` come first, then those of ``new``."""
-    cfg = model.config
+    of ``rows`` come first, then those of ``new``. Rows of ``draft_exit="auto"`` that probe this round read
+    every exit's head at their position (:mod:`~lego_lightning.decoding.auto`)."""
+    new = new or []
+    cfg, R = model.config, len(rows)
+    probes = probing(rows)
+    taps = cfg.exit_layers[:-1] if probes else ()
     if not new:
         p = Pass.of(cache, [row.slot for row in rows], [row.length for row in rows], 1, cfg.max_seq_len)
-        x = run_layers(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p)[:, 0]
+        x, tapped = run_tapped(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p, taps)
+        x, tapped = x[:, 0], {e: h[:, 0] for e, h in tapped.items()}
     else:
         lengths = write_prompts(cache, new)
         p = Packed.of(cache, [row.slot for row in rows + new], [row.length for row in rows] + [0] * len(new),
-                      [1] * len(rows) + lengths, cfg.max_seq_len)  # fmt: skip
-        x = run_layers(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p).index_select(0, p.last)
+                      [1] * R + lengths, cfg.max_seq_len)  # fmt: skip
+        x, tapped = run_tapped(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p, taps)
+        x, tapped = x.index_select(0, p.last), {e: h.index_select(0, p.last[:R]) for e, h in tapped.items()}
         for row, n in zip(new, lengths):
             row.length = n
-        rows = rows + new
     logits = model.head(model.exit_layers[-1])(x)
-    u = round_uniforms(rows)
-    return choose(rows, list(range(len(rows))), logits, lambda i: u[i][-1])
+    u = round_uniforms(rows + new)
+    tokens = choose(rows + new, list(range(R + len(new))), logits, lambda i: u[i][-1])
+    if probes:  # every exit's acceptance at the one position, against the full model's token
+        zero = [0] * len(probes)
+        probe_exits(model, rows, probes, zero, lambda e, i, k: tapped[e].index_select(0, i),
+                    tokens[:R, None], logits, lambda i, k: i, work)  # fmt: skip
+    return tokens
 
 
 # ----------------------------------------------------------------------------------------- routed
@@ -340,8 +365,8 @@ def speculative_round(
     caps = [row.draft_cap() for row in rows]
     # A row without a draft exit runs the lower layers with the most common draft exit's rows and the upper
     # ones in the verification: a full-depth step that shares their weight reads.
-    common = Counter(row.request.draft_exit for row in rows if row.request.draft_exit is not None).most_common(1)[0][0]
-    exits = [common if row.request.draft_exit is None else row.request.draft_exit for row in rows]
+    common = Counter(row.draft_exit for row in rows if row.draft_exit is not None).most_common(1)[0][0]
+    exits = [common if row.draft_exit is None else row.draft_exit for row in rows]
     slots, start = [row.slot for row in rows], [row.length for row in rows]
     u = round_uniforms(rows)
     K_max = max(caps)
@@ -351,6 +376,9 @@ def speculative_round(
     # The drafts' distributions, by row and draft; only what a row drafted is ever read.
     q_probs = torch.empty(R, K_max, cfg.vocab_size, device=dev) if sampled else None
     thresholds = [row.request.draft_threshold for row in rows]
+    probes = probing(rows)
+    taps = cfg.exit_layers[:-1] if probes else ()
+    low: dict[int, Tensor] = {}  # probing: each exit's hidden states in the draft steps, (R, K_max + 1, D)
 
     prompts = write_prompts(cache, new) if new else []
     new_slots = [row.slot for row in new]
@@ -358,15 +386,20 @@ def speculative_round(
     for j in range(K_max + 1):
         if j == 0 and new:  # the new prompts' lower layers beside everybody's last token
             pk = Packed.of(cache, slots + new_slots, start + [0] * len(new), [1] * R + prompts, cfg.max_seq_len)
-            lower = run_layers(model, cache, range(1, common + 1), embed(model, cache, pk), pk)
+            lower, tapped = run_tapped(model, cache, range(1, common + 1), embed(model, cache, pk), pk, taps)
             x, prompt_hidden = lower[:R, None], lower[R:]
+            tapped = {e: h[:R, None] for e, h in tapped.items()}
         else:
             p = Pass.of(cache, [slots[i] for i in drafting], [start[i] + j for i in drafting], 1, cfg.max_seq_len)
             x = embed(model, cache, p)
-            x = ragged_layers(model, cache, x, p, [1] * len(drafting), [exits[i] for i in drafting], 1)
+            tapped = {} if probes else None
+            x = ragged_layers(model, cache, x, p, [1] * len(drafting), [exits[i] for i in drafting], 1, tapped)
         at = torch.tensor(drafting, device=dev)
         hidden[at, j] = x[:, 0]
+        for e, h in (tapped or {}).items():
+            low.setdefault(e, torch.zeros_like(hidden))[at, j] = h[:, 0]
         work["draft_layer_tokens"] += len(drafting)
+        work["draft_layers_run"] += sum(exits[i] for i in drafting)  # token-layers, whatever each row's exit
         going = [k for k, i in enumerate(drafting) if caps[i] > j]  # rows whose draft may grow by one token
         if not going:
             break
@@ -399,8 +432,9 @@ def speculative_round(
         pk = Packed.of(cache, slots + new_slots, start + [0] * len(new), [n + 1 for n in n_drafts] + prompts,
                        cfg.max_seq_len)  # fmt: skip
         upper_input = torch.cat([*(hidden[i, : n_drafts[i] + 1] for i in range(R)), prompt_hidden])
-        upper = run_layers(model, cache, range(common + 1, L + 1), upper_input, pk)
+        upper, high = run_tapped(model, cache, range(common + 1, L + 1), upper_input, pk, taps)
         work["verify_layer_tokens"] += len(real)
+        work["verify_layers_run"] += (L - common) * len(real)
         logits = final_head(upper[: len(real)])
         for row, n in zip(new, prompts):
             row.length = n
@@ -410,8 +444,11 @@ def speculative_round(
         cache.tokens[torch.tensor(new_slots, device=dev), torch.tensor(prompts, device=dev)] = first_tokens
     else:
         p = Pass.of(cache, slots, start, Q, cfg.max_seq_len)
-        x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q)
+        high = {} if probes else None
+        x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q, high)
+        high = {e: h.reshape(R * Q, -1) for e, h in (high or {}).items()}
         work["verify_layer_tokens"] += R * Q
+        work["verify_layers_run"] += sum(L - e for e in exits) * Q
         flat = x.reshape(R * Q, -1)
         if len(real) < R * Q:  # the final head only where a row has a position, not over the padding
             flat = flat.index_select(0, torch.tensor(real, device=dev))
@@ -424,7 +461,79 @@ def speculative_round(
     accepted, next_token = _accept(rows, n_drafts, logits, proposed, within, q_probs, u)
     cache.tokens[slots_t, start_t + accepted + 1] = next_token
     kept = cache.tokens[slots_t[:, None], start_t[:, None] + 1 + offsets]
+    if probes:  # every exit's acceptance at each kept position, from the hidden states this round computed
+        first = torch.tensor([0, *itertools.accumulate(n + 1 for n in n_drafts)][:-1], device=dev)
+        exits_t = torch.tensor(exits, device=dev)
+
+        def logit_index(i: Tensor, k: Tensor) -> Tensor:  # a position's row among the final head's logits
+            return first[i] + k
+
+        def hidden_at(e: int, i: Tensor, k: Tensor) -> Tensor:  # below a row's exit: its draft steps; above: verify
+            out = hidden.new_empty(len(i), cfg.d_model)
+            here = exits_t[i]
+            for where, take in (
+                (here > e, lambda m: low[e][i[m], k[m]]),
+                (here == e, lambda m: hidden[i[m], k[m]]),
+                (here < e, lambda m: high[e].index_select(0, (first[i[m]] + k[m]) if new else i[m] * Q + k[m])),
+            ):
+                if where.any():
+                    out[where] = take(where)
+            return out
+
+        drafted = {i: rows[i].draft_exit for i in range(R) if n_drafts[i] > 0}  # measured by the round itself
+        probe_exits(model, rows, probes, [int(n) for n in accepted[probes].tolist()], hidden_at, kept, logits,
+                    logit_index, work, skip=drafted)  # fmt: skip
     return Round(n_drafts, accepted, kept, first_tokens)
+
+
+def probing(rows: list[Decoding]) -> list[int]:
+    """Positions in ``rows`` of the ``auto`` requests that read every exit's acceptance this round."""
+    return [i for i, row in enumerate(rows) if row.auto is not None and row.auto.probe_now]
+
+
+def probe_exits(
+    model: ExitTransformer,
+    rows: list[Decoding],
+    probes: list[int],
+    last: list[int],
+    hidden_at: Callable[[int, Tensor, Tensor], Tensor],
+    targets: Tensor,
+    logits: Tensor,
+    logit_index: Callable[[Tensor, Tensor], Tensor],
+    work: Counter,
+    skip: dict[int, int] | None = None,
+) -> None:
+    """Each probing row's acceptance at every exit before the last, over its positions ``0..last``, into its
+    :class:`~lego_lightning.decoding.auto.AutoDraft`.
+
+    ``hidden_at(e, i, k)``: the hidden states after exit layer ``e`` of rows ``i`` at positions ``k``;
+    ``targets[i, k]``: the full model's token after them; ``logits[logit_index(i, k)]``: its logits there.
+    Greedy, an exit's acceptance at a position is whether its token is the full model's; sampled, the
+    probability ``sum(min(p, q))`` that speculative sampling keeps its draft. ``skip[i]``: an exit whose
+    acceptance row ``i``'s round measured itself."""
+    dev, skip = logits.device, skip or {}
+    pair_rows = [i for n, i in zip(last, probes) for _ in range(n + 1)]
+    pair_positions = [k for n in last for k in range(n + 1)]
+    for e in model.exit_layers[:-1]:
+        chosen = [j for j, i in enumerate(pair_rows) if skip.get(i) != e]
+        if not chosen:
+            continue
+        i = torch.tensor([pair_rows[j] for j in chosen], device=dev)
+        k = torch.tensor([pair_positions[j] for j in chosen], device=dev)
+        q_logits = model.head(e)(hidden_at(e, i, k))
+        work["probe_heads"] += len(chosen)
+        acceptance = torch.empty(len(chosen), device=dev)
+        for sampling, members in by_sampling(rows, i.tolist()).items():
+            m = torch.tensor(members, device=dev)
+            if sampling.greedy:
+                acceptance[m] = (q_logits[m].argmax(-1) == targets[i[m], k[m]]).float()
+            else:
+                p = sampling.probabilities(logits.index_select(0, logit_index(i[m], k[m])))
+                acceptance[m] = torch.minimum(p, sampling.probabilities(q_logits[m])).sum(-1)
+        sums = torch.zeros(len(rows), device=dev).index_add_(0, i, acceptance).tolist()
+        counts = torch.bincount(i, minlength=len(rows)).tolist()
+        for r in sorted(set(i.tolist())):
+            rows[r].auto.observe(e, sums[r], counts[r])
 
 
 def _draft_confidence(model: ExitTransformer, routing: Routing, h: Tensor, logits: Tensor, exits: list[int]) -> Tensor:
@@ -503,7 +612,7 @@ def _acceptance_uniforms(rows: list[Decoding], members: list[int], u: dict[int, 
     """``(S, K)``: each sampled row's uniforms for its acceptance tests (the second K of its round's draws)."""
     out = []
     for i in members:
-        k = rows[i].request.num_speculations if rows[i].request.draft_exit is not None else 0
+        k = rows[i].num_speculations if rows[i].draft_exit is not None else 0
         tests = u[i][k : 2 * k][:K]
         out.append(torch.cat([tests, tests.new_ones(K - len(tests))]))  # past a row's drafts: never read
     return torch.stack(out)

@@ -1,18 +1,16 @@
-"""A request to the decoding engine: a prompt and its own settings; what the engine keeps of it while it decodes."""
+"""A request to the decoding engine (a prompt and its own settings) and what comes back: events and completion."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from lego_lightning.decoding.sampling import Sampling, generator_for
+from lego_lightning.decoding.sampling import Sampling
 from lego_lightning.model.routing import check_threshold
 from lego_lightning.model.transformer import ExitTransformer
 
 FINISH_REASONS = ("eos", "length", "cancelled")
+AUTO = "auto"  # draft_exit or num_speculations chosen every round (lego_lightning.decoding.auto)
 
 
 @dataclass(frozen=True)
@@ -27,8 +25,10 @@ class Request:
         top_p: sample among the most likely tokens whose probability reaches ``top_p``.
         seed: the request's own random stream (``None``: drawn from torch's global generator).
         eos_token_id: the request ends at this token, which is kept.
-        draft_exit: decode self-speculatively, drafting at this exit (``None``: full depth).
-        num_speculations: the most tokens a round drafts.
+        draft_exit: decode self-speculatively, drafting at this exit (``None``: full depth; ``"auto"``:
+            the exit, or none, chosen every round, :mod:`~lego_lightning.decoding.auto`).
+        num_speculations: the most tokens a round drafts (``"auto"``: chosen every round, up to the
+            engine's ``max_speculations``).
         draft_threshold: stop a round's draft where the draft exit's confidence falls below it.
     """
 
@@ -39,8 +39,8 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     eos_token_id: int | None = None
-    draft_exit: int | None = None
-    num_speculations: int = 4
+    draft_exit: int | str | None = None
+    num_speculations: int | str = 4
     draft_threshold: float | None = None
 
     @property
@@ -67,14 +67,23 @@ class Request:
             raise ValueError(f"seed={self.seed!r}: allowed an integer or None")
         if self.eos_token_id is not None and not 0 <= self.eos_token_id < cfg.vocab_size:
             raise ValueError(f"eos_token_id={self.eos_token_id}: allowed a token id 0..{cfg.vocab_size - 1} or None")
+        if self.draft_exit is None and self.num_speculations == AUTO:
+            raise ValueError(
+                "num_speculations='auto' chooses how many tokens a draft exit drafts: it needs a draft_exit"
+            )
         if self.draft_exit is not None:
             check_draft(model, self.draft_exit, self.num_speculations)
+            if self.num_speculations == AUTO and max_speculations < 1:
+                raise ValueError(
+                    f"num_speculations='auto' chooses K up to this engine's max_speculations={max_speculations}: "
+                    "allowed 1 or more"
+                )
             if routed:
                 raise ValueError(
                     f"draft_exit={self.draft_exit} on an engine that routes (threshold set): routing and "
                     "self-speculative decoding are two ways to decode; give one"
                 )
-            if self.num_speculations > max_speculations:
+            if self.num_speculations != AUTO and self.num_speculations > max_speculations:
                 raise ValueError(
                     f"num_speculations={self.num_speculations}: this engine's cache leaves room for at most "
                     f"max_speculations={max_speculations}"
@@ -87,17 +96,26 @@ class Request:
             check_threshold(self.draft_threshold, "draft_threshold")
 
 
-def check_draft(model: ExitTransformer, draft_exit: int, num_speculations: int) -> None:
-    """Errors that name the setting, raised before any work."""
+def check_draft(model: ExitTransformer, draft_exit: int | str, num_speculations: int | str) -> None:
+    """Errors that name the setting, raised before any work (``"auto"`` is allowed for either)."""
     exits = model.exit_layers
-    if draft_exit not in exits[:-1]:
+    if draft_exit == AUTO:
+        if len(exits) < 2:
+            raise ValueError(
+                f"draft_exit='auto' chooses among the exits before the last, and this model has one exit "
+                f"(after layer {exits[0]}): nothing to draft from"
+            )
+    elif draft_exit not in exits[:-1]:
         raise ValueError(
-            f"draft_exit={draft_exit} is not an exit before the last: this model's exits are after layers "
+            f"draft_exit={draft_exit!r} is not an exit before the last: this model's exits are after layers "
             f"{exits}, so allowed {exits[:-1] or 'none (it has one exit)'}"
         )
+    if num_speculations == AUTO:
+        return
     if not isinstance(num_speculations, int) or isinstance(num_speculations, bool) or num_speculations < 1:
         raise ValueError(
-            f"num_speculations={num_speculations!r}: allowed a positive integer (the most tokens a round drafts)"
+            f"num_speculations={num_speculations!r}: allowed a positive integer (the most tokens a round drafts) "
+            "or 'auto'"
         )
 
 
@@ -116,6 +134,8 @@ class Completion:
     refusals: int = 0
     verifications: int = 0
     seconds: float = 0.0  # from its prefill to its end
+    # draft_exit or num_speculations "auto": the (exit or None, K) each round chose.
+    choices: list[tuple[int | None, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -129,64 +149,3 @@ class Event:
     @property
     def finished(self) -> bool:
         return self.completion is not None
-
-
-@dataclass
-class Decoding:
-    """A request in a slot: where it stands, its random stream and what it has made so far."""
-
-    id: int
-    request: Request
-    slot: int
-    generator: torch.Generator | None
-    # Columns of the slot whose keys and values are valid; the request's last token sits at this column,
-    # not yet through any layer.
-    length: int = 0
-    tokens: list[int] = field(default_factory=list)
-    exit_positions: list[int] = field(default_factory=list)
-    drafts: int = 0
-    accepted: int = 0
-    refusals: int = 0
-    verifications: int = 0
-    finish_reason: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    def start(cls, id: int, request: Request, slot: int, device: torch.device) -> Decoding:
-        sampled = not request.sampling.greedy
-        return cls(id, request, slot, generator_for(request.seed, device) if sampled else None)
-
-    @property
-    def sampling(self) -> Sampling:
-        return self.request.sampling
-
-    @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.tokens)
-
-    def draft_cap(self) -> int:
-        """Drafts this round may make: at most K, and fewer than the tokens left (the round adds one of its own)."""
-        if self.request.draft_exit is None:
-            return 0
-        return max(0, min(self.request.num_speculations, self.remaining - 1))
-
-    def take(self, tokens: list[int], exit_position: int) -> list[int]:
-        """Keep ``tokens`` up to the end token or the token limit; the tokens kept."""
-        eos = self.request.eos_token_id
-        kept = []
-        for token in tokens[: self.remaining]:
-            kept.append(token)
-            if token == eos:
-                self.finish_reason = "eos"
-                break
-        self.tokens += kept
-        self.exit_positions += [exit_position] * len(kept)
-        if self.finish_reason is None and self.remaining == 0:
-            self.finish_reason = "length"
-        return kept
-
-    def completion(self) -> Completion:
-        return Completion(
-            self.id, len(self.request.prompt), self.tokens, self.exit_positions, self.finish_reason or "cancelled",
-            self.drafts, self.accepted, self.refusals, self.verifications, time.perf_counter() - self.started,
-        )  # fmt: skip

@@ -1,0 +1,154 @@
+"""``draft_exit="auto"`` and ``num_speculations="auto"``: each request's draft exit and length, chosen every round.
+
+The best fixed setting differs with the model, the batch, the decoding and the text, and a poor one
+costs most of the gain. So a request that asks ``auto`` keeps its own running estimate of how often
+each exit's draft would be kept (its *acceptance*), and before every round picks the exit and K
+with the most expected tokens per second:
+
+    tokens_per_verification(a_e, K) / (K * draft[e] + verify[e, K])    against    1 / full
+
+from the engine's step costs (:class:`DraftCosts`, measured once per model shape, device and batch
+size, and cached) and the bound of :mod:`~lego_lightning.decoding.speed`. Not drafting at all is
+one of the candidates (when the exit is ``auto``), so a request for which no exit pays decodes at
+full depth, and goes on measuring the exits, which may pay later in its text.
+
+Where the estimates come from, all from hidden states a round computes anyway:
+
+* the exit a request drafted from: the round itself (drafts kept, and whether one was refused,
+  the maximum-likelihood estimate of a geometric acceptance);
+* every other exit, every ``probe_every`` rounds (a *probe*): a self-speculative round runs every
+  layer over the positions it keeps (the layers up to the draft exit while drafting, those above
+  while verifying) and a full-depth step runs every layer over its one position; each exit's head
+  reads its hidden state there. Greedy, the acceptance is whether its token is the full model's;
+  sampled, it is ``sum(min(p, q))``, the probability that speculative sampling keeps its draft.
+  These head reads are counted in the engine's work (``probe_heads``).
+
+Output stays exact: whatever a round chooses, greedy tokens are the full model's and sampled ones
+follow speculative sampling. A request's choices depend only on its own tokens and the engine's
+costs, so it gets the same tokens whatever shares its batch (for the same costs: pass
+``draft_costs`` to the engine to fix them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lego_lightning.decoding.request import AUTO, Request
+from lego_lightning.decoding.speed import seconds, step_functions, tokens_per_verification
+from lego_lightning.model.transformer import ExitTransformer
+
+# A running estimate forgets: each new observation weighs this much more than one a round older, so a
+# request follows its text when it changes (prose to a code block) within some tens of rounds.
+DECAY = 0.9
+# Before any observation an exit is credited with this acceptance, weighted as this many observations, which
+# age like real ones: a request whose drafts are all refused sees its estimate fall towards 0.
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 1.0
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """Seconds of the steps a round is made of, at one batch size: a draft step at each exit, a verification of
+    K drafts from each exit (``verify[e][K - 1]``, K up to the engine's cap), and a full-depth step."""
+
+    draft: dict[int, float]
+    verify: dict[int, tuple[float, ...]]
+    full: float
+
+    def tokens_per_second(self, draft_exit: int | None, num_speculations: int, acceptance: float) -> float:
+        """Expected tokens per second of a round drafting ``num_speculations`` at ``draft_exit`` (``None``: a
+        full-depth step), each draft kept with probability ``acceptance``."""
+        if draft_exit is None:
+            return 1.0 / self.full
+        K = num_speculations
+        cost = K * self.draft[draft_exit] + self.verify[draft_exit][K - 1]
+        return tokens_per_verification(acceptance, K) / cost
+
+
+_MEASURED: dict[tuple, DraftCosts] = {}
+
+
+def draft_costs(model: ExitTransformer, batch_size: int, cap: int, repeats: int = 5) -> DraftCosts:
+    """:class:`DraftCosts` of this model's shape on its device at ``batch_size`` rows, for K = 1..``cap``:
+    timed through the engine's own passes (:func:`step_functions`) the first time, then from this process's
+    cache (costs depend on the shapes, the device and the threads, not on the weights)."""
+    ref = next(model.parameters())
+    key = (repr(model.config), str(ref.device), ref.dtype, batch_size, cap, torch.get_num_threads())
+    if key not in _MEASURED:
+        draft, verify, full = {}, {}, []
+        for e in model.exit_layers[:-1]:
+            # The verification grows linearly in K (more positions through the same layers): timed at both ends.
+            ends = {}
+            for K in sorted({1, cap}):
+                steps = step_functions(model, e, K, batch_size, spread=batch_size > 1)
+                ends[K] = seconds(steps["verify"], repeats, ref.device)
+                if K == 1:
+                    draft[e] = seconds(steps["draft"], repeats, ref.device)
+                    full.append(seconds(steps["full"], repeats, ref.device))
+            slope = (ends[cap] - ends[1]) / (cap - 1) if cap > 1 else 0.0
+            verify[e] = tuple(ends[1] + slope * (K - 1) for K in range(1, cap + 1))
+        _MEASURED[key] = DraftCosts(draft, verify, sorted(full)[len(full) // 2])
+    return _MEASURED[key]
+
+
+@dataclass
+class AutoDraft:
+    """One request's running acceptance per exit and its choice of draft exit and K each round.
+
+    Args:
+        exits: the exits it may draft from (one, when only K is ``auto``).
+        lengths: the K it may choose from (one, when only the exit is ``auto``).
+        allow_full: not drafting is a candidate (the exit is ``auto``).
+        probe_every: every this many rounds, every exit's acceptance is read at the round's positions.
+    """
+
+    exits: tuple[int, ...]
+    lengths: tuple[int, ...]
+    allow_full: bool
+    probe_every: int = 4
+    kept: dict[int, float] = field(default_factory=dict)  # decayed sums of acceptance, by exit
+    seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
+    rounds: int = 0
+    probe_now: bool = False  # this round reads every exit's acceptance
+    choices: list[tuple[int | None, int]] = field(default_factory=list)  # (exit or None, K) of every round
+
+    @classmethod
+    def of(cls, request: Request, exits: tuple[int, ...], cap: int) -> AutoDraft | None:
+        """What ``request`` may choose among (``exits``: the model's before the last; ``cap``: the engine's
+        ``max_speculations``), or ``None`` where it asks no ``auto``."""
+        if AUTO not in (request.draft_exit, request.num_speculations):
+            return None
+        return cls(
+            exits if request.draft_exit == AUTO else (request.draft_exit,),
+            tuple(range(1, cap + 1)) if request.num_speculations == AUTO else (request.num_speculations,),
+            allow_full=request.draft_exit == AUTO,
+        )
+
+    def acceptance(self, draft_exit: int) -> float:
+        """The running estimate: the prior's pseudo-observations and the real ones, each decayed by its age."""
+        return self.kept.get(draft_exit, PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / self.seen.get(draft_exit, PRIOR_WEIGHT)
+
+    def observe(self, draft_exit: int, kept: float, seen: float) -> None:
+        """``seen`` more observations of ``draft_exit``, ``kept`` of which were (or would have been) accepted."""
+        old_kept = self.kept.get(draft_exit, PRIOR_ACCEPTANCE * PRIOR_WEIGHT)
+        self.kept[draft_exit] = old_kept * DECAY**seen + kept
+        self.seen[draft_exit] = self.seen.get(draft_exit, PRIOR_WEIGHT) * DECAY**seen + seen
+
+    def choose(self, costs: DraftCosts, remaining: int) -> tuple[int | None, int]:
+        """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded.
+        The round probes (reads every exit's acceptance) if it is the first or every ``probe_every``-th."""
+        best, best_rate = (None, 0), costs.tokens_per_second(None, 0, 0.0) if self.allow_full else 0.0
+        for e in self.exits:
+            a = self.acceptance(e)
+            for K in self.lengths:
+                if max(1, remaining - 1) < K:  # drafts past the request's end are never kept
+                    break
+                rate = costs.tokens_per_second(e, K, a)
+                if rate > best_rate:
+                    best, best_rate = (e, K), rate
+        self.choices.append(best)
+        # A fixed exit's acceptance comes from its own rounds; only a choice of exits needs the others'.
+        self.probe_now = self.allow_full and self.rounds % self.probe_every == 0
+        self.rounds += 1
+        return best

@@ -1,0 +1,177 @@
+"""``draft_exit="auto"`` and ``num_speculations="auto"``: the choice each round, its estimates, and exact output."""
+
+import pytest
+import torch
+
+from lego_lightning.decoding import Engine, Request, generate
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, draft_costs
+from lego_lightning.decoding.speed import speedup_bound
+from tests.decoding.test_engine import PROMPTS, SETTINGS, no_cache_greedy
+from tests.decoding.test_speculative import drafting_model
+from tests.model.test_early_exit import V
+
+# Step costs of a 4-layer model with exits after layers 1 and 2, K up to 4: a draft step costs its layers,
+# a verification the layers above over K + 1 positions at a tenth of a layer each beyond the first.
+COSTS = DraftCosts(
+    draft={1: 1.0, 2: 2.0},
+    verify={e: tuple((4 - e) * (1 + 0.1 * K) for K in range(1, 5)) for e in (1, 2)},
+    full=4.0,
+)
+
+
+def best_by_the_bound(acceptance: dict[int, float], costs: DraftCosts, lengths=range(1, 5)):
+    """The setting of highest speedup_bound (None: full depth, bound 1), found by brute force."""
+    best, best_bound = (None, 0), 1.0
+    for e, a in acceptance.items():
+        for K in lengths:
+            bound = speedup_bound(a, K, costs.draft[e], costs.verify[e][K - 1], costs.full)
+            if bound > best_bound:
+                best, best_bound = (e, K), bound
+    return best
+
+
+@pytest.mark.parametrize("acceptance", [0.05, 0.3, 0.6, 0.8, 0.95, 1.0])
+def test_the_choice_is_the_setting_of_highest_speedup_bound(acceptance):
+    auto = AutoDraft(exits=(1, 2), lengths=(1, 2, 3, 4), allow_full=True)
+    for e, a in ((1, acceptance), (2, min(1.0, acceptance + 0.1))):
+        auto.observe(e, 1000 * a, 1000)  # enough observations that the prior no longer counts
+    estimates = {e: auto.acceptance(e) for e in (1, 2)}
+    assert auto.choose(COSTS, remaining=100) == best_by_the_bound(estimates, COSTS)
+
+
+def test_no_drafting_is_chosen_where_no_exit_pays_and_drafts_stop_at_the_requests_end():
+    auto = AutoDraft(exits=(1, 2), lengths=(1, 2, 3, 4), allow_full=True)
+    auto.observe(1, 0.0, 50)
+    auto.observe(2, 1.0, 50)
+    assert auto.choose(COSTS, remaining=100) == (None, 0)
+    fixed = AutoDraft(exits=(1,), lengths=(1, 2, 3, 4), allow_full=False)  # only K is auto: it always drafts
+    fixed.observe(1, 0.0, 50)
+    assert fixed.choose(COSTS, remaining=100) == (1, 1)
+    fixed.observe(1, 1000.0, 1000)
+    assert fixed.choose(COSTS, remaining=100) == (1, 4)
+    assert fixed.choose(COSTS, remaining=3) == (1, 2)  # two drafts and the round's own token end it
+
+
+def test_the_estimate_forgets_so_a_request_follows_its_text():
+    auto = AutoDraft(exits=(1,), lengths=(1,), allow_full=True)
+    auto.observe(1, 40.0, 40)  # a stretch the exit drafts well
+    assert auto.acceptance(1) > 0.95 and auto.choose(COSTS, remaining=100) == (1, 1)
+    for _ in range(60):
+        auto.observe(1, 0.0, 1)  # then one it does not
+    assert auto.acceptance(1) < 0.2 and auto.choose(COSTS, remaining=100) == (None, 0)
+
+
+def identity_above(model, exit_layer):
+    """The layers above ``exit_layer`` add nothing to the residual stream: its shared head is the final one."""
+    with torch.no_grad():
+        for block in model.blocks[exit_layer:]:
+            for lin in block.residual_projections():
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+    return model
+
+
+def test_auto_drafts_long_from_an_exit_that_always_agrees_and_not_at_all_from_one_that_never_does():
+    agreeing = identity_above(drafting_model(0, "rotary", "shared"), 1)
+    engine = Engine(agreeing, slots=1, max_speculations=4, draft_costs=COSTS)
+    engine.add(Request([3, 1, 4, 1, 5], max_new_tokens=18, draft_exit="auto", num_speculations="auto"))
+    (done,) = engine.run().values()
+    assert done.tokens == no_cache_greedy(agreeing, [3, 1, 4, 1, 5], 18)
+    assert done.choices[-2] == (1, 4) and done.accepted == done.drafts  # learnt: exit 1, as long as it may
+    assert engine.work["probe_heads"] > 0  # the other exit read now and then, and counted
+
+    disagreeing = drafting_model(1, "rotary", "separate")
+    with torch.no_grad():  # heads of their own, unrelated to the final one: drafts are refused
+        for head in disagreeing.heads[:-1]:
+            head.proj.weight.normal_(generator=torch.Generator().manual_seed(0))
+    engine = Engine(disagreeing, slots=1, max_speculations=4, draft_costs=COSTS)
+    engine.add(Request([3, 1, 4, 1, 5], max_new_tokens=18, draft_exit="auto", num_speculations="auto"))
+    (done,) = engine.run().values()
+    assert done.tokens == no_cache_greedy(disagreeing, [3, 1, 4, 1, 5], 18)
+    assert done.choices[-4:] == [(None, 0)] * 4  # learnt that no exit pays: full depth
+    assert done.accepted == 0 and done.drafts <= len(done.tokens) // 2  # the break-even acceptance is 0.05-0.075
+
+
+def auto_requests():
+    """The engine tests' prompts and settings, drafting with every mix of auto and fixed."""
+    drafts = [
+        {"draft_exit": "auto", "num_speculations": "auto"},
+        {"draft_exit": "auto", "num_speculations": 2},
+        {"draft_exit": 1, "num_speculations": "auto"},
+        {},
+        {"draft_exit": "auto", "num_speculations": "auto"},
+        {"draft_exit": 2, "num_speculations": 3},
+        {"draft_exit": "auto", "num_speculations": "auto"},
+    ]
+    return [Request(p, **s, **d) for p, s, d in zip(PROMPTS, SETTINGS, drafts)]
+
+
+# Costs at which drafting pays at the prior's acceptance, and stops paying once it falls: choices change.
+SWITCHING = DraftCosts(draft={1: 0.2, 2: 0.5}, verify={1: (1.2, 1.3, 1.4, 1.5), 2: (1.0, 1.1, 1.2, 1.3)}, full=1.6)
+
+
+@pytest.mark.parametrize("positions", ["rotary", "llama"])
+def test_requests_choosing_differently_in_one_batch_get_the_tokens_they_get_alone(positions):
+    model = drafting_model(0, positions, "shared")
+    todo = auto_requests()
+
+    def alone(request):
+        engine = Engine(model, 1, max_speculations=4, draft_costs=SWITCHING)
+        engine.add(request)
+        return next(iter(engine.run().values()))
+
+    engine = Engine(model, 3, max_speculations=4, draft_costs=SWITCHING)
+    ids = [engine.add(r) for r in todo[:4]]
+    done = {e.id: e.completion for _ in range(2) for e in engine.step() if e.finished}
+    ids += [engine.add(r) for r in todo[4:]]  # joining mid-run
+    done |= engine.run()
+    changed = 0
+    for request_id, request in zip(ids, todo):
+        got, expected = done[request_id], alone(request)
+        assert got.tokens == expected.tokens, request_id
+        assert got.choices == expected.choices and (got.drafts, got.accepted) == (expected.drafts, expected.accepted)
+        if request.temperature == 0:  # the full model's own greedy tokens, whatever was chosen
+            assert got.tokens == no_cache_greedy(model, list(request.prompt), len(got.tokens))
+        changed += len(set(got.choices)) > 1
+    assert changed >= 2  # the choice changed mid-sequence
+    rounds = [set(done[i].choices) for i in ids]
+    assert len(set().union(*rounds)) >= 3  # in the batch, requests chose differently
+    assert engine.work["probe_heads"] > 0
+
+
+def test_generate_with_auto_gives_full_depths_greedy_tokens():
+    model = drafting_model(3, "rotary", "shared")
+    prompt = torch.randint(1, V, (4, 5), generator=torch.Generator().manual_seed(0))
+    full = generate(model, prompt, 10)
+    auto = generate(model, prompt, 10, draft_exit="auto", num_speculations="auto", max_speculations=3)
+    assert torch.equal(auto.tokens, full.tokens)
+    assert auto.verifications is not None and auto.work["probe_heads"] >= 0
+
+
+def test_measured_costs_are_cached_and_cover_every_exit_and_length():
+    model = drafting_model(0, "rotary", "shared")
+    costs = draft_costs(model, batch_size=2, cap=3, repeats=1)
+    assert set(costs.draft) == {1, 2} and all(len(costs.verify[e]) == 3 for e in (1, 2))
+    assert all(t > 0 for t in [*costs.draft.values(), costs.full, *costs.verify[1]])
+    assert draft_costs(model, batch_size=2, cap=3, repeats=1) is costs  # nobody pays twice
+    assert draft_costs(model, batch_size=1, cap=3, repeats=1) is not costs  # another batch size: its own
+
+
+def test_bad_auto_settings_are_named_before_any_work():
+    model = drafting_model(0, "rotary", "shared")
+    one_exit = drafting_model(0, "rotary", "shared")
+    one_exit.config.stages = one_exit.config.stages[-1:]
+    engine = Engine(model, slots=1, max_speculations=0)
+    with pytest.raises(ValueError, match=r"num_speculations='auto' chooses K up to this engine's max_speculations=0"):
+        engine.add(Request([1], max_new_tokens=3, draft_exit="auto", num_speculations="auto"))
+    with pytest.raises(ValueError, match=r"num_speculations='auto' .* it needs a draft_exit"):
+        engine.add(Request([1], max_new_tokens=3, num_speculations="auto"))
+    with pytest.raises(ValueError, match=r"max_speculations=0: num_speculations='auto' chooses K up to it"):
+        generate(model, torch.ones(1, 2, dtype=torch.long), 3, draft_exit=1, num_speculations="auto",
+                 max_speculations=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"draft_exit='auto' chooses among the exits before the last, .* one exit"):
+        generate(one_exit, torch.ones(1, 2, dtype=torch.long), 3, draft_exit="auto")
+    with pytest.raises(ValueError, match=r"draft_exit='best' is not an exit before the last"):
+        generate(model, torch.ones(1, 2, dtype=torch.long), 3, draft_exit="best")
+    assert not engine.busy  # nothing queued, nothing decoded
