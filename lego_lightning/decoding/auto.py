@@ -8,7 +8,9 @@ with the most expected tokens per second:
     tokens_per_verification(a_e, K) / (K * draft[e] + verify[e, K])    against    1 / full
 
 from the engine's step costs (:class:`DraftCosts`, measured once per model shape, device and batch
-size, and cached) and the bound of :mod:`~lego_lightning.decoding.speed`. Not drafting at all is
+size, and cached) and the bound of :mod:`~lego_lightning.decoding.speed`. Requests that share a round
+and choose both the exit and K choose together (:func:`choose_together`): a round costs what its
+slowest row costs, so one exit and one K for all of them. Not drafting at all is
 one of the candidates (when the exit is ``auto``), so a request for which no exit pays decodes at
 full depth, and goes on measuring the exits, which may pay later in its text.
 
@@ -24,9 +26,11 @@ Where the estimates come from, all from hidden states a round computes anyway:
   These head reads are counted in the engine's work (``probe_heads``).
 
 Output stays exact: whatever a round chooses, greedy tokens are the full model's and sampled ones
-follow speculative sampling. A request's choices depend only on its own tokens and the engine's
-costs, so it gets the same tokens whatever shares its batch (for the same costs: pass
-``draft_costs`` to the engine to fix them).
+follow speculative sampling. A request that chooses only one of the two (or decodes alone) depends
+only on its own tokens and the engine's costs, so it gets the same tokens whatever shares its batch
+(for the same costs: pass ``draft_costs`` to the engine to fix them). Requests that choose together
+do not: greedy, their tokens are still the full model's; sampled with a seed, they are drawn from
+the same distribution but are not the tokens they get alone (fix the exit or K where that matters).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lego_lightning.decoding.request import AUTO, Request
-from lego_lightning.decoding.speed import seconds, step_functions, tokens_per_verification
+from lego_lightning.decoding.speed import seconds, step_functions
 from lego_lightning.model.transformer import ExitTransformer
 
 # A running estimate forgets: each new observation weighs this much more than one a round older, so a
@@ -63,25 +67,36 @@ class DraftCosts:
             return 1.0 / self.full
         K = num_speculations
         cost = K * self.draft[draft_exit] + self.verify[draft_exit][K - 1]
-        return tokens_per_verification(acceptance, K) / cost
+        return expected_tokens(acceptance, K) / cost
+
+
+def expected_tokens(acceptance: float, num_speculations: int) -> float:
+    """:func:`~lego_lightning.decoding.speed.tokens_per_verification` in closed form, ``(1 - a^(K+1)) / (1 - a)``:
+    the choice evaluates it for every exit, K and request of a round, so it must cost next to nothing."""
+    if acceptance >= 1.0:
+        return num_speculations + 1.0
+    return (1.0 - acceptance ** (num_speculations + 1)) / (1.0 - acceptance)
 
 
 _MEASURED: dict[tuple, DraftCosts] = {}
 
 
-def draft_costs(model: ExitTransformer, batch_size: int, cap: int, repeats: int = 5) -> DraftCosts:
-    """:class:`DraftCosts` of this model's shape on its device at ``batch_size`` rows, for K = 1..``cap``:
-    timed through the engine's own passes (:func:`step_functions`) the first time, then from this process's
-    cache (costs depend on the shapes, the device and the threads, not on the weights)."""
+def draft_costs(
+    model: ExitTransformer, batch_size: int, cap: int, sampled: bool = False, repeats: int = 5
+) -> DraftCosts:
+    """:class:`DraftCosts` of this model's shape on its device at ``batch_size`` rows, for K = 1..``cap``, greedy
+    or ``sampled`` (whose steps also compute distributions and draw): timed through the engine's own passes
+    (:func:`step_functions`) the first time, then from this process's cache (costs depend on the shapes, the
+    device and the threads, not on the weights)."""
     ref = next(model.parameters())
-    key = (repr(model.config), str(ref.device), ref.dtype, batch_size, cap, torch.get_num_threads())
+    key = (repr(model.config), str(ref.device), ref.dtype, batch_size, cap, sampled, torch.get_num_threads())
     if key not in _MEASURED:
         draft, verify, full = {}, {}, []
         for e in model.exit_layers[:-1]:
             # The verification grows linearly in K (more positions through the same layers): timed at both ends.
             ends = {}
             for K in sorted({1, cap}):
-                steps = step_functions(model, e, K, batch_size, spread=batch_size > 1)
+                steps = step_functions(model, e, K, batch_size, spread=batch_size > 1, sampled=sampled)
                 ends[K] = seconds(steps["verify"], repeats, ref.device)
                 if K == 1:
                     draft[e] = seconds(steps["draft"], repeats, ref.device)
@@ -100,17 +115,19 @@ class AutoDraft:
         exits: the exits it may draft from (one, when only K is ``auto``).
         lengths: the K it may choose from (one, when only the exit is ``auto``).
         allow_full: not drafting is a candidate (the exit is ``auto``).
-        probe_every: every this many rounds, every exit's acceptance is read at the round's positions.
+        probe_every: every this many rounds, some exits' acceptance is read at the round's positions: those
+            within ``probe_reach`` of the last exit drafted from, and every ``probe_every``-th probe all of them.
     """
 
     exits: tuple[int, ...]
     lengths: tuple[int, ...]
     allow_full: bool
     probe_every: int = 4
+    probe_reach: int = 2
     kept: dict[int, float] = field(default_factory=dict)  # decayed sums of acceptance, by exit
     seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
     rounds: int = 0
-    probe_now: bool = False  # this round reads every exit's acceptance
+    probing: tuple[int, ...] = ()  # the exits whose acceptance this round reads
     choices: list[tuple[int | None, int]] = field(default_factory=list)  # (exit or None, K) of every round
 
     @classmethod
@@ -136,8 +153,7 @@ class AutoDraft:
         self.seen[draft_exit] = self.seen.get(draft_exit, PRIOR_WEIGHT) * DECAY**seen + seen
 
     def choose(self, costs: DraftCosts, remaining: int) -> tuple[int | None, int]:
-        """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded.
-        The round probes (reads every exit's acceptance) if it is the first or every ``probe_every``-th."""
+        """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded."""
         best, best_rate = (None, 0), costs.tokens_per_second(None, 0, 0.0) if self.allow_full else 0.0
         for e in self.exits:
             a = self.acceptance(e)
@@ -147,8 +163,48 @@ class AutoDraft:
                 rate = costs.tokens_per_second(e, K, a)
                 if rate > best_rate:
                     best, best_rate = (e, K), rate
-        self.choices.append(best)
-        # A fixed exit's acceptance comes from its own rounds; only a choice of exits needs the others'.
-        self.probe_now = self.allow_full and self.rounds % self.probe_every == 0
+        return self.record(best)
+
+    def record(self, choice: tuple[int | None, int]) -> tuple[int | None, int]:
+        """``choice`` is this round's. The round probes if it is the first or every ``probe_every``-th, and only
+        where the exit is chosen (a fixed one is measured by its own rounds): every exit at the first and every
+        ``probe_every``-th probe, else those within ``probe_reach`` of the last exit drafted from (reading a
+        head costs as much as a draft step's layers, so the far ones are read seldom)."""
+        self.choices.append(choice)
+        self.probing = ()
+        if self.allow_full and self.rounds % self.probe_every == 0:
+            probe = self.rounds // self.probe_every
+            drafted = [e for e, _ in self.choices if e is not None]
+            if probe % self.probe_every == 0 or not drafted:
+                self.probing = self.exits
+            else:
+                at = self.exits.index(drafted[-1])
+                self.probing = self.exits[max(0, at - self.probe_reach) : at + self.probe_reach + 1]
         self.rounds += 1
-        return best
+        return choice
+
+
+def choose_together(autos: list[AutoDraft], costs: DraftCosts, remaining: list[int]) -> tuple[int | None, int]:
+    """One exit and K for requests that choose both and share a round (recorded in each): the most expected
+    tokens per second of the whole round.
+
+    A round costs what its slowest row costs: every row waits for the longest draft, and rows drafting
+    from different exits split the passes. So requests in a batch choose together, from the sum of the
+    tokens each expects at its own acceptance, over the batch's cost (measured at the engine's slots).
+    """
+    exits = sorted(set.intersection(*(set(a.exits) for a in autos)))
+    lengths = sorted(set.intersection(*(set(a.lengths) for a in autos)))
+    longest = max(max(1, r - 1) for r in remaining)
+    best, best_rate = (None, 0), len(autos) / costs.full
+    for e in exits:
+        acceptance = [a.acceptance(e) for a in autos]
+        for K in lengths:
+            if longest < K:
+                break
+            tokens = sum(expected_tokens(p, min(K, max(0, r - 1))) for p, r in zip(acceptance, remaining))
+            rate = tokens / (K * costs.draft[e] + costs.verify[e][K - 1])
+            if rate > best_rate:
+                best, best_rate = (e, K), rate
+    for a in autos:
+        a.record(best)
+    return best

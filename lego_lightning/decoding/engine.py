@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, draft_costs
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together, draft_costs
 from lego_lightning.decoding.cache import SlotCache, check_slots_fit
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
@@ -52,8 +52,9 @@ class Engine:
             at fixed shapes over every slot (:mod:`~lego_lightning.decoding.compiled`): one graph per
             kind of pass, none recompiled as requests come and go. ``None``: eager.
         draft_costs: the step costs that requests of ``draft_exit`` or ``num_speculations`` ``"auto"``
-            choose by (:mod:`~lego_lightning.decoding.auto`); ``None``: measured at ``slots`` rows the
-            first time such a request comes (once per model shape, device and slots in a process).
+            choose by (:mod:`~lego_lightning.decoding.auto`), greedy and sampled alike; ``None``: measured
+            at ``slots`` rows the first time such a request comes, greedy or sampled as it decodes
+            (once per model shape, device, slots and kind in a process).
 
     ``add`` a request, ``step`` until ``busy`` is false, or ``run`` to do both::
 
@@ -90,7 +91,7 @@ class Engine:
         self.routing = Routing(threshold, confidence_measure(confidence, hidden_confidence), hidden_confidence)
         self.max_speculations = max_speculations
         self.max_context = context
-        self._draft_costs = draft_costs
+        self._draft_costs = {False: draft_costs, True: draft_costs} if draft_costs is not None else {}
         ref = next(model.parameters())
         width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
         check_slots_fit(cfg, slots, width, ref.device, ref.dtype)
@@ -172,18 +173,26 @@ class Engine:
         exits = {row.draft_exit for row in rows} - {None}
         return bool(rows) and self.routing.threshold is None and len(exits) <= 1
 
-    @property
-    def draft_costs(self) -> DraftCosts:
-        """The step costs that ``auto`` requests choose by (measured on first use, see ``draft_costs``)."""
-        if self._draft_costs is None:
-            self._draft_costs = draft_costs(self.model, len(self.slots), max(1, self.max_speculations))
-        return self._draft_costs
+    def draft_costs(self, sampled: bool) -> DraftCosts:
+        """The step costs that ``auto`` requests choose by, greedy or ``sampled`` (measured on first use)."""
+        if sampled not in self._draft_costs:
+            self._draft_costs[sampled] = draft_costs(
+                self.model, len(self.slots), max(1, self.max_speculations), sampled
+            )
+        return self._draft_costs[sampled]
 
     def _choose_drafts(self, rows: list[Decoding]) -> None:
-        """Each ``auto`` request's draft exit and K for this round."""
+        """Each ``auto`` request's draft exit and K for this round: together for those choosing both."""
+        together = [row for row in rows if row.auto is not None and row.auto.allow_full and len(row.auto.lengths) > 1]
+        if len(together) > 1:
+            costs = self.draft_costs(any(row.generator is not None for row in rows))
+            choice = choose_together([row.auto for row in together], costs, [r.remaining for r in together])
+            for row in together:
+                row.draft_exit, row.num_speculations = choice
         for row in rows:
-            if row.auto is not None:
-                row.draft_exit, row.num_speculations = row.auto.choose(self.draft_costs, row.remaining)
+            if row.auto is not None and (len(together) < 2 or row not in together):
+                costs = self.draft_costs(row.generator is not None)
+                row.draft_exit, row.num_speculations = row.auto.choose(costs, row.remaining)
 
     def _take_waiting(self) -> list[Decoding]:
         """Waiting requests into the free slots (nothing run yet)."""
