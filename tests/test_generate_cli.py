@@ -60,6 +60,16 @@ def test_generate_from_a_demo_checkpoint_gives_full_depths_text_with_self_specul
     assert full[0]["text"] == tokenizer.decode(ids[0].tolist() + tokens)[len(tokenizer.decode(ids[0].tolist())) :]
 
 
+def test_draft_exit_auto_writes_full_depths_text(demo_checkpoint, tmp_path):
+    common = ["--ckpt_path", str(demo_checkpoint), *[a for p in PROMPTS for a in ("--prompt", p)],
+              "--max_new_tokens", "12", "--batch_size", "2"]  # fmt: skip
+    full = lego_generate(*common, "--output", str(tmp_path / "full.jsonl"))
+    auto = lego_generate(*common, "--draft_exit", "auto", "--num_speculations", "auto", "--max_speculations", "3",
+                         "--output", str(tmp_path / "auto.jsonl"))  # fmt: skip
+    assert [r["text"] for r in auto] == [r["text"] for r in full]
+    assert all(r["drafts"] >= r["accepted"] >= 0 for r in auto)  # reported as for a fixed exit
+
+
 def test_prompts_from_a_file_of_lines_or_json_lines_and_sampling_reproducible_by_seed(demo_checkpoint, tmp_path):
     lines, jsonl = tmp_path / "prompts.txt", tmp_path / "prompts.jsonl"
     lines.write_text("\n".join(PROMPTS) + "\n\n")
@@ -109,8 +119,12 @@ def bare_checkpoint(demo_checkpoint: Path, tmp_path: Path) -> Path:
         (["--max_new_tokens", "40"], r"prompt 1 has 4 tokens; with max_new_tokens=40 .* max_seq_len=32"),
         (["--threshold", "0.5", "--draft_exit", "2"], r"routing and self-speculative decoding are two ways"),
         (["--temperature", "-1"], r"temperature must be >= 0"),
+        (["--num_speculations", "auto"], r"num_speculations='auto' chooses how many tokens .* needs a draft_exit"),
+        (["--draft_exit", "auto", "--num_speculations", "auto", "--max_speculations", "0"],
+         r"max_speculations=0: num_speculations='auto' chooses K up to it"),
+        (["--draft_exit", "best"], r"draft_exit"),
     ],
-)
+)  # fmt: skip
 def test_bad_generation_input_ends_with_one_line_before_any_work(demo_checkpoint, tmp_path, capsys, extra, message):
     out = tmp_path / "out.jsonl"
     with pytest.raises(SystemExit) as ended:
