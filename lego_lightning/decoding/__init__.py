@@ -14,8 +14,8 @@
 Nothing here imports Lightning, and the model does not import this package.
 """
 
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, draft_costs
-from lego_lightning.decoding.engine import Engine
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts
+from lego_lightning.decoding.engine import Engine, measure_draft_costs
 from lego_lightning.decoding.generate import Generation, check_decoding, generate, speculation_room
 from lego_lightning.decoding.request import Completion, Event, Request
 from lego_lightning.decoding.sampling import Sampling
@@ -40,8 +40,8 @@ __all__ = [
     "StepCosts",
     "acceptance_needed",
     "check_decoding",
-    "draft_costs",
     "generate",
+    "measure_draft_costs",
     "measure_step_costs",
     "round_speedup",
     "speculation_room",

@@ -5,10 +5,11 @@ costs most of the gain. So a request that asks ``auto`` keeps its own running es
 each exit's draft would be kept (its *acceptance*), and before every round picks the exit and K
 with the most expected tokens per second:
 
-    tokens_per_verification(a_e, K) / (K * draft[e] + verify[e, K])    against    1 / full
+    tokens_per_verification(a_e, K) / round_seconds[e, K]    against    1 / full_step_seconds
 
-from the engine's step costs (:class:`DraftCosts`, measured once per model shape, device and batch
-size, and cached) and the bound of :mod:`~lego_lightning.decoding.speed`. Requests that share a round
+from the engine's round costs (:class:`DraftCosts`, measured on its own rounds once per model shape,
+device, batch size and kind of decoding, and cached) and the bound of
+:mod:`~lego_lightning.decoding.speed`. Requests that share a round
 and choose both the exit and K choose together (:func:`choose_together`): a round costs what its
 slowest row costs, so one exit and one K for all of them. Not drafting at all is
 one of the candidates (when the exit is ``auto``), so a request for which no exit pays decodes at
@@ -37,15 +38,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from lego_lightning.decoding.request import AUTO, Request
-from lego_lightning.decoding.speed import seconds, step_functions
-from lego_lightning.model.transformer import ExitTransformer
 
 # A running estimate forgets: each new observation weighs this much more than one a round older, so a
 # request follows its text when it changes (prose to a code block) within some tens of rounds.
-DECAY = 0.9
+DECAY = 0.95
 # Before any observation an exit is credited with this acceptance, weighted as this many observations, which
 # age like real ones: a request whose drafts are all refused sees its estimate fall towards 0.
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 1.0
@@ -53,11 +50,13 @@ PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 1.0
 
 @dataclass(frozen=True)
 class DraftCosts:
-    """Seconds of the steps a round is made of, at one batch size: a draft step at each exit, a verification of
-    K drafts from each exit (``verify[e][K - 1]``, K up to the engine's cap), and a full-depth step."""
+    """Seconds of one round at one batch size: drafting K tokens from each exit and verifying them
+    (``rounds[e][K - 1]``, K up to the engine's cap), and a full-depth step (``full``).
 
-    draft: dict[int, float]
-    verify: dict[int, tuple[float, ...]]
+    Measured on the engine's own rounds (:meth:`~lego_lightning.decoding.engine.Engine.draft_costs`),
+    everything a round does included: sampling, the acceptance test, the bookkeeping."""
+
+    rounds: dict[int, tuple[float, ...]]
     full: float
 
     def tokens_per_second(self, draft_exit: int | None, num_speculations: int, acceptance: float) -> float:
@@ -65,9 +64,7 @@ class DraftCosts:
         full-depth step), each draft kept with probability ``acceptance``."""
         if draft_exit is None:
             return 1.0 / self.full
-        K = num_speculations
-        cost = K * self.draft[draft_exit] + self.verify[draft_exit][K - 1]
-        return expected_tokens(acceptance, K) / cost
+        return expected_tokens(acceptance, num_speculations) / self.rounds[draft_exit][num_speculations - 1]
 
 
 def expected_tokens(acceptance: float, num_speculations: int) -> float:
@@ -76,35 +73,6 @@ def expected_tokens(acceptance: float, num_speculations: int) -> float:
     if acceptance >= 1.0:
         return num_speculations + 1.0
     return (1.0 - acceptance ** (num_speculations + 1)) / (1.0 - acceptance)
-
-
-_MEASURED: dict[tuple, DraftCosts] = {}
-
-
-def draft_costs(
-    model: ExitTransformer, batch_size: int, cap: int, sampled: bool = False, repeats: int = 5
-) -> DraftCosts:
-    """:class:`DraftCosts` of this model's shape on its device at ``batch_size`` rows, for K = 1..``cap``, greedy
-    or ``sampled`` (whose steps also compute distributions and draw): timed through the engine's own passes
-    (:func:`step_functions`) the first time, then from this process's cache (costs depend on the shapes, the
-    device and the threads, not on the weights)."""
-    ref = next(model.parameters())
-    key = (repr(model.config), str(ref.device), ref.dtype, batch_size, cap, sampled, torch.get_num_threads())
-    if key not in _MEASURED:
-        draft, verify, full = {}, {}, []
-        for e in model.exit_layers[:-1]:
-            # The verification grows linearly in K (more positions through the same layers): timed at both ends.
-            ends = {}
-            for K in sorted({1, cap}):
-                steps = step_functions(model, e, K, batch_size, spread=batch_size > 1, sampled=sampled)
-                ends[K] = seconds(steps["verify"], repeats, ref.device)
-                if K == 1:
-                    draft[e] = seconds(steps["draft"], repeats, ref.device)
-                    full.append(seconds(steps["full"], repeats, ref.device))
-            slope = (ends[cap] - ends[1]) / (cap - 1) if cap > 1 else 0.0
-            verify[e] = tuple(ends[1] + slope * (K - 1) for K in range(1, cap + 1))
-        _MEASURED[key] = DraftCosts(draft, verify, sorted(full)[len(full) // 2])
-    return _MEASURED[key]
 
 
 @dataclass
@@ -116,14 +84,15 @@ class AutoDraft:
         lengths: the K it may choose from (one, when only the exit is ``auto``).
         allow_full: not drafting is a candidate (the exit is ``auto``).
         probe_every: every this many rounds, some exits' acceptance is read at the round's positions: those
-            within ``probe_reach`` of the last exit drafted from, and every ``probe_every``-th probe all of them.
+            within ``probe_reach`` of the last exit drafted from, and every ``sweep_every``-th probe all of them.
     """
 
     exits: tuple[int, ...]
     lengths: tuple[int, ...]
     allow_full: bool
-    probe_every: int = 4
-    probe_reach: int = 2
+    probe_every: int = 8
+    probe_reach: int = 1
+    sweep_every: int = 4
     kept: dict[int, float] = field(default_factory=dict)  # decayed sums of acceptance, by exit
     seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
     rounds: int = 0
@@ -154,31 +123,31 @@ class AutoDraft:
 
     def choose(self, costs: DraftCosts, remaining: int) -> tuple[int | None, int]:
         """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded."""
-        best, best_rate = (None, 0), costs.tokens_per_second(None, 0, 0.0) if self.allow_full else 0.0
+        drafting, drafting_rate = (self.exits[0], self.lengths[0]), -1.0  # the best setting that drafts
         for e in self.exits:
             a = self.acceptance(e)
             for K in self.lengths:
                 if max(1, remaining - 1) < K:  # drafts past the request's end are never kept
                     break
                 rate = costs.tokens_per_second(e, K, a)
-                if rate > best_rate:
-                    best, best_rate = (e, K), rate
-        return self.record(best)
+                if rate > drafting_rate:
+                    drafting, drafting_rate = (e, K), rate
+        full = self.allow_full and costs.tokens_per_second(None, 0, 0.0) >= drafting_rate
+        return self.record((None, 0) if full else drafting, drafting[0])
 
-    def record(self, choice: tuple[int | None, int]) -> tuple[int | None, int]:
-        """``choice`` is this round's. The round probes if it is the first or every ``probe_every``-th, and only
-        where the exit is chosen (a fixed one is measured by its own rounds): every exit at the first and every
-        ``probe_every``-th probe, else those within ``probe_reach`` of the last exit drafted from (reading a
-        head costs as much as a draft step's layers, so the far ones are read seldom)."""
+    def record(self, choice: tuple[int | None, int], nearest: int) -> tuple[int | None, int]:
+        """``choice`` is this round's; ``nearest`` the exit that drafts best by the estimates (the chosen one,
+        or the one that would be where none pays). The round probes if it is the first or every
+        ``probe_every``-th, and only where the exit is chosen (a fixed one is measured by its own rounds):
+        every exit at the first and every ``sweep_every``-th probe, else those within ``probe_reach`` of
+        ``nearest`` (reading a head costs about a draft step's layers, so the far ones are read seldom)."""
         self.choices.append(choice)
         self.probing = ()
         if self.allow_full and self.rounds % self.probe_every == 0:
-            probe = self.rounds // self.probe_every
-            drafted = [e for e, _ in self.choices if e is not None]
-            if probe % self.probe_every == 0 or not drafted:
+            if (self.rounds // self.probe_every) % self.sweep_every == 0:
                 self.probing = self.exits
             else:
-                at = self.exits.index(drafted[-1])
+                at = self.exits.index(nearest)
                 self.probing = self.exits[max(0, at - self.probe_reach) : at + self.probe_reach + 1]
         self.rounds += 1
         return choice
@@ -195,16 +164,17 @@ def choose_together(autos: list[AutoDraft], costs: DraftCosts, remaining: list[i
     exits = sorted(set.intersection(*(set(a.exits) for a in autos)))
     lengths = sorted(set.intersection(*(set(a.lengths) for a in autos)))
     longest = max(max(1, r - 1) for r in remaining)
-    best, best_rate = (None, 0), len(autos) / costs.full
+    drafting, drafting_rate = (exits[0], lengths[0]), -1.0
     for e in exits:
         acceptance = [a.acceptance(e) for a in autos]
         for K in lengths:
             if longest < K:
                 break
             tokens = sum(expected_tokens(p, min(K, max(0, r - 1))) for p, r in zip(acceptance, remaining))
-            rate = tokens / (K * costs.draft[e] + costs.verify[e][K - 1])
-            if rate > best_rate:
-                best, best_rate = (e, K), rate
+            rate = tokens / costs.rounds[e][K - 1]
+            if rate > drafting_rate:
+                drafting, drafting_rate = (e, K), rate
+    best = (None, 0) if len(autos) / costs.full >= drafting_rate else drafting
     for a in autos:
-        a.record(best)
+        a.record(best, drafting[0])
     return best

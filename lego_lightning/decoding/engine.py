@@ -18,16 +18,18 @@ Plain PyTorch, inference only; the model in eval mode. Nothing here imports Ligh
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together, draft_costs
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together
 from lego_lightning.decoding.cache import SlotCache, check_slots_fit
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
 from lego_lightning.decoding.request import Completion, Event, Request
+from lego_lightning.decoding.sampling import Sampling
 from lego_lightning.decoding.state import Decoding
 from lego_lightning.model.confidence import HiddenConfidence, confidence_measure
 from lego_lightning.model.routing import check_threshold
@@ -173,25 +175,28 @@ class Engine:
         exits = {row.draft_exit for row in rows} - {None}
         return bool(rows) and self.routing.threshold is None and len(exits) <= 1
 
-    def draft_costs(self, sampled: bool) -> DraftCosts:
-        """The step costs that ``auto`` requests choose by, greedy or ``sampled`` (measured on first use)."""
+    def draft_costs(self, row: Decoding) -> DraftCosts:
+        """The round costs that ``row``, an ``auto`` request, chooses by: greedy or sampled, measured the first
+        time on its own prompt and sampling (sampling's work depends on how peaked the text's distributions are)."""
+        sampled = row.generator is not None
         if sampled not in self._draft_costs:
-            self._draft_costs[sampled] = draft_costs(
-                self.model, len(self.slots), max(1, self.max_speculations), sampled
-            )
+            self._draft_costs[sampled] = measure_draft_costs(
+                self.model, len(self.slots), max(1, self.max_speculations), row.sampling if sampled else None,
+                row.request.prompt,
+            )  # fmt: skip
         return self._draft_costs[sampled]
 
     def _choose_drafts(self, rows: list[Decoding]) -> None:
         """Each ``auto`` request's draft exit and K for this round: together for those choosing both."""
         together = [row for row in rows if row.auto is not None and row.auto.allow_full and len(row.auto.lengths) > 1]
         if len(together) > 1:
-            costs = self.draft_costs(any(row.generator is not None for row in rows))
+            costs = self.draft_costs(next((r for r in together if r.generator is not None), together[0]))
             choice = choose_together([row.auto for row in together], costs, [r.remaining for r in together])
             for row in together:
                 row.draft_exit, row.num_speculations = choice
         for row in rows:
             if row.auto is not None and (len(together) < 2 or row not in together):
-                costs = self.draft_costs(row.generator is not None)
+                costs = self.draft_costs(row)
                 row.draft_exit, row.num_speculations = row.auto.choose(costs, row.remaining)
 
     def _take_waiting(self) -> list[Decoding]:
@@ -274,3 +279,71 @@ class Engine:
             if row.finish_reason is not None:
                 event.completion = row.completion()
                 self.slots[row.slot] = None
+
+
+_MEASURED: dict[tuple, DraftCosts] = {}
+
+
+@torch.no_grad()
+def measure_draft_costs(
+    model: ExitTransformer,
+    slots: int,
+    cap: int,
+    sampling: Sampling | None = None,
+    prompt: Sequence[int] | None = None,
+    repeats: int = 7,
+) -> DraftCosts:
+    """:class:`~lego_lightning.decoding.auto.DraftCosts` of real rounds on an engine of ``slots`` slots, every
+    one continuing ``prompt`` (repeated or cut to at most 32 tokens; default: random tokens), greedy or with
+    ``sampling``: drafting K = 1 and K = ``cap`` tokens from each exit before the last (a round grows linearly
+    with K in between: K draft steps and K + 1 positions verified) and a full-depth step.
+
+    Every setting is timed once per pass, ``repeats`` passes, each round rolled back after it (the rows'
+    lengths set back), so all are timed at the same context and a slower second of the machine does not fall
+    on one setting; the fastest of each counts. Timed the first time, then from this process's cache, once
+    for greedy and once for sampled decoding: costs depend on the shapes, the device and the threads, not on
+    the weights."""
+    sampled = sampling is not None and not sampling.greedy
+    ref = next(model.parameters())
+    key = (repr(model.config), str(ref.device), ref.dtype, slots, cap, sampled, torch.get_num_threads())
+    if key in _MEASURED:
+        return _MEASURED[key]
+    room = cap + 4  # a first token, a full-depth step, the longest round timed, and one more: nobody ends
+    context = min(32, model.config.max_seq_len - room)
+    if context < 1:
+        raise ValueError(
+            f"max_seq_len={model.config.max_seq_len} leaves no room to time a round of {cap} drafts after a "
+            "prompt; give the engine draft_costs"
+        )
+    if prompt is None:
+        prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
+    tokens = list(itertools.islice(itertools.cycle(int(t) for t in prompt), context))
+    settings = {}
+    if sampled:
+        settings = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": 0}
+    engine = Engine(model, slots, max_speculations=cap, max_context=context + room)
+    for _ in range(slots):
+        engine.add(Request(tokens, max_new_tokens=room, **settings))
+    engine.step()  # the prefill and a first full-depth step
+    rows = [row for row in engine.slots if row is not None]
+    kept = [(row.length, len(row.tokens)) for row in rows]
+    settings_timed = [(e, K) for e in model.exit_layers[:-1] for K in sorted({1, cap})] + [(None, 0)]
+    fastest = dict.fromkeys(settings_timed, float("inf"))
+    for _ in range(repeats):
+        for draft_exit, K in settings_timed:
+            for row in rows:
+                row.draft_exit, row.num_speculations = draft_exit, K
+            if ref.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.step()  # a step ends reading its tokens: synchronised
+            fastest[draft_exit, K] = min(fastest[draft_exit, K], time.perf_counter() - start)
+            for row, (length, made) in zip(rows, kept):  # rolled back: the next round runs at the same context
+                row.length = length
+                del row.tokens[made:], row.exit_positions[made:]
+    rounds = {}
+    for e in model.exit_layers[:-1]:
+        slope = (fastest[e, cap] - fastest[e, 1]) / (cap - 1) if cap > 1 else 0.0
+        rounds[e] = tuple(fastest[e, 1] + slope * (K - 1) for K in range(1, cap + 1))
+    _MEASURED[key] = DraftCosts(rounds, fastest[None, 0])
+    return _MEASURED[key]

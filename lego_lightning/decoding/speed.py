@@ -12,7 +12,6 @@ from lego_lightning.decoding.attention import Pass, embed, run_layers
 from lego_lightning.decoding.cache import SlotCache
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.request import check_draft
-from lego_lightning.decoding.sampling import Sampling, draw
 from lego_lightning.model.transformer import ExitTransformer
 
 
@@ -98,7 +97,6 @@ def step_functions(
     context: int = 64,
     compile_backend: str | None = None,
     spread: bool = False,
-    sampled: bool = False,
 ) -> dict[str, Callable[[], None]]:
     """The three steps of :func:`speedup_bound` as the engine runs them, with ``context`` tokens already cached
     in each of ``batch_size`` slots: ``draft`` (layers 1..E and exit E's head), ``verify`` (layers 1..E for the
@@ -107,10 +105,7 @@ def step_functions(
 
     ``spread``: the slots hold from half to one and a half times ``context`` tokens, as requests that
     joined at different times do under continuous batching (each query then has its own mask), instead
-    of ``context`` each, as a static batch of equal prompts does.
-
-    ``sampled``: each step draws its tokens by nucleus sampling (top-p 0.95) instead of the argmax, and the
-    verification computes the full model's distribution at every position, as sampled rounds do."""
+    of ``context`` each, as a static batch of equal prompts does."""
     check_draft(model, draft_exit, num_speculations)
     cfg = model.config
     ref = next(model.parameters())
@@ -126,13 +121,6 @@ def step_functions(
         cache.compiled = FixedShapePasses(model, cache, K + 1, compile_backend)
     slots = list(range(batch_size))
     draft_head, final_head = model.head(E), model.head(cfg.exit_layers[-1])
-    nucleus = Sampling(1.0, None, 0.95)
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if not sampled:
-            return logits.argmax(-1)
-        flat = logits.reshape(-1, logits.shape[-1])
-        return draw(nucleus.probabilities(flat), torch.rand(len(flat), device=flat.device))
 
     def lower(ahead: int) -> torch.Tensor:
         p = Pass.of(cache, slots, [n + ahead for n in lengths], 1, cfg.max_seq_len)
@@ -140,20 +128,20 @@ def step_functions(
 
     @torch.no_grad()
     def draft() -> None:
-        pick(draft_head(lower(0)[:, 0]))
+        draft_head(lower(0)[:, 0]).argmax(-1)
 
     @torch.no_grad()
     def verify() -> None:
         lower(K)
         many = Pass.of(cache, slots, lengths, K + 1, cfg.max_seq_len)
         x = torch.zeros(batch_size, K + 1, cfg.d_model, device=ref.device, dtype=ref.dtype)
-        pick(final_head(run_layers(model, cache, range(E + 1, L + 1), x, many)))
+        final_head(run_layers(model, cache, range(E + 1, L + 1), x, many)).argmax(-1)
 
     @torch.no_grad()
     def full() -> None:
         p = Pass.of(cache, slots, lengths, 1, cfg.max_seq_len)
         x = run_layers(model, cache, range(1, L + 1), embed(model, cache, p), p)
-        pick(final_head(x[:, 0]))
+        final_head(x[:, 0]).argmax(-1)
 
     return {"draft": draft, "verify": verify, "full": full}
 

@@ -3,20 +3,19 @@
 import pytest
 import torch
 
-from lego_lightning.decoding import Engine, Request, generate
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together, draft_costs
+from lego_lightning.decoding import Engine, Request, Sampling, generate
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together
+from lego_lightning.decoding.engine import measure_draft_costs
 from lego_lightning.decoding.speed import speedup_bound
 from tests.decoding.test_engine import PROMPTS, SETTINGS, no_cache_greedy
 from tests.decoding.test_speculative import drafting_model
 from tests.model.test_early_exit import V
 
-# Step costs of a 4-layer model with exits after layers 1 and 2, K up to 4: a draft step costs its layers,
-# a verification the layers above over K + 1 positions at a tenth of a layer each beyond the first.
-COSTS = DraftCosts(
-    draft={1: 1.0, 2: 2.0},
-    verify={e: tuple((4 - e) * (1 + 0.1 * K) for K in range(1, 5)) for e in (1, 2)},
-    full=4.0,
-)
+DRAFT = {1: 1.0, 2: 2.0}  # a draft step costs its layers
+# A verification costs the layers above the exit over K + 1 positions, a tenth of a layer each beyond the first.
+VERIFY = {e: tuple((4 - e) * (1 + 0.1 * K) for K in range(1, 5)) for e in (1, 2)}
+# Round costs of a 4-layer model with exits after layers 1 and 2, K up to 4.
+COSTS = DraftCosts(rounds={e: tuple(K * DRAFT[e] + VERIFY[e][K - 1] for K in range(1, 5)) for e in (1, 2)}, full=4.0)
 
 
 def best_by_the_bound(acceptance: dict[int, float], costs: DraftCosts, lengths=range(1, 5)):
@@ -24,7 +23,7 @@ def best_by_the_bound(acceptance: dict[int, float], costs: DraftCosts, lengths=r
     best, best_bound = (None, 0), 1.0
     for e, a in acceptance.items():
         for K in lengths:
-            bound = speedup_bound(a, K, costs.draft[e], costs.verify[e][K - 1], costs.full)
+            bound = speedup_bound(a, K, DRAFT[e], VERIFY[e][K - 1], costs.full)
             if bound > best_bound:
                 best, best_bound = (e, K), bound
     return best
@@ -49,7 +48,7 @@ def test_requests_that_share_a_round_choose_one_setting_of_highest_expected_spee
     for e in (1, 2):
         for K in range(1, 5):
             tokens = sum(sum(a.acceptance(e) ** i for i in range(min(K, r - 1) + 1)) for a, r in zip(autos, remaining))
-            rate = tokens / (K * COSTS.draft[e] + COSTS.verify[e][K - 1])
+            rate = tokens / (K * DRAFT[e] + VERIFY[e][K - 1])
             if rate > best_rate:
                 best, best_rate = (e, K), rate
     assert choose_together(autos, COSTS, remaining) == best != (None, 0)
@@ -73,7 +72,7 @@ def test_the_estimate_forgets_so_a_request_follows_its_text():
     auto = AutoDraft(exits=(1,), lengths=(1,), allow_full=True)
     auto.observe(1, 40.0, 40)  # a stretch the exit drafts well
     assert auto.acceptance(1) > 0.95 and auto.choose(COSTS, remaining=100) == (1, 1)
-    for _ in range(60):
+    for _ in range(100):
         auto.observe(1, 0.0, 1)  # then one it does not
     assert auto.acceptance(1) < 0.2 and auto.choose(COSTS, remaining=100) == (None, 0)
 
@@ -107,7 +106,18 @@ def test_auto_drafts_long_from_an_exit_that_always_agrees_and_not_at_all_from_on
     (done,) = engine.run().values()
     assert done.tokens == no_cache_greedy(disagreeing, [3, 1, 4, 1, 5], 18)
     assert done.choices[-4:] == [(None, 0)] * 4  # learnt that no exit pays: full depth
-    assert done.accepted == 0 and done.drafts <= len(done.tokens) // 2  # the break-even acceptance is 0.05-0.075
+    drafting_rounds = sum(e is not None for e, _ in done.choices)
+    assert done.accepted == 0 and drafting_rounds <= rounds_to_learn(1) + rounds_to_learn(2)
+
+
+def rounds_to_learn(exit_layer):
+    """Rounds of refused drafts before an exit's estimate falls below what pays (probes only shorten it)."""
+    auto = AutoDraft(exits=(exit_layer,), lengths=(1, 2, 3, 4), allow_full=True)
+    rounds = 0
+    while auto.choose(COSTS, remaining=100) != (None, 0):
+        auto.observe(exit_layer, 0.0, 1)
+        rounds += 1
+    return rounds
 
 
 def auto_requests():
@@ -125,7 +135,7 @@ def auto_requests():
 
 
 # Costs at which drafting pays at the prior's acceptance, and stops paying once it falls: choices change.
-SWITCHING = DraftCosts(draft={1: 0.2, 2: 0.5}, verify={1: (1.2, 1.3, 1.4, 1.5), 2: (1.0, 1.1, 1.2, 1.3)}, full=1.6)
+SWITCHING = DraftCosts(rounds={1: (1.4, 1.7, 2.0, 2.3), 2: (1.5, 2.1, 2.7, 3.3)}, full=1.6)
 
 
 @pytest.mark.parametrize("positions", ["rotary", "llama"])
@@ -173,12 +183,15 @@ def test_generate_with_auto_gives_full_depths_greedy_tokens():
 
 def test_measured_costs_are_cached_and_cover_every_exit_and_length():
     model = drafting_model(0, "rotary", "shared")
-    costs = draft_costs(model, batch_size=2, cap=3, repeats=1)
-    assert set(costs.draft) == {1, 2} and all(len(costs.verify[e]) == 3 for e in (1, 2))
-    assert all(t > 0 for t in [*costs.draft.values(), costs.full, *costs.verify[1]])
-    assert draft_costs(model, batch_size=2, cap=3, repeats=1) is costs  # nobody pays twice
-    assert draft_costs(model, batch_size=1, cap=3, repeats=1) is not costs  # another batch size: its own
-    assert draft_costs(model, batch_size=2, cap=3, sampled=True, repeats=1) is not costs  # sampled: its own
+    costs = measure_draft_costs(model, slots=2, cap=3, repeats=1)
+    assert set(costs.rounds) == {1, 2} and all(len(costs.rounds[e]) == 3 for e in (1, 2))
+    assert all(t > 0 for t in [costs.full, *costs.rounds[1], *costs.rounds[2]])
+    assert measure_draft_costs(model, slots=2, cap=3, repeats=1) is costs  # nobody pays twice
+    assert measure_draft_costs(model, slots=1, cap=3, repeats=1) is not costs  # another batch size: its own
+    sampled = measure_draft_costs(model, slots=2, cap=3, sampling=Sampling(1.0, None, 0.9), repeats=1)
+    assert sampled is not costs  # sampled: its own
+    with pytest.raises(ValueError, match=r"max_seq_len=24 leaves no room to time a round of 20 drafts"):
+        measure_draft_costs(model, slots=2, cap=20)
 
 
 def test_bad_auto_settings_are_named_before_any_work():
