@@ -34,7 +34,7 @@ import torch
 from benchmarks.common import DEFAULT_DATA, RESULTS, add_resume_arguments, index_runs, resumed_runs, write_results
 from benchmarks.speculative import MODELS, SAMPLING, load_prompts
 from lego_lightning import ExitTransformer
-from lego_lightning.decoding import Engine, Request, measure_draft_costs
+from lego_lightning.decoding import Engine, Request, Sampling, measure_draft_costs
 
 KINDS = ("wikitext", "python", "mixed")
 TARGETS = {"auto / oracle": 0.95, "auto / full depth": 1.0}
@@ -94,7 +94,8 @@ def repeated_share(completions: dict[int, Any]) -> float:
 def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled: bool, args: Any) -> dict[str, Any]:
     new = args.new_tokens
     tokens = len(prompts) * new
-    measure_draft_costs(model, batch, 8, sampled)  # once (the engines' cap of 8), outside every timing
+    # Once (the engines' cap of 8), outside every timing; the engines' auto requests find them cached.
+    measure_draft_costs(model, batch, 8, Sampling(**SAMPLING) if sampled else None, prompts[0].tolist())
     settings: dict[str, dict[str, Any]] = {"full depth": {}}
     for e in model.exit_layers[:-1]:
         for k in args.ks:

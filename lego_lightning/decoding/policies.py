@@ -199,7 +199,7 @@ def full_depth_step(
     """Every row's last token through every layer and the final head: its next token. ``new`` requests ride
     along in the same pass, their prompts prefilled (a packed pass), each taking its first token; the tokens
     of ``rows`` come first, then those of ``new``. Rows of ``draft_exit="auto"`` that probe this round read
-    every exit's head at their position (:mod:`~lego_lightning.decoding.auto`)."""
+    the heads of the exits they probe at their position (:mod:`~lego_lightning.decoding.auto`)."""
     new = new or []
     cfg, R = model.config, len(rows)
     probes = probing(rows)
@@ -219,7 +219,7 @@ def full_depth_step(
     logits = model.head(model.exit_layers[-1])(x)
     u = round_uniforms(rows + new)
     tokens = choose(rows + new, list(range(R + len(new))), logits, lambda i: u[i][-1])
-    if probes:  # every exit's acceptance at the one position, against the full model's token
+    if probes:  # the probed exits' acceptance at the one position, against the full model's token
         zero = [0] * len(probes)
         probe_exits(model, rows, probes, zero, lambda e, i, k: tapped[e].index_select(0, i),
                     tokens[:R, None], logits, lambda i, k: i, work)  # fmt: skip
@@ -461,7 +461,7 @@ def speculative_round(
     accepted, next_token = _accept(rows, n_drafts, logits, proposed, within, q_probs, u)
     cache.tokens[slots_t, start_t + accepted + 1] = next_token
     kept = cache.tokens[slots_t[:, None], start_t[:, None] + 1 + offsets]
-    if probes:  # every exit's acceptance at each kept position, from the hidden states this round computed
+    if probes:  # the probed exits' acceptance at the kept positions, from hidden states this round computed
         first = torch.tensor([0, *itertools.accumulate(n + 1 for n in n_drafts)][:-1], device=dev)
         exits_t = torch.tensor(exits, device=dev)
 
