@@ -19,12 +19,13 @@ Where the estimates come from, all from hidden states a round computes anyway:
 
 * the exit a request drafted from: the round itself (drafts kept, and whether one was refused,
   the maximum-likelihood estimate of a geometric acceptance);
-* every other exit, every ``probe_every`` rounds (a *probe*): a self-speculative round runs every
-  layer over the positions it keeps (the layers up to the draft exit while drafting, those above
-  while verifying) and a full-depth step runs every layer over its one position; each exit's head
-  reads its hidden state there. Greedy, the acceptance is whether its token is the full model's;
-  sampled, it is ``sum(min(p, q))``, the probability that speculative sampling keeps its draft.
-  These head reads are counted in the engine's work (``probe_heads``).
+* the other exits, every ``probe_every`` rounds (a *probe*; those next to the exit that drafts
+  best, and every ``sweep_every``-th probe all of them): a self-speculative round runs every layer
+  over the positions it keeps (the layers up to the draft exit while drafting, those above while
+  verifying) and a full-depth step runs every layer over its one position; each probed exit's head
+  reads its hidden state there, at a row's first two positions. Greedy, the acceptance is whether
+  its token is the full model's; sampled, it is ``sum(min(p, q))``, the probability that speculative
+  sampling keeps its draft. These head reads are counted in the engine's work (``probe_heads``).
 
 Output stays exact: whatever a round chooses, greedy tokens are the full model's and sampled ones
 follow speculative sampling. A request that chooses only one of the two (or decodes alone) depends
@@ -40,8 +41,8 @@ from dataclasses import dataclass, field
 
 from lego_lightning.decoding.request import AUTO, Request
 
-# A running estimate forgets: each new observation weighs this much more than one a round older, so a
-# request follows its text when it changes (prose to a code block) within some tens of rounds.
+# A running estimate forgets: each observation weighs this much of the one after it, so a request follows
+# its text when it changes (prose to a code block) within some tens of observations.
 DECAY = 0.95
 # Before any observation an exit is credited with this acceptance, weighted as this many observations, which
 # age like real ones: a request whose drafts are all refused sees its estimate fall towards 0.
@@ -53,7 +54,7 @@ class DraftCosts:
     """Seconds of one round at one batch size: drafting K tokens from each exit and verifying them
     (``rounds[e][K - 1]``, K up to the engine's cap), and a full-depth step (``full``).
 
-    Measured on the engine's own rounds (:meth:`~lego_lightning.decoding.engine.Engine.draft_costs`),
+    Measured on the engine's own rounds (:func:`~lego_lightning.decoding.engine.measure_draft_costs`),
     everything a round does included: sampling, the acceptance test, the bookkeeping."""
 
     rounds: dict[int, tuple[float, ...]]
@@ -84,7 +85,8 @@ class AutoDraft:
         lengths: the K it may choose from (one, when only the exit is ``auto``).
         allow_full: not drafting is a candidate (the exit is ``auto``).
         probe_every: every this many rounds, some exits' acceptance is read at the round's positions: those
-            within ``probe_reach`` of the last exit drafted from, and every ``sweep_every``-th probe all of them.
+            within ``probe_reach`` of the exit that drafts best by the estimates, and every ``sweep_every``-th
+            probe all of them.
     """
 
     exits: tuple[int, ...]

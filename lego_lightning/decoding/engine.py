@@ -53,10 +53,11 @@ class Engine:
         compile_backend: run the layers through ``torch.compile`` with this backend (``"inductor"``)
             at fixed shapes over every slot (:mod:`~lego_lightning.decoding.compiled`): one graph per
             kind of pass, none recompiled as requests come and go. ``None``: eager.
-        draft_costs: the step costs that requests of ``draft_exit`` or ``num_speculations`` ``"auto"``
+        draft_costs: the round costs that requests of ``draft_exit`` or ``num_speculations`` ``"auto"``
             choose by (:mod:`~lego_lightning.decoding.auto`), greedy and sampled alike; ``None``: measured
-            at ``slots`` rows the first time such a request comes, greedy or sampled as it decodes
-            (once per model shape, device, slots and kind in a process).
+            on this engine's kind of rounds (:func:`measure_draft_costs`) the first time such a request
+            comes, greedy or sampled as it decodes (once per model shape, device, slots and kind in a
+            process).
 
     ``add`` a request, ``step`` until ``busy`` is false, or ``run`` to do both::
 
