@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import DEFAULT_DATA, RESULTS, add_resume_arguments, index_runs, resumed_runs, write_results
-from benchmarks.speculative import MODELS, SAMPLING, load_prompts
+from benchmarks.speculative import MODELS, SAMPLING, load_prompts, repeated_4gram_share
 from lego_lightning import ExitTransformer
 from lego_lightning.decoding import Engine, Request, Sampling, measure_draft_costs
 
@@ -80,15 +80,6 @@ def decode(
     start = time.perf_counter()
     done = engine.run()
     return time.perf_counter() - start, {i: done[request_id] for i, request_id in enumerate(ids)}
-
-
-def repeated_share(completions: dict[int, Any]) -> float:
-    """The share of each output's 4-grams that already occurred earlier in it, averaged over the outputs."""
-    shares = []
-    for c in completions.values():
-        grams = [tuple(c.tokens[i : i + 4]) for i in range(len(c.tokens) - 3)]
-        shares.append(sum(g in grams[:i] for i, g in enumerate(grams)) / max(1, len(grams)))
-    return sum(shares) / len(shares)
 
 
 def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled: bool, args: Any) -> dict[str, Any]:
@@ -145,7 +136,7 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
         "auto_choices": chosen,
         "auto_acceptance": sum(c.accepted for c in auto_out.values())
         / max(1, sum(c.drafts for c in auto_out.values())),
-        "repeated_4grams": repeated_share(full),
+        "repeated_4grams": repeated_4gram_share([c.tokens for c in full.values()]),
         "picture": {i: auto_out[i].choices for i in list(auto_out)[:4]},
     }
 

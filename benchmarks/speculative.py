@@ -116,11 +116,16 @@ def decode_flops(
 def repeated_share(model: ExitTransformer, prompts: torch.Tensor, new: int, sampling: dict[str, Any]) -> float:
     """The share of 4-grams in full-depth continuations that already occurred earlier in the same one:
     repetitive text is easy to draft."""
+    generations = decode_all(model, prompts, len(prompts), new, **sampling)
+    return repeated_4gram_share([row for g in generations for row in g.tokens[:, prompts.shape[1] :].tolist()])
+
+
+def repeated_4gram_share(outputs: list[list[int]]) -> float:
+    """The share of each output's 4-grams that already occurred earlier in it, averaged over the outputs."""
     shares = []
-    for g in decode_all(model, prompts, len(prompts), new, **sampling):
-        for row in g.tokens[:, prompts.shape[1] :].tolist():
-            grams = [tuple(row[i : i + 4]) for i in range(len(row) - 3)]
-            shares.append(sum(gram in grams[:i] for i, gram in enumerate(grams)) / len(grams))
+    for row in outputs:
+        grams = [tuple(row[i : i + 4]) for i in range(len(row) - 3)]
+        shares.append(sum(gram in grams[:i] for i, gram in enumerate(grams)) / max(1, len(grams)))
     return sum(shares) / len(shares)
 
 

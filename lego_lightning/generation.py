@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from lego_lightning.checkpoint_io import read_checkpoint
 from lego_lightning.data.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_state
-from lego_lightning.decoding import Engine, Request
+from lego_lightning.decoding import Engine, Request, speculation_room
 
 # What a JSON line of --prompts may set for its own prompt, over the command line's defaults.
 PROMPT_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_token_id")
@@ -162,7 +162,8 @@ class Generator(L.LightningModule):
     @property
     def max_speculations(self) -> int:
         """The most drafts a round may make (the engine's cache room past a prompt's last token)."""
-        return self.settings.get("max_speculations", self.settings.get("num_speculations", 4))
+        default = speculation_room(self.settings.get("draft_exit"), self.settings.get("num_speculations", 4), 8)
+        return self.settings.get("max_speculations", default)
 
     def request(self, index: int) -> Request:
         """Prompt ``index``'s request: the command line's settings, its own line's over them."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -108,13 +108,14 @@ def ragged_layers(
     top: list[int],
     Q: int,
     kept: dict[int, Tensor] | None = None,
+    taps: Collection[int] = (),
 ) -> Tensor:
     """Row ``r`` of ``x`` ``(R, Q, D)`` through layers ``bottom[r]..top[r]``: one :func:`run_layers` where
     every row runs the same layers, else one per stretch of layers where the same rows run.
 
-    ``kept``: filled with the hidden states ``(R, Q, D)`` after each exit before the last that the pass
-    runs; a row's are its own only where it ran that layer."""
-    taps = model.exit_layers[:-1] if kept is not None else ()
+    ``kept``: filled with the hidden states ``(R, Q, D)`` after each layer of ``taps`` that the pass runs;
+    a row's are its own only where it ran that layer."""
+    taps = taps if kept is not None else ()
     if len(set(bottom)) == 1 and len(set(top)) == 1:
         x, tapped = run_tapped(model, cache, range(bottom[0], top[0] + 1), x, p, taps)
         if kept is not None:
@@ -203,7 +204,7 @@ def full_depth_step(
     new = new or []
     cfg, R = model.config, len(rows)
     probes = probing(rows)
-    taps = cfg.exit_layers[:-1] if probes else ()
+    taps = probed_exits(rows, probes)
     if not new:
         p = Pass.of(cache, [row.slot for row in rows], [row.length for row in rows], 1, cfg.max_seq_len)
         x, tapped = run_tapped(model, cache, range(1, cfg.n_layers + 1), embed(model, cache, p), p, taps)
@@ -377,7 +378,7 @@ def speculative_round(
     q_probs = torch.empty(R, K_max, cfg.vocab_size, device=dev) if sampled else None
     thresholds = [row.request.draft_threshold for row in rows]
     probes = probing(rows)
-    taps = cfg.exit_layers[:-1] if probes else ()
+    taps = probed_exits(rows, probes)
     low: dict[int, Tensor] = {}  # probing: each exit's hidden states in the draft steps, (R, K_max + 1, D)
 
     prompts = write_prompts(cache, new) if new else []
@@ -393,13 +394,12 @@ def speculative_round(
             p = Pass.of(cache, [slots[i] for i in drafting], [start[i] + j for i in drafting], 1, cfg.max_seq_len)
             x = embed(model, cache, p)
             tapped = {} if probes else None
-            x = ragged_layers(model, cache, x, p, [1] * len(drafting), [exits[i] for i in drafting], 1, tapped)
+            x = ragged_layers(model, cache, x, p, [1] * len(drafting), [exits[i] for i in drafting], 1, tapped, taps)
         at = torch.tensor(drafting, device=dev)
         hidden[at, j] = x[:, 0]
         for e, h in (tapped or {}).items():
             low.setdefault(e, torch.zeros_like(hidden))[at, j] = h[:, 0]
         work["draft_layer_tokens"] += len(drafting)
-        work["draft_layers_run"] += sum(exits[i] for i in drafting)  # token-layers, whatever each row's exit
         going = [k for k, i in enumerate(drafting) if caps[i] > j]  # rows whose draft may grow by one token
         if not going:
             break
@@ -434,7 +434,6 @@ def speculative_round(
         upper_input = torch.cat([*(hidden[i, : n_drafts[i] + 1] for i in range(R)), prompt_hidden])
         upper, high = run_tapped(model, cache, range(common + 1, L + 1), upper_input, pk, taps)
         work["verify_layer_tokens"] += len(real)
-        work["verify_layers_run"] += (L - common) * len(real)
         logits = final_head(upper[: len(real)])
         for row, n in zip(new, prompts):
             row.length = n
@@ -445,10 +444,9 @@ def speculative_round(
     else:
         p = Pass.of(cache, slots, start, Q, cfg.max_seq_len)
         high = {} if probes else None
-        x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q, high)
+        x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q, high, taps)
         high = {e: h.reshape(R * Q, -1) for e, h in (high or {}).items()}
         work["verify_layer_tokens"] += R * Q
-        work["verify_layers_run"] += sum(L - e for e in exits) * Q
         flat = x.reshape(R * Q, -1)
         if len(real) < R * Q:  # the final head only where a row has a position, not over the padding
             flat = flat.index_select(0, torch.tensor(real, device=dev))
@@ -491,8 +489,13 @@ PROBE_POSITIONS = 2
 
 
 def probing(rows: list[Decoding]) -> list[int]:
-    """Positions in ``rows`` of the ``auto`` requests that read every exit's acceptance this round."""
+    """Positions in ``rows`` of the ``auto`` requests that read some exits' acceptance this round."""
     return [i for i, row in enumerate(rows) if row.auto is not None and row.auto.probing]
+
+
+def probed_exits(rows: list[Decoding], probes: list[int]) -> list[int]:
+    """The exits whose hidden states this round must keep: those the probing rows read."""
+    return sorted({e for i in probes for e in rows[i].auto.probing})
 
 
 def probe_exits(
@@ -523,7 +526,8 @@ def probe_exits(
     pair_positions = [k for n in last for k in range(n + 1)]
     every_i, every_k = torch.tensor(pair_rows, device=dev), torch.tensor(pair_positions, device=dev)
     # The full model's distribution at each sampled row's positions: once, whatever the exits read.
-    p_full = logits.new_empty(len(pair_rows), logits.shape[-1])
+    sampled = any(not rows[i].sampling.greedy for i in probes)
+    p_full = logits.new_empty(len(pair_rows) if sampled else 0, logits.shape[-1])
     for sampling, members in by_sampling(rows, pair_rows).items():
         if not sampling.greedy:
             m = torch.tensor(members, device=dev)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lego_lightning.decoding import Engine, Request, Sampling, generate
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together, expected_tokens
 from lego_lightning.decoding.engine import measure_draft_costs
-from lego_lightning.decoding.speed import speedup_bound
+from lego_lightning.decoding.speed import speedup_bound, tokens_per_verification
 from tests.decoding.test_engine import PROMPTS, SETTINGS, no_cache_greedy
 from tests.decoding.test_speculative import drafting_model
 from tests.model.test_early_exit import V
@@ -53,6 +53,12 @@ def test_requests_that_share_a_round_choose_one_setting_of_highest_expected_spee
                 best, best_rate = (e, K), rate
     assert choose_together(autos, COSTS, remaining) == best != (None, 0)
     assert all(a.choices == [best] for a in autos)
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.37, 0.9, 1.0])
+def test_the_closed_form_of_the_expected_tokens_is_tokens_per_verification(acceptance):
+    for K in range(1, 9):
+        assert expected_tokens(acceptance, K) == pytest.approx(tokens_per_verification(acceptance, K), rel=1e-12)
 
 
 def test_no_drafting_is_chosen_where_no_exit_pays_and_drafts_stop_at_the_requests_end():
