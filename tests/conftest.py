@@ -114,6 +114,19 @@ def no_process_group_outlives_its_test():
             os.environ[key] = value
 
 
+@pytest.fixture(scope="module")
+def demo_checkpoint(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make demo`'s config (ASHEM on words), two short phases: a real ``lego fit`` checkpoint with its tokenizer."""
+    from lego_lightning.cli import LegoCLI
+    from tests.helpers import cli_args
+
+    logs = tmp_path_factory.mktemp("demo")
+    extra = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1", "--data.calibration_samples", "4",
+             "--trainer.limit_train_batches", "2"]  # fmt: skip
+    cli = LegoCLI(args=cli_args("fit", "ashem.yaml", corpus, logs, *extra))
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

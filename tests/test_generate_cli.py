@@ -12,24 +12,14 @@ import transformers
 from tokenizers import Tokenizer
 
 from lego_lightning import ASHEM, ExitTransformer
-from lego_lightning.cli import LegoCLI, main
+from lego_lightning.cli import main
 from lego_lightning.decoding import generate
 from lego_lightning.generation import tokenizer_of
 from tests.conftest import REPO
-from tests.helpers import cli_args, subprocess_env
+from tests.helpers import subprocess_env
 from tests.test_pretrained_cli import llama_family, save_with_tokenizer
 
 PROMPTS = ["the game began in", "in 1990 the", "a"]
-
-
-@pytest.fixture(scope="module")
-def demo_checkpoint(corpus, tmp_path_factory) -> Path:
-    """`make demo`'s config (ASHEM on words), two short phases."""
-    logs = tmp_path_factory.mktemp("demo")
-    extra = ["--model.phase1_max_epochs", "1", "--model.phase2_max_epochs", "1", "--data.calibration_samples", "4",
-             "--trainer.limit_train_batches", "2"]  # fmt: skip
-    cli = LegoCLI(args=cli_args("fit", "ashem.yaml", corpus, logs, *extra))
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
 def lego_generate(*args: str) -> list[dict]:
