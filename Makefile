@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(BIN)/python -m pip install --quiet -e ".[dev,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,hf,serve]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -41,7 +41,7 @@ lint: install
 # Research-size benchmarks: hours on 2 CPU cores, minutes on a GPU. Results land in
 # benchmarks/results/ (markdown, JSON, curves); each module's --help lists smaller settings.
 bench: install
-	$(BIN)/python -m pip install --quiet -e ".[dev,hf,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,hf,serve,bench]"
 	$(BIN)/python -m benchmarks.char_study
 	$(BIN)/python -m benchmarks.speed
 	$(BIN)/python -m benchmarks.ashem

@@ -3,6 +3,7 @@
     lego fit --config configs/deep_supervision.yaml
     lego validate --config configs/deep_supervision.yaml --ckpt_path <checkpoint>
     lego generate --ckpt_path <checkpoint> --prompt "The meaning of" --draft_exit 4
+    lego serve --ckpt_path <checkpoint> --draft_exit auto --num_speculations auto --port 8000
 
 ``vocab_size`` flows from the data module to the model, so nobody types it. Bad input ends
 the command with its message alone and exit status 2; ``LEGO_DEBUG=1`` shows the traceback.
@@ -42,6 +43,8 @@ CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 # Errors that come from what the user gave (a config, data, a checkpoint, a trainer flag):
 # the message is the whole story. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
+# Subcommands that are methods of LegoCLI (not of the trainer): they read prompts, not a corpus, and train nothing.
+OWN_SUBCOMMANDS = ("generate", "serve")
 # Warnings about things a `lego` user cannot act on: Lightning asks for callbacks that the
 # model adds itself, and torch's pytree deprecation comes from inside Lightning.
 QUIET = (
@@ -145,19 +148,20 @@ class LegoCLI(LightningCLI):
     # --------------------------------------------------------------------------- parsing
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands and ``generate`` (:meth:`generate`), each with the arguments it skips."""
-        return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
+        """Lightning's subcommands, ``generate`` (:meth:`generate`) and ``serve`` (:meth:`serve`), each with the
+        arguments it skips."""
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in OWN_SUBCOMMANDS}}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's, where ``generate`` is a method of this class rather than of the trainer."""
+        """Lightning's, where ``generate`` and ``serve`` are methods of this class rather than of the trainer."""
         self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
         subcommands = parser.add_subcommands()
         for subcommand in self.subcommands():
-            klass = type(self) if subcommand == "generate" else self.trainer_class
+            klass = type(self) if subcommand in OWN_SUBCOMMANDS else self.trainer_class
             description = (getattr(klass, subcommand).__doc__ or "").strip().splitlines()[0]
             options = {"description": description, **kwargs.get(subcommand, {})}
             subcommand_parser = self._prepare_subcommand_parser(klass, subcommand, **options)
-            if subcommand == "generate":
+            if subcommand in OWN_SUBCOMMANDS:
                 # Generation reads prompts, not a corpus, and logs nothing.
                 subcommand_parser.set_defaults(
                     {"data": {"class_path": f"{PromptDataModule.__module__}.PromptDataModule"}, "trainer.logger": False}
@@ -180,14 +184,14 @@ class LegoCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand != "generate":  # Lightning's looks the trainer's method up first
+        if subcommand not in OWN_SUBCOMMANDS:  # Lightning's looks the trainer's method up first
             return super()._run_subcommand(subcommand)
-        self.generate(**self._prepare_subcommand_kwargs(subcommand))
+        getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
 
     def _set_seed(self) -> None:
         """Lightning's, but not for ``generate``: each prompt samples from its own seed, and greedy decoding draws
         nothing (seeding the process said "No seed found, seed set to 0" at every call)."""
-        if self.subcommand != "generate":
+        if self.subcommand not in OWN_SUBCOMMANDS:
             super()._set_seed()
 
     def _checkpoint_hparams_as_defaults(self, raw: list[str]) -> None:
@@ -246,7 +250,7 @@ class LegoCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        if self.subcommand == "generate":
+        if self.subcommand in OWN_SUBCOMMANDS:
             # The checkpoint, learning-rate and diagnostics callbacks the CLI adds watch training, and
             # there is no run whose config.yaml to keep (it would land in the working folder).
             callbacks, self.save_config_callback = [], None
@@ -261,7 +265,7 @@ class LegoCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._check_phases(config)
         self._tokenize_as_the_pretrained_model(config)
-        if self.subcommand == "generate":
+        if self.subcommand in OWN_SUBCOMMANDS:
             self._prompts_in_the_models_tokenizer(config)
         if self.checkpoint is not None:
             self._check_checkpoint_class(config)
@@ -453,6 +457,105 @@ class LegoCLI(LightningCLI):
             return
         for row in rows:
             print(f"{row['prompt']}{row['text']}\n")
+
+    # ---------------------------------------------------------------------------- serve
+    def serve(
+        self,
+        model: LightningModule,
+        datamodule: PromptDataModule,
+        ckpt_path: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        slots: int = 8,
+        api_key: str | None = None,
+        max_queue: int = 64,
+        max_body_bytes: int = 1_000_000,
+        grace_period: float = 30.0,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        max_new_tokens: int = 64,
+        threshold: float | None = None,
+        confidence: str = "max_prob",
+        draft_exit: int | Literal["auto"] | None = None,
+        num_speculations: int | Literal["auto"] = 4,
+        max_speculations: int = 8,
+        draft_threshold: float | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
+        """Serve a checkpoint (--ckpt_path) or a pretrained model (--model.pretrained) behind OpenAI's API.
+
+        ``POST /v1/completions``, ``POST /v1/chat/completions`` (when the tokenizer has a chat template),
+        ``GET /v1/models`` and ``GET /health``, on LitServe: ``slots`` requests decode at once in the engine's
+        continuous batch, and each streams its tokens as the full model verifies them. The decoding settings
+        are those of ``lego generate``; a request's ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and
+        ``seed`` override them. SIGTERM lets the requests in flight finish, then exits 0.
+
+        Args:
+            ckpt_path: a checkpoint of ``lego fit``, loaded weights only; its model settings and tokenizer
+                come with it.
+            host: the address to bind (``0.0.0.0`` serves other machines too: give an ``api_key``).
+            port: the port to bind.
+            slots: requests decoded at once; the others wait for a slot.
+            api_key: every request must send ``Authorization: Bearer <api_key>`` (else 401); default: the
+                environment's ``LEGO_API_KEY``, else none.
+            max_queue: requests admitted at once (decoding or waiting); past it, 429 at once.
+            max_body_bytes: a larger request body gets 413.
+            grace_period: seconds that SIGTERM leaves the requests in flight to finish.
+            accelerator: LitServe's (``cpu``, ``cuda``, ``auto``...).
+            devices: LitServe's devices (one worker each).
+            max_new_tokens: a request's ``max_tokens`` when it gives none (shortened to what its prompt leaves
+                of the context).
+            threshold: routed decoding: a token leaves at its first exit whose ``confidence`` reaches it.
+            confidence: the confidence measure of routing and of ``draft_threshold``.
+            draft_exit: self-speculative decoding's draft exit, or ``auto`` (chosen every round).
+            num_speculations: the most tokens a round drafts, or ``auto``.
+            max_speculations: the most tokens ``num_speculations auto`` drafts.
+            draft_threshold: a row stops drafting where the draft exit's confidence falls below it.
+            temperature: the default temperature (0: greedy).
+            top_k: the default top-k.
+            top_p: the default top-p.
+            seed: the default seed (prompt ``i`` of a request samples with ``seed + i``).
+            eos_token_id: a request ends at this token.
+        """
+        from lego_lightning.serve import EngineAPI, Limits, OpenAISpec, build_server, run_server
+        from lego_lightning.serve.spec import chat_template_of
+
+        net = model.model
+        check_decoding(
+            net, max_new_tokens, threshold, draft_exit, num_speculations, draft_threshold, temperature, top_k, top_p,
+            confidence, getattr(model, "hidden_confidence", None), max_speculations,
+        )  # fmt: skip
+        if host not in ("127.0.0.1", "0.0.0.0", "::"):
+            raise ValueError(f"host={host!r}: allowed 127.0.0.1 (this machine only), 0.0.0.0 or :: (every address)")
+        if not isinstance(port, int) or not 1024 <= port <= 65535:
+            raise ValueError(f"port={port!r}: allowed 1024 to 65535")
+        # Weights only, as `lego generate` loads them: the module's own setup, then the checkpoint's hooks and weights.
+        model.trainer = self.trainer  # its setup reads the trainer's data module (none here)
+        model.setup("predict")
+        if ckpt_path is not None:
+            checkpoint = read_checkpoint(ckpt_path)
+            model.on_load_checkpoint(checkpoint)
+            model.load_state_dict(checkpoint["state_dict"])
+        room = speculation_room(draft_exit, num_speculations, max_speculations)
+        learned = confidence == "learned"
+        engine = dict(threshold=threshold, confidence=confidence, max_speculations=room,
+                      hidden_confidence=model.hidden_confidence if learned else None)  # fmt: skip
+        defaults = dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+            draft_exit=draft_exit, num_speculations=num_speculations, draft_threshold=draft_threshold,
+        )  # fmt: skip
+        limits = Limits(net.config.max_seq_len, net.config.vocab_size, max_new_tokens)
+        name = Path(ckpt_path).stem if ckpt_path else Path(str(getattr(model, "pretrained", None) or "lego")).name
+        spec = OpenAISpec(datamodule.tokenizer, limits, defaults, name, max_queue,
+                          chat_template_of(datamodule.tokenizer_source))  # fmt: skip
+        api = EngineAPI(net.eval(), spec, slots, engine, api_key or os.environ.get("LEGO_API_KEY") or None)
+        server = build_server(api, accelerator, devices, max_body_bytes)
+        print(f"lego serve: http://{host}:{port}/v1 (model {name!r}, {slots} slots)", flush=True)
+        run_server(server, spec, host, port, grace_period)
 
     # ------------------------------------------------------------------------------ report
     def after_fit(self) -> None:

@@ -96,6 +96,7 @@ class PromptDataModule(L.LightningDataModule):
                 "--model.pretrained DIR, or --data.tokenizer PATH"
             )
         self.tokenizer = tokenizer_of(tokenizer)
+        self.tokenizer_source = tokenizer  # where it came from (a pretrained folder may hold a chat template beside)
         self.prompts: list[Prompt] = []
         self.ids: list[list[int]] = []
 
