@@ -549,7 +549,7 @@ class LegoCLI(LightningCLI):
             draft_exit=draft_exit, num_speculations=num_speculations, draft_threshold=draft_threshold,
         )  # fmt: skip
         limits = Limits(net.config.max_seq_len, net.config.vocab_size, max_new_tokens)
-        name = Path(ckpt_path).stem if ckpt_path else Path(str(getattr(model, "pretrained", None) or "lego")).name
+        name = Path(ckpt_path).stem if ckpt_path else Path(str(datamodule.tokenizer_source)).name
         spec = OpenAISpec(datamodule.tokenizer, limits, defaults, name, max_queue,
                           chat_template_of(datamodule.tokenizer_source))  # fmt: skip
         api = EngineAPI(net.eval(), spec, slots, engine, api_key or os.environ.get("LEGO_API_KEY") or None)
