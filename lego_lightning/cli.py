@@ -189,8 +189,8 @@ class LegoCLI(LightningCLI):
         getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
 
     def _set_seed(self) -> None:
-        """Lightning's, but not for ``generate``: each prompt samples from its own seed, and greedy decoding draws
-        nothing (seeding the process said "No seed found, seed set to 0" at every call)."""
+        """Lightning's, but not for ``generate`` and ``serve``: each prompt samples from its own seed, and greedy
+        decoding draws nothing (seeding the process said "No seed found, seed set to 0" at every call)."""
         if self.subcommand not in OWN_SUBCOMMANDS:
             super()._set_seed()
 

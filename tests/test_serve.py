@@ -233,6 +233,25 @@ def test_dropped_streams_free_their_slots_and_the_others_finish_right(server):
         s.close()
 
 
+def test_clients_that_leave_at_once_give_their_places_back(server):
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 25, "stream": True}).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    for _ in range(12):  # more than max_queue (8): each would hold a place for good if it were never given back
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(request)
+    deadline = time.monotonic() + 60
+    while True:  # the server may still be finishing them; then all 8 places are free again
+        try:
+            answer = client(server).completions.create(model="any", prompt=[PROMPTS[0]] * 8, max_tokens=3)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the places of clients that left were not given back"
+            time.sleep(0.5)
+    assert [c.finish_reason for c in answer.choices] == ["length"] * 8
+
+
 def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(demo_checkpoint):
     with lego_serve(demo_checkpoint, "--slots", "2", "--grace_period", "60") as (process, url):
         answers: list = []

@@ -113,7 +113,7 @@ def refuse_unsupported(body: BaseModel, fields: dict[str, Any]) -> None:
     """A 400 for each field set to something other than its only allowed value (``fields``: name -> allowed)."""
     for name, allowed in fields.items():
         value = getattr(body, name, None)
-        if value is not None and value != allowed and value != {} and value != []:
+        if value is not None and value != allowed:
             raise BadRequest(name, f"{value!r} is not supported: allowed {allowed!r} (or leave it out)")
 
 

@@ -64,6 +64,7 @@ class Choice:
 
     uid: str
     prompt: list[int]
+    prompt_text: str  # decoded once: the continuation's text is what follows it
     echo: bool
     stops: list[str]
     tokens: list[int] = field(default_factory=list)
@@ -122,10 +123,8 @@ class OpenAISpec(LitSpec):
     def stream(self) -> bool:
         return True
 
-    def decode_request(self, request: Any, context_kwargs: dict | None = None) -> Any:
-        return request
-
     def encode_response(self, output: Any, context_kwargs: dict | None = None) -> Any:
+        """The worker's payloads go out as they are (LitAPI's ``encode_response`` asks its spec)."""
         return output
 
     # ------------------------------------------------------------------------------- endpoints
@@ -237,7 +236,7 @@ class OpenAISpec(LitSpec):
                     429, f"the server is full ({self.max_queue} requests at once): retry later", kind="rate_limit"
                 )
             self.in_flight.value += len(works)
-        choices = [Choice(self._submit(w), w.prompt, w.echo, stops) for w in works]
+        choices = [Choice(self._submit(w), w.prompt, self.tokenizer.decode(w.prompt), w.echo, stops) for w in works]
         if stream:
             return StreamingResponse(self._stream(choices, kind, usage), media_type="text/event-stream")
         try:
@@ -248,7 +247,7 @@ class OpenAISpec(LitSpec):
             return error_response(500, str(error), kind="server_error")
         finally:
             self._let_go(choices)
-        return self._response(choices, kind, [w.logprobs for w in works])
+        return self._response(choices, kind)
 
     def _submit(self, work: Work) -> str:
         uid = str(uuid.uuid4())
@@ -290,13 +289,12 @@ class OpenAISpec(LitSpec):
 
     def _text(self, choice: Choice) -> str:
         """The continuation as it reads after the prompt (as ``lego generate`` writes it)."""
-        prompt = self.tokenizer.decode(choice.prompt)
-        return self.tokenizer.decode(choice.prompt + choice.tokens)[len(prompt) :]
+        return self.tokenizer.decode(choice.prompt + choice.tokens)[len(choice.prompt_text) :]
 
     async def _stream(self, choices: list[Choice], kind: str, usage: bool) -> AsyncIterator[str]:
         """Server-sent events, OpenAI's chunks, one prompt after the other (all decode at once meanwhile)."""
         head = {
-            "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+            "id": answer_id(kind),
             "object": f"{kind}.chunk" if kind.startswith("chat") else kind,
             "created": int(time.time()),
             "model": self.model_name,
@@ -313,7 +311,7 @@ class OpenAISpec(LitSpec):
                         }
                     )
                 elif choice.echo:
-                    yield sse(head | {"choices": [self._text_choice(index, self.tokenizer.decode(choice.prompt))]})
+                    yield sse(head | {"choices": [self._text_choice(index, choice.prompt_text)]})
                 async for text in self._receive(choice):
                     delta = {"content": text} if kind.startswith("chat") else None
                     yield sse(head | {"choices": [self._chunk_choice(index, text, delta, None)]})
@@ -348,10 +346,10 @@ class OpenAISpec(LitSpec):
         completion = sum(len(c.tokens) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _response(self, choices: list[Choice], kind: str, logprobs: list[int | None]) -> dict[str, Any]:
+    def _response(self, choices: list[Choice], kind: str) -> dict[str, Any]:
         out = []
-        for index, (choice, top) in enumerate(zip(choices, logprobs)):
-            text = (self.tokenizer.decode(choice.prompt) if choice.echo else "") + choice.sent
+        for index, choice in enumerate(choices):
+            text = (choice.prompt_text if choice.echo else "") + choice.sent
             if kind.startswith("chat"):
                 out.append(
                     {
@@ -362,11 +360,11 @@ class OpenAISpec(LitSpec):
                 )
             else:
                 entry = self._text_choice(index, text, choice.finish_reason)
-                if top is not None:
-                    entry["logprobs"] = self._logprobs(choice, top)
+                if "logprobs" in choice.final:  # scored by the worker, as asked
+                    entry["logprobs"] = self._logprobs(choice)
                 out.append(entry)
         return {
-            "id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:12]}",
+            "id": answer_id(kind),
             "object": kind,
             "created": int(time.time()),
             "model": self.model_name,
@@ -379,9 +377,9 @@ class OpenAISpec(LitSpec):
             },
         }
 
-    def _logprobs(self, choice: Choice, top: int) -> dict[str, Any]:
-        """OpenAI's completion logprobs: each token's text, log-probability, ``top`` alternatives and offset; the
-        prompt's tokens too with ``echo`` (its first has no log-probability)."""
+    def _logprobs(self, choice: Choice) -> dict[str, Any]:
+        """OpenAI's completion logprobs: each token's text, log-probability, most likely alternatives (as many as
+        asked) and offset; the prompt's tokens too with ``echo`` (its first has no log-probability)."""
         scored = choice.final["logprobs"]
         start = 0 if choice.echo else len(choice.prompt)
         ids = (choice.prompt + choice.tokens)[start:]
@@ -393,9 +391,7 @@ class OpenAISpec(LitSpec):
         tops = []
         for top_ids, top_values in zip(scored["top_ids"][start:], scored["top_logprobs"][start:]):
             tops.append(
-                None
-                if top_ids is None
-                else {self.tokenizer.decode([t]): v for t, v in zip(top_ids[:top], top_values[:top])}
+                None if top_ids is None else {self.tokenizer.decode([t]): v for t, v in zip(top_ids, top_values)}
             )
         return {
             "tokens": words,
@@ -403,6 +399,10 @@ class OpenAISpec(LitSpec):
             "top_logprobs": tops,
             "text_offset": offsets,
         }
+
+
+def answer_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:12]}"
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from lego_lightning.model.transformer import ExitTransformer
 log = logging.getLogger(__name__)
 
 CANCEL = "cancel"  # a queue message {CANCEL: True} under a request's uid: its client is gone
-FINISH_REASONS = {"eos": "stop", "length": "length", "cancelled": "cancelled"}  # the engine's, in OpenAI's words
+OPENAI_FINISH_REASON = {"eos": "stop", "length": "length", "cancelled": "cancelled"}  # the engine's, in OpenAI's words
 
 
 class EngineLoop(ContinuousBatchingLoop):
@@ -135,12 +135,6 @@ class EngineAPI(ls.LitAPI):
     def cancel(self, uid: str) -> None:
         self.inbox.put((uid, {CANCEL: True}))
 
-    def decode_request(self, request: Any) -> Any:  # the spec decodes; the loop hands messages on as they are
-        return request
-
-    def encode_response(self, output: Any) -> Any:
-        return output
-
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
         """One engine step for every request in a slot, after the requests that arrived since the last one."""
         outputs: list[Output] = []
@@ -191,7 +185,7 @@ class EngineAPI(ls.LitAPI):
         self._release(uid)
         final: dict[str, Any] = {
             "tokens": tokens,
-            "finish_reason": FINISH_REASONS[completion.finish_reason],
+            "finish_reason": OPENAI_FINISH_REASON[completion.finish_reason],
             "completion_tokens": len(completion.tokens),
             "drafts": completion.drafts,
             "accepted": completion.accepted,
