@@ -5,10 +5,12 @@ started on a free port of 127.0.0.1 with ``--slots`` slots, and for each number 
 client sends streamed completions one after the other for ``--seconds`` (``max_tokens`` drawn from
 ``--max-tokens``), then waits for its last answer. Reported: requests sent, answered, failed and lost
 (sent with no answer when the client gave up), completion tokens per second, time to first token
-and latency (p50, p99). One untimed request first: auto measures its round costs on its first request, once per
-server (seconds on 2 cores). The server is stopped with SIGTERM at the end of its runs.
+and latency (p50, p99), and the server's tokens per second over the engine's offline at the batch
+the server decodes (what serving costs). One untimed request first: auto measures its round costs on
+its first request, once per server (seconds on 2 cores). The server is stopped with SIGTERM at the
+end of its runs. ``--resume`` keeps the rows already in the results.
 
-    python -m benchmarks.serve                  # ~3 minutes on 2 cores
+    python -m benchmarks.serve                  # ~5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
-from benchmarks.common import DEFAULT_DATA, REPO, write_results
+from benchmarks.common import DEFAULT_DATA, REPO, add_resume_arguments, index_runs, resumed_runs, write_results
 from benchmarks.speculative import MODELS, load_prompts
+from lego_lightning import ExitTransformer
+from lego_lightning.decoding import Engine, Request
 
 SERVER_LOG = Path(tempfile.gettempdir()) / "lego_serve_benchmark.log"  # the server's output, for a failed start
 DECODINGS = {"full depth": [], "auto": ["--draft_exit", "auto", "--num_speculations", "auto"]}
@@ -138,36 +143,67 @@ def load(url: str, prompts: list[list[int]], clients: int, seconds: float, lengt
     }
 
 
+def offline_tokens_per_s(model: ExitTransformer, prompts: list[list[int]], lengths: list[int], batch: int,
+                         draft: dict[str, Any], seed: int) -> float:  # fmt: skip
+    """The engine in this process at ``batch`` slots (what the server decodes at once with that many clients), on
+    requests drawn as the clients draw them; auto's one-off cost measurement is made before the timing."""
+    engine = Engine(model, batch, max_speculations=8)
+    engine.add(Request(prompts[0], max_new_tokens=max(lengths), **draft))
+    engine.run()
+    rng = random.Random(seed)
+    for _ in range(max(16, 2 * batch)):
+        engine.add(Request(rng.choice(prompts), max_new_tokens=rng.choice(lengths), **draft))
+    start = time.perf_counter()
+    done = engine.run()
+    return sum(len(c.tokens) for c in done.values()) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="layerskip")
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--max-tokens", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--name", default="serve")
+    add_resume_arguments(parser, "serve")
     args = parser.parse_args()
+    settings = {k: getattr(args, k) for k in ("model", "seconds", "slots", "max_tokens", "prompt_tokens")}
+    runs, earlier = resumed_runs(args, "rows", settings)
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["decoding"], r["clients"])
+
+    done = index_runs(runs, key)
     folder = MODELS[args.model]
     prompts = load_prompts(folder, args.data, 64, args.prompt_tokens).tolist()
-    rows = []
-    for decoding, extra in DECODINGS.items():
-        process, url = start_server(folder, args.slots, extra)
+    model = ExitTransformer.from_pretrained(folder).eval()
+    for decoding, flags in DECODINGS.items():
+        todo = [c for c in args.clients if (decoding, c) not in done]
+        if not todo:
+            continue
+        process, url = start_server(folder, args.slots, flags)
+        rows = []
         try:
             # Untimed: auto measures its round costs on its first request (seconds), once per server.
             one_request(url, prompts[0], max(args.max_tokens), timeout=300)
-            for clients in args.clients:
-                row = {"decoding": decoding, "clients": clients} | load(url, prompts, clients, args.seconds,
-                                                                         args.max_tokens, seed=clients)  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for clients in todo:
+                rows.append({"decoding": decoding, "clients": clients}
+                            | load(url, prompts, clients, args.seconds, args.max_tokens, seed=clients))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
         finally:
             exit_code = stop_server(process)
-        for row in rows:
-            if row["decoding"] == decoding:
-                row["server_exit_code"] = exit_code
-    write_results(args.name, rows, report(rows, args), extra={"settings": vars(args) | {"data": str(args.data)}})
+        draft = {"draft_exit": "auto", "num_speculations": "auto"} if flags else {}
+        for row in rows:  # offline, once the server has stopped: nothing else runs on the cores
+            batch = min(row["clients"], args.slots)
+            with torch.no_grad():
+                offline = offline_tokens_per_s(model, prompts, args.max_tokens, batch, draft, seed=row["clients"])
+            row |= {"server_exit_code": exit_code, "offline_batch": batch, "offline_tokens_per_s": offline,
+                    "server_over_offline": row["tokens_per_s"] / offline}  # fmt: skip
+            done[key(row)] = row
+        ordered = sorted(done.values(), key=key)
+        write_results(args.name, ordered, report(ordered, args), extra={"settings": settings, "resumed_from": earlier})
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -179,22 +215,29 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"Model `{args.model}` (seed 0), {args.slots} slots, WikiText-2 valid prompts of {args.prompt_tokens} "
         f"tokens, `max_tokens` drawn from {args.max_tokens}, every request streamed; each client sends one request "
-        f"after the other for {args.seconds:.0f} s. Server and clients share this machine's cores.",
+        f"after the other for {args.seconds:.0f} s. Server and clients share this machine's cores. `server / offline`: "
+        "the server's tokens per second over the engine's in the benchmark's process at the batch the server decodes "
+        "(the clients, at most the slots), same decoding, requests drawn alike, timed after the server stopped. "
+        "`server exit`: the server's exit status after SIGTERM.",
         "",
         "| decoding | clients | sent | answered | failed | lost | tokens/s | TTFT p50 ms | TTFT p99 ms | "
-        "latency p50 ms | latency p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "latency p50 ms | latency p99 ms | server / offline | server exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['decoding']} | {r['clients']} | {r['sent']} | {r['answered']} | {r['failed']} | {r['lost']} | "
             f"{r['tokens_per_s']:.0f} | {ms(r['ttft_p50'])} | {ms(r['ttft_p99'])} | {ms(r['latency_p50'])} | "
-            f"{ms(r['latency_p99'])} |"
+            f"{ms(r['latency_p99'])} | {r['server_over_offline']:.2f} (batch {r['offline_batch']}) | "
+            f"{r['server_exit_code']} |"
         )
     by = {(r["decoding"], r["clients"]): r for r in rows}
     speedups = [f"{c} clients {by[('auto', c)]['tokens_per_s'] / by[('full depth', c)]['tokens_per_s']:.2f}x"
                 for c in args.clients if ("auto", c) in by and ("full depth", c) in by]  # fmt: skip
-    out += ["", "Auto over full depth behind the same server, tokens per second: " + ", ".join(speedups) + "."]
+    lost = sum(r["lost"] for r in rows)
+    failed = sum(r["failed"] for r in rows)
+    out += ["", "Auto over full depth behind the same server, tokens per second: " + ", ".join(speedups) + ". "
+            f"Requests lost: {lost} (target 0); failed: {failed}."]  # fmt: skip
     return "\n".join(out)
 
 
