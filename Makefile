@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(BIN)/python -m pip install --quiet -e ".[dev,hf,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,hf,serve,eval]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import openai
@@ -41,12 +40,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def lego_serve(checkpoint: Path, *extra: str):
-    """``lego serve`` in a subprocess on a free port of 127.0.0.1, up when this yields; stopped (SIGTERM, then
+def lego_serve(*arguments: str):
+    """``lego serve ARGUMENTS`` in a subprocess on a free port of 127.0.0.1, up when this yields; stopped (SIGTERM, then
     killed if it must be) when the block ends. Yields the process and the base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "lego_lightning.cli", "serve", "--ckpt_path", str(checkpoint), "--port",
-               str(port), "--api_key", KEY, *extra]  # fmt: skip
+    command = [sys.executable, "-m", "lego_lightning.cli", "serve", "--port", str(port), "--api_key", KEY, *arguments]
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -88,8 +86,9 @@ def exits(demo_checkpoint) -> list[int]:
 @pytest.fixture(scope="module")
 def server(demo_checkpoint, exits):
     """Self-speculative from the first exit, 4 slots, at most 8 requests admitted."""
-    with lego_serve(demo_checkpoint, "--draft_exit", str(exits[0]), "--num_speculations", "3", "--slots", "4",
-                    "--max_queue", "8", "--max_new_tokens", "10") as (_, url):  # fmt: skip
+    flags = ["--draft_exit", str(exits[0]), "--num_speculations", "3", "--slots", "4", "--max_queue", "8",
+             "--max_new_tokens", "10"]  # fmt: skip
+    with lego_serve("--ckpt_path", str(demo_checkpoint), *flags) as (_, url):
         yield url
 
 
@@ -253,7 +252,7 @@ def test_clients_that_leave_at_once_give_their_places_back(server):
 
 
 def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(demo_checkpoint):
-    with lego_serve(demo_checkpoint, "--slots", "2", "--grace_period", "60") as (process, url):
+    with lego_serve("--ckpt_path", str(demo_checkpoint), "--slots", "2", "--grace_period", "60") as (process, url):
         answers: list = []
         asking = threading.Thread(target=lambda: answers.append(client(url).completions.create(
             model="any", prompt=PROMPTS[0], max_tokens=25)))  # fmt: skip

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import litserve as ls
+from fastapi import HTTPException
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 
@@ -28,8 +29,8 @@ def build_server(
     devices: int | str = 1,
     max_body_bytes: int = 1_000_000,
 ) -> ls.LitServer:
-    """A LitServer for ``api``: one worker on ``devices``, bodies bounded, and a malformed body a 400 that names
-    its fields (FastAPI's own answer is a 422 in its own format)."""
+    """A LitServer for ``api``: one worker on ``devices``, bodies bounded, a malformed body a 400 that names its
+    fields (FastAPI's own answer is a 422 in its own format), and every refusal in OpenAI's error body."""
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes!r}: allowed a positive integer (bytes)")
     server = ls.LitServer(
@@ -47,7 +48,11 @@ def build_server(
         reasons = "; ".join(e["msg"] for e in error.errors())
         return error_response(400, f"malformed request ({fields}): {reasons}", fields or None)
 
+    async def refused(request: HTTPRequest, error: HTTPException):  # 401, 413...: in OpenAI's error body too
+        return error_response(error.status_code, str(error.detail), kind="invalid_request_error")
+
     server.app.add_exception_handler(RequestValidationError, malformed)
+    server.app.add_exception_handler(HTTPException, refused)
     return server
 
 
