@@ -298,6 +298,23 @@ def test_one_requests_failure_fails_that_request_only(demo_checkpoint):
     assert by_uid["good"][-1].status == LitAPIStatus.FINISH_STREAMING and not api.has_active_requests()
 
 
+def test_a_cancelled_request_frees_its_slot_for_the_next_step(demo_checkpoint):
+    """What a dropped stream does in the worker: its slot goes to the waiting request at the very next step."""
+    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
+    api = EngineAPI(module.model, spec=None, slots=1)
+    api.setup("cpu")
+    for uid in ("long", "next"):
+        api.add_request(uid, {"prompt": [3, 4, 5], "settings": {"max_new_tokens": 20}, "logprobs": None, "echo": False})
+    first = api.step(None)
+    assert {o.uid for o in first} == {"long"} and len(api.engine.waiting) == 1  # one slot: "next" waits
+    api.cancel("long")
+    second = api.step(None)
+    ended = [o for o in second if o.uid == "long"]
+    assert ended[0].output["finish_reason"] == "cancelled" and ended[-1].status == LitAPIStatus.FINISH_STREAMING
+    assert any(o.uid == "next" and o.output["tokens"] for o in second)  # decoding in the same step
+    assert not api.engine.waiting and api.has_capacity() is False  # "next" holds the slot; "long" gave it back
+
+
 def test_text_is_held_back_where_a_stop_string_may_begin():
     assert hold_back("the king", ["kin"]) == ("the ", True)
     assert hold_back("the ki", ["kin"]) == ("the ", False)  # "ki" may become "kin"
