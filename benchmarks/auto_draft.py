@@ -67,6 +67,11 @@ def prompts_of(kind: str, folder: Path, data: Path, count: int, length: int) -> 
     return torch.stack([(wiki if i % 2 == 0 else code)[i // 2] for i in range(count)])  # alternating
 
 
+def prompt_count(args: argparse.Namespace, batch: int) -> int:
+    """Prompts decoded in a cell of ``batch`` slots: enough that the cell lasts long enough to time."""
+    return max(args.prompts, args.prompts_per_slot * batch)
+
+
 def decode(
     model: ExitTransformer, prompts: torch.Tensor, batch: int, new: int, sampled: bool, **draft: Any
 ) -> tuple[float, dict[int, Any]]:
@@ -148,6 +153,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument(
+        "--prompts-per-slot",
+        type=int,
+        default=0,
+        help="at least this many prompts per slot: a cell of 8 slots with 4 decodes 32 (default: off)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 6])
@@ -156,6 +167,8 @@ def main() -> None:
     add_resume_arguments(parser, "auto_draft")
     args = parser.parse_args()
     settings = {k: getattr(args, k) for k in ("prompts", "prompt_tokens", "new_tokens", "ks", "rounds")}
+    if args.prompts_per_slot:  # only where given: results written without it keep resuming
+        settings["prompts_per_slot"] = args.prompts_per_slot
     runs, earlier = resumed_runs(args, "rows", settings)
 
     def key(r: dict[str, Any]) -> tuple:
@@ -166,8 +179,9 @@ def main() -> None:
     for name in args.models:
         model = ExitTransformer.from_pretrained(MODELS[name]).eval()
         for kind in args.kinds:
-            prompts = prompts_of(kind, MODELS[name], args.data, args.prompts, args.prompt_tokens)
+            every = prompts_of(kind, MODELS[name], args.data, prompt_count(args, max(args.batches)), args.prompt_tokens)
             for batch in args.batches:
+                prompts = every[: prompt_count(args, batch)]  # a prefix: mixed prompts alternate, so it stays half-half
                 for mode in args.modes:
                     cell = {"model": name, "batch": batch, "mode": mode, "kind": kind}
                     if key(cell) in done:
@@ -215,7 +229,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = [
         '# `draft_exit="auto"`: the draft exit and K chosen while decoding',
         "",
-        f"{args.prompts} prompts of {args.prompt_tokens} tokens per cell, {args.new_tokens} new tokens each, "
+        f"{', '.join(f'{prompt_count(args, b)} prompts at batch {b}' for b in args.batches)} of "
+        f"{args.prompt_tokens} tokens per cell, {args.new_tokens} new tokens each, "
         f"continuous batching at `batch` slots; sampled = temperature {SAMPLING['temperature']}, top-p "
         f"{SAMPLING['top_p']}, a seed per prompt. Grid: every draft exit before the last x K in {args.ks}; the "
         f"oracle is its fastest setting after the fact, the median its middle one. Speed-ups are full depth's "
