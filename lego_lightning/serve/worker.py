@@ -44,7 +44,6 @@ class EngineLoop(ContinuousBatchingLoop):
     async def prefill(
         self, pending, lit_api, lit_spec, request_queue, transport, max_batch_size=None, batch_timeout=None
     ):
-
         while pending and self.has_capacity(lit_api):
             response_queue_id, uid, message = pending.pop(0)
             self.response_queue_ids[uid] = response_queue_id
@@ -66,7 +65,6 @@ class EngineLoop(ContinuousBatchingLoop):
         return pending
 
     async def run(self, lit_api, *args, **kwargs):
-
         if not lit_api.has_active_requests():
             await asyncio.sleep(self.IDLE_SLEEP)
             return
@@ -117,7 +115,6 @@ class EngineAPI(ls.LitAPI):
         self.uid_of: dict[int, str] = {}  # engine request id -> LitServe uid
         self.id_of: dict[str, int] = {}
         self.work: dict[str, dict[str, Any]] = {}
-        self.ready: list[tuple[str, Any]] = []  # outputs made outside a step (scoring only, failed adds)
 
     def has_capacity(self) -> bool:
         with self.lock:
@@ -142,7 +139,8 @@ class EngineAPI(ls.LitAPI):
         if self.engine.busy:
             try:
                 events = self.engine.step()
-            except Exception as error:  # the step's rows share its passes: each of them fails, the server goes on
+            except Exception as error:  # every request the engine holds fails (those in its slots shared the
+                # step's passes, and one waiting may have been half admitted); the server goes on with new ones
                 log.exception("an engine step failed")
                 for request_id in list(self.uid_of):
                     self.engine.cancel(request_id)
