@@ -298,6 +298,45 @@ def test_one_requests_failure_fails_that_request_only(demo_checkpoint):
     assert by_uid["good"][-1].status == LitAPIStatus.FINISH_STREAMING and not api.has_active_requests()
 
 
+class FaultyEngine(Engine):
+    """An engine whose step raises while a request with prompt token 13 first is in a slot: a fault inside the
+    batched step, which no single request's code path can be blamed for."""
+
+    def step(self):
+        if any(row is not None and row.request.prompt[0] == 13 for row in self.slots) or any(
+            request.prompt[0] == 13 for _, request in self.waiting
+        ):
+            raise RuntimeError("the step broke")
+        return super().step()
+
+
+class FaultyAPI(EngineAPI):
+    def new_engine(self, slots: int) -> Engine:
+        return FaultyEngine(self.model, slots, **self.engine_settings)
+
+
+def test_a_step_that_raises_fails_the_request_that_breaks_it_and_the_others_go_on(demo_checkpoint):
+    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
+    api = FaultyAPI(module.model, spec=None, slots=2)
+    api.setup("cpu")
+    message = {"settings": {"max_new_tokens": 12}, "logprobs": None, "echo": False}
+    api.add_request("good", message | {"prompt": [3, 4, 5]})
+    outputs = api.step(None) + api.step(None)  # "good" is some tokens in when the bad one arrives
+    api.add_request("bad", message | {"prompt": [13, 4, 5]})
+    for _ in range(20):
+        outputs += api.step(None)
+        if not api.has_active_requests():
+            break
+    bad = [o for o in outputs if o.uid == "bad"]
+    assert [o.status for o in bad] == [LitAPIStatus.ERROR] and "the step broke" in bad[0].output["error"]
+    good = [o for o in outputs if o.uid == "good"]
+    assert good[-1].status == LitAPIStatus.FINISH_STREAMING and good[-2].output["finish_reason"] == "length"
+    engine = Engine(module.model, 1)
+    engine.add(Request([3, 4, 5], max_new_tokens=12))
+    alone = next(iter(engine.run().values())).tokens
+    assert [t for o in good[:-1] for t in o.output["tokens"]] == alone  # resumed where it was: the same tokens
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_next_step(demo_checkpoint):
     """What a dropped stream does in the worker: its slot goes to the waiting request at the very next step."""
     module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()

@@ -108,13 +108,18 @@ class EngineAPI(ls.LitAPI):
     # ------------------------------------------------------------------ the worker process
     def setup(self, device: str) -> None:
         self.model = self.model.to(device).eval()
-        self.engine = Engine(self.model, self.slots, **self.engine_settings)
+        self.engine = self.new_engine(self.slots)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (uid, message) from the loop's thread
         self.lock = threading.Lock()
         self.taken = 0  # requests handed to this worker and not yet ended: the slots they hold or will
         self.uid_of: dict[int, str] = {}  # engine request id -> LitServe uid
         self.id_of: dict[str, int] = {}
         self.work: dict[str, dict[str, Any]] = {}
+        self.sent: dict[str, list[int]] = {}  # the tokens each request has been sent (what a resumed one continues)
+
+    def new_engine(self, slots: int) -> Engine:
+        """An engine of ``slots`` slots with the server's settings: the worker's, and a probe's after a failed step."""
+        return Engine(self.model, slots, **self.engine_settings)
 
     def has_capacity(self) -> bool:
         with self.lock:
@@ -139,15 +144,13 @@ class EngineAPI(ls.LitAPI):
         if self.engine.busy:
             try:
                 events = self.engine.step()
-            except Exception as error:  # every request the engine holds fails (those in its slots shared the
-                # step's passes, and one waiting may have been half admitted); the server goes on with new ones
-                log.exception("an engine step failed")
-                for request_id in list(self.uid_of):
-                    self.engine.cancel(request_id)
-                    self._fail(self.uid_of[request_id], error, outputs)
+            except Exception:
+                log.exception("an engine step failed: finding the request that fails it")
+                self._recover(outputs)
                 return outputs
             for event in events:
                 uid = self.uid_of[event.id]
+                self.sent[uid] += event.tokens
                 if event.completion is None:
                     outputs.append(Output(uid, {"tokens": event.tokens}, LitAPIStatus.OK))
                 else:
@@ -177,20 +180,43 @@ class EngineAPI(ls.LitAPI):
                 self._fail(uid, error, outputs)
                 continue
             self.uid_of[request_id], self.id_of[uid] = uid, request_id
+            self.sent[uid] = []
+
+    def _recover(self, outputs: list[Output]) -> None:
+        """After a step that raised: the requests it held share its passes (and its cache, perhaps half written), so
+        each one runs a step alone in a probe engine. One that fails there fails (500); the others go on in a
+        fresh engine from the tokens they were sent (greedy: the same tokens; sampled: the same distribution, a
+        new stream from the seed)."""
+        held = list(self.id_of)
+        self.engine = self.new_engine(self.slots)
+        self.uid_of.clear()
+        self.id_of.clear()
+        for uid in held:
+            message, sent = self.work[uid], self.sent[uid]
+            settings = message["settings"] | {"max_new_tokens": message["settings"]["max_new_tokens"] - len(sent)}
+            request = Request(message["prompt"] + sent, **settings)
+            try:
+                probe = self.new_engine(1)
+                probe.add(request)
+                probe.step()
+            except Exception as error:
+                self._fail(uid, error, outputs)
+                continue
+            request_id = self.engine.add(request)
+            self.uid_of[request_id], self.id_of[uid] = uid, request_id
 
     def _finish(self, uid: str, tokens: list[int], completion: Completion, outputs: list[Output]) -> None:
-        message = self.work.pop(uid)
+        message, sent = self.work.pop(uid), self.sent.pop(uid, [])
         self._release(uid)
         final: dict[str, Any] = {
             "tokens": tokens,
             "finish_reason": OPENAI_FINISH_REASON[completion.finish_reason],
-            "completion_tokens": len(completion.tokens),
             "drafts": completion.drafts,
             "accepted": completion.accepted,
         }
         try:
             if message["logprobs"] is not None and completion.finish_reason != "cancelled":
-                final["logprobs"] = score(self.model, message["prompt"] + completion.tokens, message["logprobs"])
+                final["logprobs"] = score(self.model, message["prompt"] + sent, message["logprobs"])
         except Exception as error:
             self._fail(uid, error, outputs, released=True)
             return
@@ -200,6 +226,7 @@ class EngineAPI(ls.LitAPI):
     def _fail(self, uid: str, error: Exception, outputs: list[Output], released: bool = False) -> None:
         log.error("request %s failed: %r", uid, error)
         self.work.pop(uid, None)
+        self.sent.pop(uid, None)
         if not released:
             self._release(uid)
         outputs.append(Output(uid, {"error": f"decoding failed: {error}"}, LitAPIStatus.ERROR))
