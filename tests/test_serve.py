@@ -337,6 +337,31 @@ def test_a_step_that_raises_fails_the_request_that_breaks_it_and_the_others_go_o
     assert [t for o in good[:-1] for t in o.output["tokens"]] == alone  # resumed where it was: the same tokens
 
 
+class CrowdFaultyEngine(Engine):
+    """An engine whose step raises whenever two requests share it: the fault of no single request."""
+
+    def step(self):
+        if sum(row is not None for row in self.slots) + len(self.waiting) > 1:
+            raise RuntimeError("two at once broke it")
+        return super().step()
+
+
+class CrowdFaultyAPI(EngineAPI):
+    def new_engine(self, slots: int) -> Engine:
+        return CrowdFaultyEngine(self.model, slots, **self.engine_settings)
+
+
+def test_a_step_that_fails_with_no_culprit_fails_its_requests_rather_than_retrying_for_ever(demo_checkpoint):
+    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
+    api = CrowdFaultyAPI(module.model, spec=None, slots=2)
+    api.setup("cpu")
+    for uid in ("a", "b"):
+        api.add_request(uid, {"prompt": [3, 4, 5], "settings": {"max_new_tokens": 6}, "logprobs": None, "echo": False})
+    outputs = api.step(None)
+    assert sorted(o.uid for o in outputs) == ["a", "b"] and {o.status for o in outputs} == {LitAPIStatus.ERROR}
+    assert all("two at once broke it" in o.output["error"] for o in outputs) and not api.has_active_requests()
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_next_step(demo_checkpoint):
     """What a dropped stream does in the worker: its slot goes to the waiting request at the very next step."""
     module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()

@@ -144,9 +144,9 @@ class EngineAPI(ls.LitAPI):
         if self.engine.busy:
             try:
                 events = self.engine.step()
-            except Exception:
+            except Exception as error:
                 log.exception("an engine step failed: finding the request that fails it")
-                self._recover(outputs)
+                self._recover(error, outputs)
                 return outputs
             for event in events:
                 uid = self.uid_of[event.id]
@@ -182,15 +182,16 @@ class EngineAPI(ls.LitAPI):
             self.uid_of[request_id], self.id_of[uid] = uid, request_id
             self.sent[uid] = []
 
-    def _recover(self, outputs: list[Output]) -> None:
+    def _recover(self, error: Exception, outputs: list[Output]) -> None:
         """After a step that raised: the requests it held share its passes (and its cache, perhaps half written), so
         each one runs a step alone in a probe engine. One that fails there fails (500); the others go on in a
         fresh engine from the tokens they were sent (greedy: the same tokens; sampled: the same distribution, a
-        new stream from the seed)."""
+        new stream from the seed). Where none fails alone, the fault is not one request's: they all fail."""
         held = list(self.id_of)
         self.engine = self.new_engine(self.slots)
         self.uid_of.clear()
         self.id_of.clear()
+        resumed = {}
         for uid in held:
             message, sent = self.work[uid], self.sent[uid]
             settings = message["settings"] | {"max_new_tokens": message["settings"]["max_new_tokens"] - len(sent)}
@@ -199,9 +200,15 @@ class EngineAPI(ls.LitAPI):
                 probe = self.new_engine(1)
                 probe.add(request)
                 probe.step()
-            except Exception as error:
-                self._fail(uid, error, outputs)
+            except Exception as alone:
+                self._fail(uid, alone, outputs)
                 continue
+            resumed[uid] = request
+        if len(resumed) == len(held):  # every one ran alone: failing again together would loop for ever
+            for uid in resumed:
+                self._fail(uid, error, outputs)
+            return
+        for uid, request in resumed.items():
             request_id = self.engine.add(request)
             self.uid_of[request_id], self.id_of[uid] = uid, request_id
 
