@@ -273,29 +273,61 @@ def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(de
 
 
 # ------------------------------------------------------------------------ the parts, without a server
-def test_one_requests_failure_fails_that_request_only(demo_checkpoint):
-    """The worker as LitServe drives it: a request the engine refuses gets an error, the other its tokens."""
-    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
-    api = EngineAPI(module.model, spec=None, slots=2)
+@pytest.fixture(scope="module")
+def model(demo_checkpoint):
+    return ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval().model
+
+
+def worker(model, slots: int, engine_class: type[Engine] = Engine) -> EngineAPI:
+    """The worker as LitServe sets it up in its process, its engines of ``engine_class``."""
+
+    class Worker(EngineAPI):
+        def new_engine(self, slots: int) -> Engine:
+            return engine_class(self.model, slots, **self.engine_settings)
+
+    api = Worker(model, spec=None, slots=slots)
     api.setup("cpu")
-    good = {"prompt": [3, 4, 5], "settings": {"max_new_tokens": 4}, "logprobs": None, "echo": False}
-    bad = {"prompt": [3, 4, 5], "settings": {"max_new_tokens": 4, "draft_exit": 99}, "logprobs": None, "echo": False}
-    api.add_request("bad", bad)
-    api.add_request("good", good)
+    return api
+
+
+def work(prompt: list[int], max_new_tokens: int, **settings) -> dict:
+    """What the spec sends the worker for a prompt."""
+    return {"prompt": prompt, "settings": {"max_new_tokens": max_new_tokens, **settings}, "logprobs": None,
+            "echo": False}  # fmt: skip
+
+
+def steps(api: EngineAPI, at_most: int = 20) -> list:
+    """The worker's outputs, step after step, until it holds no request."""
     outputs = []
-    for _ in range(10):
+    for _ in range(at_most):
         outputs += api.step(None)
         if not api.has_active_requests():
             break
-    by_uid = {}
-    for output in outputs:
-        by_uid.setdefault(output.uid, []).append(output)
-    assert by_uid["bad"][0].status == LitAPIStatus.ERROR and "draft_exit=99" in by_uid["bad"][0].output["error"]
-    tokens = [t for o in by_uid["good"] if isinstance(o.output, dict) for t in o.output.get("tokens", [])]
-    engine = Engine(module.model, 1)
-    engine.add(Request([3, 4, 5], max_new_tokens=4))
-    assert tokens == next(iter(engine.run().values())).tokens
-    assert by_uid["good"][-1].status == LitAPIStatus.FINISH_STREAMING and not api.has_active_requests()
+    return outputs
+
+
+def alone(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The tokens a request gets decoding alone in a fresh engine (greedy)."""
+    engine = Engine(model, 1)
+    engine.add(Request(prompt, max_new_tokens=max_new_tokens))
+    return next(iter(engine.run().values())).tokens
+
+
+def tokens_of(outputs: list, uid: str) -> list[int]:
+    return [t for o in outputs if o.uid == uid and isinstance(o.output, dict) for t in o.output.get("tokens", [])]
+
+
+def test_one_requests_failure_fails_that_request_only(model):
+    """The worker as LitServe drives it: a request the engine refuses gets an error, the other its tokens."""
+    api = worker(model, slots=2)
+    api.add_request("bad", work([3, 4, 5], 4, draft_exit=99))
+    api.add_request("good", work([3, 4, 5], 4))
+    outputs = steps(api, at_most=10)
+    bad = [o for o in outputs if o.uid == "bad"]
+    assert bad[0].status == LitAPIStatus.ERROR and "draft_exit=99" in bad[0].output["error"]
+    assert tokens_of(outputs, "good") == alone(model, [3, 4, 5], 4)
+    assert [o for o in outputs if o.uid == "good"][-1].status == LitAPIStatus.FINISH_STREAMING
+    assert not api.has_active_requests()
 
 
 class FaultyEngine(Engine):
@@ -310,31 +342,17 @@ class FaultyEngine(Engine):
         return super().step()
 
 
-class FaultyAPI(EngineAPI):
-    def new_engine(self, slots: int) -> Engine:
-        return FaultyEngine(self.model, slots, **self.engine_settings)
-
-
-def test_a_step_that_raises_fails_the_request_that_breaks_it_and_the_others_go_on(demo_checkpoint):
-    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
-    api = FaultyAPI(module.model, spec=None, slots=2)
-    api.setup("cpu")
-    message = {"settings": {"max_new_tokens": 12}, "logprobs": None, "echo": False}
-    api.add_request("good", message | {"prompt": [3, 4, 5]})
+def test_a_step_that_raises_fails_the_request_that_breaks_it_and_the_others_go_on(model):
+    api = worker(model, slots=2, engine_class=FaultyEngine)
+    api.add_request("good", work([3, 4, 5], 12))
     outputs = api.step(None) + api.step(None)  # "good" is some tokens in when the bad one arrives
-    api.add_request("bad", message | {"prompt": [13, 4, 5]})
-    for _ in range(20):
-        outputs += api.step(None)
-        if not api.has_active_requests():
-            break
+    api.add_request("bad", work([13, 4, 5], 12))
+    outputs += steps(api)
     bad = [o for o in outputs if o.uid == "bad"]
     assert [o.status for o in bad] == [LitAPIStatus.ERROR] and "the step broke" in bad[0].output["error"]
     good = [o for o in outputs if o.uid == "good"]
     assert good[-1].status == LitAPIStatus.FINISH_STREAMING and good[-2].output["finish_reason"] == "length"
-    engine = Engine(module.model, 1)
-    engine.add(Request([3, 4, 5], max_new_tokens=12))
-    alone = next(iter(engine.run().values())).tokens
-    assert [t for o in good[:-1] for t in o.output["tokens"]] == alone  # resumed where it was: the same tokens
+    assert tokens_of(outputs, "good") == alone(model, [3, 4, 5], 12)  # resumed where it was: the same tokens
 
 
 class CrowdFaultyEngine(Engine):
@@ -346,29 +364,20 @@ class CrowdFaultyEngine(Engine):
         return super().step()
 
 
-class CrowdFaultyAPI(EngineAPI):
-    def new_engine(self, slots: int) -> Engine:
-        return CrowdFaultyEngine(self.model, slots, **self.engine_settings)
-
-
-def test_a_step_that_fails_with_no_culprit_fails_its_requests_rather_than_retrying_for_ever(demo_checkpoint):
-    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
-    api = CrowdFaultyAPI(module.model, spec=None, slots=2)
-    api.setup("cpu")
+def test_a_step_that_fails_with_no_culprit_fails_its_requests_rather_than_retrying_for_ever(model):
+    api = worker(model, slots=2, engine_class=CrowdFaultyEngine)
     for uid in ("a", "b"):
-        api.add_request(uid, {"prompt": [3, 4, 5], "settings": {"max_new_tokens": 6}, "logprobs": None, "echo": False})
+        api.add_request(uid, work([3, 4, 5], 6))
     outputs = api.step(None)
     assert sorted(o.uid for o in outputs) == ["a", "b"] and {o.status for o in outputs} == {LitAPIStatus.ERROR}
     assert all("two at once broke it" in o.output["error"] for o in outputs) and not api.has_active_requests()
 
 
-def test_a_cancelled_request_frees_its_slot_for_the_next_step(demo_checkpoint):
+def test_a_cancelled_request_frees_its_slot_for_the_next_step(model):
     """What a dropped stream does in the worker: its slot goes to the waiting request at the very next step."""
-    module = ASHEM.load_from_checkpoint(demo_checkpoint, map_location="cpu").eval()
-    api = EngineAPI(module.model, spec=None, slots=1)
-    api.setup("cpu")
+    api = worker(model, slots=1)
     for uid in ("long", "next"):
-        api.add_request(uid, {"prompt": [3, 4, 5], "settings": {"max_new_tokens": 20}, "logprobs": None, "echo": False})
+        api.add_request(uid, work([3, 4, 5], 20))
     first = api.step(None)
     assert {o.uid for o in first} == {"long"} and len(api.engine.waiting) == 1  # one slot: "next" waits
     api.cancel("long")
