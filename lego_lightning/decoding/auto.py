@@ -47,6 +47,18 @@ DECAY = 0.95
 # Before any observation an exit is credited with this acceptance, weighted as this many observations, which
 # age like real ones: a request whose drafts are all refused sees its estimate fall towards 0.
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 1.0
+# Drafting is chosen over full depth where it promises this much more: the estimates are noisy and their
+# probes cost, so where drafting and full depth are about as fast, full depth (which costs neither) is kept.
+FULL_MARGIN = 1.05
+# A probe reads an exit's head at a row's first positions of the round only: each more costs a head read.
+PROBE_POSITIONS = 2
+# Probes may spend this share of a request's rounds, counted in draft steps (each at most a head read and
+# an exit's layers), a probe reading a head at PROBE_POSITIONS positions: on a model whose exits are all about
+# as good, unbounded probes cost more than any switch could win.
+PROBE_SHARE = 0.1
+# What the probes know of an exit they have not read for a while counts less, round by round, so its
+# optimistic estimate rises until it is read again: the text may have changed under it.
+AGING = 0.97
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,13 @@ class DraftCosts:
             return 1.0 / self.full
         return expected_tokens(acceptance, num_speculations) / self.rounds[draft_exit][num_speculations - 1]
 
+    def in_draft_steps(self, draft_exit: int | None, num_speculations: int) -> float:
+        """A round's cost (``None``: a full-depth step) over that of the cheapest draft step: what one more K
+        adds to the cheapest exit's round (half a round of one where K cannot grow)."""
+        step = min(r[1] - r[0] if len(r) > 1 else r[0] / 2 for r in self.rounds.values())
+        seconds = self.full if draft_exit is None else self.rounds[draft_exit][num_speculations - 1]
+        return seconds / max(step, 1e-9)
+
 
 def expected_tokens(acceptance: float, num_speculations: int) -> float:
     """:func:`~lego_lightning.decoding.speed.tokens_per_verification` in closed form, ``(1 - a^(K+1)) / (1 - a)``:
@@ -84,20 +103,19 @@ class AutoDraft:
         exits: the exits it may draft from (one, when only K is ``auto``).
         lengths: the K it may choose from (one, when only the exit is ``auto``).
         allow_full: not drafting is a candidate (the exit is ``auto``).
-        probe_every: every this many rounds, some exits' acceptance is read at the round's positions: those
-            within ``probe_reach`` of the exit that drafts best by the estimates, and every ``sweep_every``-th
-            probe all of them.
+        probe_every: every this many rounds, the exits that might beat the choice are read at the round's
+            positions, as far as the probes' budget goes (:meth:`record`); at the first round, all of them.
     """
 
     exits: tuple[int, ...]
     lengths: tuple[int, ...]
     allow_full: bool
-    probe_every: int = 8
-    probe_reach: int = 1
-    sweep_every: int = 4
+    probe_every: int = 4
     kept: dict[int, float] = field(default_factory=dict)  # decayed sums of acceptance, by exit
     seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
     rounds: int = 0
+    last_read: dict[int, int] = field(default_factory=dict)  # the round each exit was last observed, by exit
+    budget: float = PROBE_POSITIONS * 3  # head reads the probes may still spend: at first, three exits' worth
     probing: tuple[int, ...] = ()  # the exits whose acceptance this round reads
     choices: list[tuple[int | None, int]] = field(default_factory=list)  # (exit or None, K) of every round
 
@@ -122,35 +140,62 @@ class AutoDraft:
         old_kept = self.kept.get(draft_exit, PRIOR_ACCEPTANCE * PRIOR_WEIGHT)
         self.kept[draft_exit] = old_kept * DECAY**seen + kept
         self.seen[draft_exit] = self.seen.get(draft_exit, PRIOR_WEIGHT) * DECAY**seen + seen
+        self.last_read[draft_exit] = self.rounds
+
+    def best_rate(self, costs: DraftCosts, draft_exit: int, acceptance: float, remaining: int) -> tuple[float, int]:
+        """The most expected tokens per second drafting from ``draft_exit`` at ``acceptance``, and its K."""
+        best, best_k = -1.0, self.lengths[0]
+        for K in self.lengths:
+            if max(1, remaining - 1) < K:  # drafts past the request's end are never kept
+                break
+            rate = costs.tokens_per_second(draft_exit, K, acceptance)
+            if rate > best:
+                best, best_k = rate, K
+        return best, best_k
+
+    def optimistic(self, draft_exit: int) -> float:
+        """An upper estimate of ``draft_exit``'s acceptance: the running one plus one standard error of it, its
+        observations aged by the rounds since the last (a handful of probed positions leaves it wide, many
+        recent observations narrow)."""
+        a = self.acceptance(draft_exit)
+        n = self.seen.get(draft_exit, PRIOR_WEIGHT) * AGING ** (self.rounds - self.last_read.get(draft_exit, 0))
+        return min(1.0, a + (a * (1.0 - a) / n) ** 0.5)
 
     def choose(self, costs: DraftCosts, remaining: int) -> tuple[int | None, int]:
         """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded."""
         drafting, drafting_rate = (self.exits[0], self.lengths[0]), -1.0  # the best setting that drafts
         for e in self.exits:
-            a = self.acceptance(e)
-            for K in self.lengths:
-                if max(1, remaining - 1) < K:  # drafts past the request's end are never kept
-                    break
-                rate = costs.tokens_per_second(e, K, a)
-                if rate > drafting_rate:
-                    drafting, drafting_rate = (e, K), rate
-        full = self.allow_full and costs.tokens_per_second(None, 0, 0.0) >= drafting_rate
-        return self.record((None, 0) if full else drafting, drafting[0])
+            rate, K = self.best_rate(costs, e, self.acceptance(e), remaining)
+            if rate > drafting_rate:
+                drafting, drafting_rate = (e, K), rate
+        full = self.allow_full and costs.tokens_per_second(None, 0, 0.0) * FULL_MARGIN >= drafting_rate
+        chosen_rate = costs.tokens_per_second(None, 0, 0.0) if full else drafting_rate
+        return self.record((None, 0) if full else drafting, costs, remaining, chosen_rate)
 
-    def record(self, choice: tuple[int | None, int], nearest: int) -> tuple[int | None, int]:
-        """``choice`` is this round's; ``nearest`` the exit that drafts best by the estimates (the chosen one,
-        or the one that would be where none pays). The round probes if it is the first or every
-        ``probe_every``-th, and only where the exit is chosen (a fixed one is measured by its own rounds):
-        every exit at the first and every ``sweep_every``-th probe, else those within ``probe_reach`` of
-        ``nearest`` (reading a head costs about a draft step's layers, so the far ones are read seldom)."""
+    def record(
+        self, choice: tuple[int | None, int], costs: DraftCosts, remaining: int, chosen_rate: float
+    ) -> tuple[int | None, int]:
+        """``choice`` is this round's, expected to give this request ``chosen_rate`` tokens per second; which
+        exits the round probes, where the exit is chosen (a fixed one is measured by its own rounds).
+
+        Every ``probe_every``-th round, from the first, reads the exits that might beat the choice: those whose
+        rate at an optimistic acceptance (:meth:`optimistic`) is above ``chosen_rate``, the most promising
+        first, as far as the budget goes: three exits' reads at the start, then :data:`PROBE_SHARE` of the
+        cost of the request's rounds (:meth:`DraftCosts.in_draft_steps`), saved up to a read of every exit.
+        So an exit known to lose is not read, one that is close or little seen is read until its estimate
+        settles (at the start, unseen, the cheapest are the most promising), and a model whose exits all
+        draft about as well pays about a tenth for probes."""
         self.choices.append(choice)
         self.probing = ()
-        if self.allow_full and self.rounds % self.probe_every == 0:
-            if (self.rounds // self.probe_every) % self.sweep_every == 0:
-                self.probing = self.exits
-            else:
-                at = self.exits.index(nearest)
-                self.probing = self.exits[max(0, at - self.probe_reach) : at + self.probe_reach + 1]
+        draft_exit, K = choice
+        saved = self.budget + PROBE_SHARE * costs.in_draft_steps(draft_exit, K)
+        self.budget = min(saved, PROBE_POSITIONS * len(self.exits))
+        if self.allow_full and self.rounds % self.probe_every == 0 and self.budget >= PROBE_POSITIONS:
+            others = [e for e in self.exits if e != draft_exit]
+            rates = {e: self.best_rate(costs, e, self.optimistic(e), remaining)[0] for e in others}
+            promising = sorted((e for e in rates if rates[e] > chosen_rate), key=rates.get, reverse=True)
+            self.probing = tuple(promising[: int(self.budget // PROBE_POSITIONS)])
+            self.budget -= PROBE_POSITIONS * len(self.probing)
         self.rounds += 1
         return choice
 
@@ -176,7 +221,12 @@ def choose_together(autos: list[AutoDraft], costs: DraftCosts, remaining: list[i
             rate = tokens / costs.rounds[e][K - 1]
             if rate > drafting_rate:
                 drafting, drafting_rate = (e, K), rate
-    best = (None, 0) if len(autos) / costs.full >= drafting_rate else drafting
-    for a in autos:
-        a.record(best, drafting[0])
+    best = (None, 0) if len(autos) / costs.full * FULL_MARGIN >= drafting_rate else drafting
+    for a, r in zip(autos, remaining):  # each probes the exits that might beat what it gets from the choice
+        e, K = best
+        if e is None:
+            mine = 1 / costs.full
+        else:
+            mine = expected_tokens(a.acceptance(e), min(K, max(0, r - 1))) / costs.rounds[e][K - 1]
+        a.record(best, costs, r, mine)
     return best

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lego_lightning.decoding.attention import Packed, Pass, embed, run_layers, run_tapped
+from lego_lightning.decoding.auto import PROBE_POSITIONS
 from lego_lightning.decoding.cache import SlotCache
 from lego_lightning.decoding.sampling import Sampling, draw
 from lego_lightning.decoding.state import Decoding
@@ -482,10 +483,6 @@ def speculative_round(
         probe_exits(model, rows, probes, [int(n) for n in accepted[probes].tolist()], hidden_at, kept, logits,
                     logit_index, work, skip=drafted)  # fmt: skip
     return Round(n_drafts, accepted, kept, first_tokens)
-
-
-# A probe reads a row's first positions of the round only: each more costs every probed head a row.
-PROBE_POSITIONS = 2
 
 
 def probing(rows: list[Decoding]) -> list[int]:
