@@ -35,6 +35,8 @@ from benchmarks.common import DEFAULT_DATA, RESULTS, add_resume_arguments, index
 from benchmarks.speculative import MODELS, SAMPLING, load_prompts, repeated_4gram_share
 from lego_lightning import ExitTransformer
 from lego_lightning.decoding import Engine, Request, Sampling, measure_draft_costs
+from lego_lightning.decoding.speed import decoding_flops
+from lego_lightning.model import flops
 
 KINDS = ("wikitext", "python", "mixed")
 TARGETS = {"auto / oracle": 0.95, "auto / full depth": 1.0}
@@ -74,8 +76,9 @@ def prompt_count(args: argparse.Namespace, batch: int) -> int:
 
 def decode(
     model: ExitTransformer, prompts: torch.Tensor, batch: int, new: int, sampled: bool, **draft: Any
-) -> tuple[float, dict[int, Any]]:
-    """Every prompt through one engine of ``batch`` slots (continuous batching); seconds and completions."""
+) -> tuple[float, dict[int, Any], dict[str, int]]:
+    """Every prompt through one engine of ``batch`` slots (continuous batching); seconds, completions, and the
+    engine's work (what its rounds ran, :data:`~lego_lightning.decoding.speed.WORK`)."""
     engine = Engine(model, batch, max_speculations=8)
     sampling = SAMPLING if sampled else {}
     ids = [
@@ -84,7 +87,13 @@ def decode(
     ]
     start = time.perf_counter()
     done = engine.run()
-    return time.perf_counter() - start, {i: done[request_id] for i, request_id in enumerate(ids)}
+    return time.perf_counter() - start, {i: done[request_id] for i, request_id in enumerate(ids)}, dict(engine.work)
+
+
+def flops_per_token(model: ExitTransformer, work: dict[str, int], prompts: torch.Tensor, new: int) -> float:
+    """FLOPs of everything the engine ran (layers, heads, auto's probes) per token after each prompt's first
+    (which its prefill gives, outside the work counted)."""
+    return decoding_flops(model, work, prompts.shape[1] + new / 2) / (len(prompts) * (new - 1))
 
 
 def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled: bool, args: Any) -> dict[str, Any]:
@@ -98,9 +107,9 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
             settings[f"exit {e}, K={k}"] = {"draft_exit": e, "num_speculations": k}
     auto = {"draft_exit": "auto", "num_speculations": "auto"}
     grid = {}
-    full_seconds, full = decode(model, prompts, batch, new, sampled)
+    full_seconds, full, _ = decode(model, prompts, batch, new, sampled)
     for name, draft in settings.items():
-        seconds, out = decode(model, prompts, batch, new, sampled, **draft)
+        seconds, out, _ = decode(model, prompts, batch, new, sampled, **draft)
         if not sampled:
             assert all(out[i].tokens == full[i].tokens for i in out), f"{name}: greedy tokens differ from full depth's"
         grid[name] = seconds
@@ -111,10 +120,10 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
     timed = {"full depth": {}, "auto": auto, f"oracle ({oracle})": settings[oracle],
              f"median ({median})": settings[median]}  # fmt: skip
     times: dict[str, list[float]] = {n: [] for n in timed}
-    outputs = {}
+    outputs, works = {}, {}
     for _ in range(args.rounds):  # interleaved: a slower minute of the machine slows every setting alike
         for name, draft in timed.items():
-            seconds, outputs[name] = decode(model, prompts, batch, new, sampled, **draft)
+            seconds, outputs[name], works[name] = decode(model, prompts, batch, new, sampled, **draft)
             times[name].append(seconds)
     if not sampled:
         assert all(outputs["auto"][i].tokens == full[i].tokens for i in full), "auto's greedy tokens differ"
@@ -138,6 +147,10 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
         "median_over_full": medians["full depth"] / medians[median_name],
         "auto_over_oracle": medians[oracle_name] / medians["auto"],
         "auto_over_oracle_by_round": [o / a for o, a in zip(times[oracle_name], times["auto"])],
+        "flops_per_token": {n: flops_per_token(model, w, prompts, new) for n, w in works.items()},
+        "auto_probe_share": works["auto"].get("probe_heads", 0)
+        * flops.head_flops(model.config).total
+        / decoding_flops(model, works["auto"], prompts.shape[1] + new / 2),
         "auto_choices": chosen,
         "auto_acceptance": sum(c.accepted for c in auto_out.values())
         / max(1, sum(c.drafts for c in auto_out.values())),
@@ -225,6 +238,18 @@ def draw_choices(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def flops_cells(r: dict[str, Any]) -> str:
+    """Auto's and the oracle's FLOPs per token over full depth's, and the probes' share of auto's (runs
+    measured before the FLOPs were counted: n/a)."""
+    if "flops_per_token" not in r:
+        return "n/a | n/a"
+    spent = r["flops_per_token"]
+    oracle = spent[f"oracle ({r['oracle']})"]
+    return (
+        f"{spent['auto'] / spent['full depth']:.2f}x, {oracle / spent['full depth']:.2f}x | {r['auto_probe_share']:.1%}"
+    )
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = [
         '# `draft_exit="auto"`: the draft exit and K chosen while decoding',
@@ -237,11 +262,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"time over each, medians of {args.rounds} interleaved timings in the same run (not the grid's single "
         "timings). `paired`: the median over those rounds of the oracle's time over auto's in the same round "
         "(one next to the other, so a slower minute of the machine cancels out; the targets are judged on the "
-        "ratio of medians beside it). `repeated 4-grams`: full depth's outputs.",
+        "ratio of medians beside it). `repeated 4-grams`: full depth's outputs. `FLOPs`: per generated token, "
+        "of everything the engine ran (layers, heads, auto's probes and its full-depth rounds), over full "
+        "depth's; `probes`: the share of auto's FLOPs its probes read.",
         "",
         "| model | batch | decoding | prompts | auto | oracle (re-timed) | median setting | auto / oracle | "
-        "paired | oracle setting | auto's most chosen | acceptance | repeated 4-grams |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "paired | oracle setting | auto's most chosen | acceptance | repeated 4-grams | FLOPs: auto, oracle | "
+        "probes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         top = sorted(r["auto_choices"].items(), key=lambda kv: -kv[1])[:2]
@@ -251,7 +279,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['model']} | {r['batch']} | {r['mode']} | {r['kind']} | {r['auto_over_full']:.2f}x | "
             f"{r['oracle_over_full']:.2f}x | {r['median_over_full']:.2f}x | {r['auto_over_oracle']:.2f} | "
             f"{statistics.median(r['auto_over_oracle_by_round']):.2f} | {r['oracle']} | {most} | "
-            f"{r['auto_acceptance']:.2f} | {r['repeated_4grams']:.0%} |"
+            f"{r['auto_acceptance']:.2f} | {r['repeated_4grams']:.0%} | {flops_cells(r)} |"
         )
     misses = [r for r in rows if r["auto_over_oracle"] < TARGETS["auto / oracle"]]
     losses = [r for r in rows if r["auto_over_full"] < TARGETS["auto / full depth"]]

@@ -47,6 +47,7 @@ from lego_lightning.decoding import Generation, generate
 from lego_lightning.decoding.speed import (
     StepCosts,
     acceptance_needed,
+    decoding_flops,
     measure_step_costs,
     round_speedup,
     speedup_bound,
@@ -94,23 +95,6 @@ def timed(fn: Callable[[], Any], times: int = 1) -> tuple[float, Any]:
         result = fn()
         best = min(best, time.perf_counter() - start)
     return best, result
-
-
-def decode_flops(
-    model: ExitTransformer, draft_exit: int, work: dict[str, int], context: float, adaptive: bool
-) -> float:
-    """FLOPs that self-speculative decoding ran after the prompt (layers, heads, the confidence it read)."""
-    cfg = model.config
-    layer = flops.layer_flops(cfg, context).total
-    head = flops.head_flops(cfg).total
-    embed = flops.embedding_flops(cfg).total
-    confidence = flops.confidence_flops(cfg, "max_prob").total if adaptive else 0.0
-    return (
-        work["draft_layer_tokens"] * (embed + draft_exit * layer)
-        + work["verify_layer_tokens"] * (cfg.n_layers - draft_exit) * layer
-        + work["draft_heads"] * (head + confidence)
-        + work["final_heads"] * head
-    )
 
 
 def repeated_share(model: ExitTransformer, prompts: torch.Tensor, new: int, sampling: dict[str, Any]) -> float:
@@ -173,6 +157,7 @@ def measure_exit(
             else round_speedup((accepted + rounds) / rounds, drafts / rounds, costs.draft, costs.verify, costs.full)
         )
         generated = (accepted + rounds) if rounds else 1
+        spent = decoding_flops(model, work, context, None if threshold is None else "max_prob")
         rows.append(
             {
                 "model": name, "batch": batch, "mode": mode, "draft_exit": draft_exit, "k": k,
@@ -181,7 +166,7 @@ def measure_exit(
                 "tokens_per_round": (accepted + rounds) / rounds, "bound": bound, "exact": exact,
                 "straggling": straggling,
                 "step_costs": {"draft": costs.draft, "verify": costs.verify, "full": costs.full},
-                "flops_per_token": decode_flops(model, draft_exit, work, context, threshold is not None) / generated,
+                "flops_per_token": spent / generated,
             }
         )  # fmt: skip
     full_s1, _ = timed(lambda: decode_all(model, prompts, batch, new, **sampling), args.timings)

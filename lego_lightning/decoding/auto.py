@@ -12,20 +12,22 @@ device, batch size and kind of decoding, and cached) and the bound of
 :mod:`~lego_lightning.decoding.speed`. Requests that share a round
 and choose both the exit and K choose together (:func:`choose_together`): a round costs what its
 slowest row costs, so one exit and one K for all of them. Not drafting at all is
-one of the candidates (when the exit is ``auto``), so a request for which no exit pays decodes at
-full depth, and goes on measuring the exits, which may pay later in its text.
+one of the candidates (when the exit is ``auto``), kept unless drafting promises :data:`FULL_MARGIN`
+more, so a request for which no exit pays decodes at full depth, and goes on measuring the exits,
+which may pay later in its text.
 
 Where the estimates come from, all from hidden states a round computes anyway:
 
 * the exit a request drafted from: the round itself (drafts kept, and whether one was refused,
   the maximum-likelihood estimate of a geometric acceptance);
-* the other exits, every ``probe_every`` rounds (a *probe*; those next to the exit that drafts
-  best, and every ``sweep_every``-th probe all of them): a self-speculative round runs every layer
-  over the positions it keeps (the layers up to the draft exit while drafting, those above while
-  verifying) and a full-depth step runs every layer over its one position; each probed exit's head
-  reads its hidden state there, at a row's first two positions. Greedy, the acceptance is whether
-  its token is the full model's; sampled, it is ``sum(min(p, q))``, the probability that speculative
-  sampling keeps its draft. These head reads are counted in the engine's work (``probe_heads``).
+* the other exits, every ``probe_every`` rounds (a *probe*, of the exits that might beat the choice,
+  within a budget: :meth:`AutoDraft.record`): a self-speculative round runs every layer over the
+  positions it keeps (the layers up to the draft exit while drafting, those above while verifying)
+  and a full-depth step runs every layer over its one position; each probed exit's head reads its
+  hidden state there, at a row's first :data:`PROBE_POSITIONS` positions. Greedy, the acceptance is
+  whether its token is the full model's; sampled, it is ``sum(min(p, q))``, the probability that
+  speculative sampling keeps its draft. These head reads are counted in the engine's work
+  (``probe_heads``).
 
 Output stays exact: whatever a round chooses, greedy tokens are the full model's and sampled ones
 follow speculative sampling. A request that chooses only one of the two (or decodes alone) depends

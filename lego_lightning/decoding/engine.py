@@ -104,8 +104,7 @@ class Engine:
         self.slots: list[Decoding | None] = [None] * slots
         self.waiting: deque[tuple[int, Request]] = deque()
         self._ids = itertools.count()
-        # What ran, summed over every round: rows through the lower layers of a draft step and through the
-        # draft heads, positions through the verification's layers and the final head, full-depth row steps.
+        # What ran, summed over every round (the keys of speed.WORK; speed.decoding_flops counts their FLOPs).
         self.work: Counter = Counter()
 
     # ------------------------------------------------------------------------------------ requests

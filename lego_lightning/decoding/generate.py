@@ -11,6 +11,7 @@ from torch import Tensor
 from lego_lightning.decoding.engine import Engine
 from lego_lightning.decoding.request import AUTO, Request, check_draft
 from lego_lightning.decoding.sampling import Sampling
+from lego_lightning.decoding.speed import WORK
 from lego_lightning.model.confidence import ConfidenceMeasure, HiddenConfidence, confidence_measure
 from lego_lightning.model.routing import check_threshold
 from lego_lightning.model.transformer import ExitTransformer
@@ -128,8 +129,7 @@ def generate(
         out.drafts, out.accepted, out.refusals, out.verifications = (
             counts[name] for name in ("drafts", "accepted", "refusals", "verifications")
         )
-        out.work = {key: engine.work[key] for key in ("draft_layer_tokens", "draft_heads", "verify_layer_tokens",
-                                                       "final_heads", "probe_heads")}  # fmt: skip
+        out.work = {key: engine.work[key] for key in WORK}
     return out
 
 

@@ -401,6 +401,7 @@ def speculative_round(
         for e, h in (tapped or {}).items():
             low.setdefault(e, torch.zeros_like(hidden))[at, j] = h[:, 0]
         work["draft_layer_tokens"] += len(drafting)
+        work["draft_layers"] += sum(exits[i] for i in drafting)
         going = [k for k, i in enumerate(drafting) if caps[i] > j]  # rows whose draft may grow by one token
         if not going:
             break
@@ -435,6 +436,7 @@ def speculative_round(
         upper_input = torch.cat([*(hidden[i, : n_drafts[i] + 1] for i in range(R)), prompt_hidden])
         upper, high = run_tapped(model, cache, range(common + 1, L + 1), upper_input, pk, taps)
         work["verify_layer_tokens"] += len(real)
+        work["verify_layers"] += len(real) * (L - common)
         logits = final_head(upper[: len(real)])
         for row, n in zip(new, prompts):
             row.length = n
@@ -448,6 +450,7 @@ def speculative_round(
         x = ragged_layers(model, cache, hidden[:, :Q], p, [e + 1 for e in exits], [L] * R, Q, high, taps)
         high = {e: h.reshape(R * Q, -1) for e, h in (high or {}).items()}
         work["verify_layer_tokens"] += R * Q
+        work["verify_layers"] += Q * sum(L - e for e in exits)
         flat = x.reshape(R * Q, -1)
         if len(real) < R * Q:  # the final head only where a row has a position, not over the padding
             flat = flat.index_select(0, torch.tensor(real, device=dev))

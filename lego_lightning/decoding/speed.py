@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,40 @@ from lego_lightning.decoding.attention import Pass, embed, run_layers
 from lego_lightning.decoding.cache import SlotCache
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.request import check_draft
+from lego_lightning.model import flops
 from lego_lightning.model.transformer import ExitTransformer
+
+# What an engine counts of the work its rounds ran (``Engine.work``), and :func:`decoding_flops` prices:
+WORK = (
+    "draft_layer_tokens",  # rows through a draft step's embedding and lower layers
+    "draft_layers",  # the same, summed over each row's layers (its draft exit)
+    "draft_heads",  # rows through a draft exit's head
+    "verify_layer_tokens",  # positions through a verification's upper layers
+    "verify_layers",  # the same, summed over each position's layers (those above its row's exit)
+    "final_heads",  # positions through the final head in a verification
+    "probe_heads",  # head reads of auto's probes (lego_lightning.decoding.auto)
+    "full_steps",  # rows through a full-depth step: embedding, every layer, the final head
+)
+
+
+def decoding_flops(
+    model: ExitTransformer, work: Mapping[str, int], context: float, confidence: str | None = None
+) -> float:
+    """FLOPs of everything that ``work`` (an engine's :data:`WORK` counts) ran after the prompts: layers at a mean
+    ``context``, heads (drafts, verifications, auto's probes), embeddings, and the ``confidence`` measure of
+    adaptive drafting read at each draft head."""
+    cfg = model.config
+    layer = flops.layer_flops(cfg, context).total
+    head = flops.head_flops(cfg).total
+    embed = flops.embedding_flops(cfg).total
+    read = flops.confidence_flops(cfg, confidence).total if confidence is not None else 0.0
+    return (
+        work.get("draft_layer_tokens", 0) * embed
+        + (work.get("draft_layers", 0) + work.get("verify_layers", 0)) * layer
+        + work.get("draft_heads", 0) * (head + read)
+        + (work.get("final_heads", 0) + work.get("probe_heads", 0)) * head
+        + work.get("full_steps", 0) * (embed + cfg.n_layers * layer + head)
+    )
 
 
 def tokens_per_verification(acceptance: float, num_speculations: int) -> float:

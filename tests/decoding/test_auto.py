@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from lego_lightning.decoding import Engine, Request, Sampling, generate
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together, expected_tokens
+from lego_lightning.decoding.auto import (
+    FULL_MARGIN,
+    PROBE_POSITIONS,
+    PROBE_SHARE,
+    AutoDraft,
+    DraftCosts,
+    choose_together,
+    expected_tokens,
+)
 from lego_lightning.decoding.engine import measure_draft_costs
 from lego_lightning.decoding.speed import speedup_bound, tokens_per_verification
 from tests.decoding.test_engine import PROMPTS, SETTINGS, no_cache_greedy
@@ -19,8 +27,9 @@ COSTS = DraftCosts(rounds={e: tuple(K * DRAFT[e] + VERIFY[e][K - 1] for K in ran
 
 
 def best_by_the_bound(acceptance: dict[int, float], costs: DraftCosts, lengths=range(1, 5)):
-    """The setting of highest speedup_bound (None: full depth, bound 1), found by brute force."""
-    best, best_bound = (None, 0), 1.0
+    """The setting of highest speedup_bound, found by brute force; None (full depth) unless one's bound is above
+    the margin drafting must promise."""
+    best, best_bound = (None, 0), FULL_MARGIN
     for e, a in acceptance.items():
         for K in lengths:
             bound = speedup_bound(a, K, DRAFT[e], VERIFY[e][K - 1], costs.full)
@@ -44,7 +53,7 @@ def test_requests_that_share_a_round_choose_one_setting_of_highest_expected_spee
         auto.observe(1, 1000 * a1, 1000)
         auto.observe(2, 1000 * a2, 1000)
     remaining = [100, 2, 100]  # the second has room for one draft at most
-    best, best_rate = (None, 0), 3 / COSTS.full
+    best, best_rate = (None, 0), 3 / COSTS.full * FULL_MARGIN
     for e in (1, 2):
         for K in range(1, 5):
             tokens = sum(sum(a.acceptance(e) ** i for i in range(min(K, r - 1) + 1)) for a, r in zip(autos, remaining))
@@ -72,6 +81,74 @@ def test_no_drafting_is_chosen_where_no_exit_pays_and_drafts_stop_at_the_request
     fixed.observe(1, 1000.0, 1000)
     assert fixed.choose(COSTS, remaining=100) == (1, 4)
     assert fixed.choose(COSTS, remaining=3) == (1, 2)  # two drafts and the round's own token end it
+
+
+def bound_of(acceptance):
+    """Exit 1's best speed-up bound over full depth at ``acceptance`` (COSTS, K up to 4)."""
+    return max(speedup_bound(acceptance, K, DRAFT[1], VERIFY[1][K - 1], COSTS.full) for K in range(1, 5))
+
+
+def acceptance_at_bound(target):
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if bound_of((lo + hi) / 2) < target else (lo, (lo + hi) / 2)
+    return lo
+
+
+@pytest.mark.parametrize("bound", [1.02, 1.08])
+def test_drafting_is_chosen_over_full_depth_only_where_it_promises_the_margin_more(bound):
+    auto = AutoDraft(exits=(1,), lengths=(1, 2, 3, 4), allow_full=True)
+    a = acceptance_at_bound(bound)
+    auto.observe(1, 1e6 * a, 1e6)  # the prior no longer counts
+    assert bound_of(auto.acceptance(1)) == pytest.approx(bound, abs=1e-3)
+    assert (auto.choose(COSTS, remaining=100) == (None, 0)) == (bound < FULL_MARGIN)
+
+
+# Three exits, each deeper one's round dearer by half a layer, a draft step a fifth of one.
+COSTS3 = DraftCosts(rounds={e: tuple(1.5 + 0.5 * e + 0.2 * K for K in range(4)) for e in (1, 2, 3)}, full=4.0)
+
+
+def test_probes_read_the_exits_that_might_beat_the_choice_not_those_known_to_lose():
+    auto = AutoDraft(exits=(1, 2, 3), lengths=(1, 2, 3, 4), allow_full=True, probe_every=1)
+    auto.observe(1, 900.0, 1000)  # drafts well, and that is known
+    auto.observe(3, 0.0, 1000)  # never agrees, and that is known
+    # Exit 2, never seen: at an optimistic acceptance it would beat exit 1.
+    assert auto.choose(COSTS3, remaining=100) == (1, 4)
+    assert auto.probing == (2,)
+    auto.observe(2, 500.0, 1000)  # now known to lose to exit 1 as well
+    auto.choose(COSTS3, remaining=100)
+    assert auto.probing == ()
+
+
+def test_probes_spend_no_more_than_their_share_of_the_rounds():
+    auto = AutoDraft(exits=(1, 2), lengths=(1, 2, 3, 4), allow_full=True, probe_every=1)
+    rng = torch.Generator().manual_seed(0)
+    reads, rounds_cost = 0, 0.0
+    for _ in range(300):  # both exits about as good, so both stay worth reading
+        e, K = auto.choose(COSTS, remaining=100)
+        rounds_cost += COSTS.in_draft_steps(e, K)
+        reads += PROBE_POSITIONS * len(auto.probing)
+        for probed in auto.probing:
+            auto.observe(probed, float(torch.rand(1, generator=rng)), 1)
+        if e is not None:
+            kept = int(torch.randint(0, K + 1, (1,), generator=rng))
+            auto.observe(e, kept, kept + (kept < K))
+    assert reads > 0
+    assert reads <= PROBE_POSITIONS * 3 + PROBE_SHARE * rounds_cost  # three exits' reads at first, then the share
+
+
+def test_an_exit_not_read_for_a_while_is_read_again():
+    auto = AutoDraft(exits=(1, 2), lengths=(1, 2, 3, 4), allow_full=True, probe_every=1)
+    auto.observe(1, 80.0, 100)
+    auto.observe(2, 50.0, 100)  # read once, mediocre: not worth reading again soon
+    probed_at = []
+    for round_ in range(300):
+        assert auto.choose(COSTS3, remaining=100) == (1, 4)
+        auto.observe(1, 3.2, 4)  # exit 1 as good as ever
+        if 2 in auto.probing:
+            probed_at.append(round_)
+            auto.observe(2, 1.0, 2)  # then it agrees: the text changed under it
+    assert probed_at and probed_at[0] > 10  # read again, what it knew of exit 2 having aged
 
 
 def test_the_estimate_forgets_so_a_request_follows_its_text():

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from lego_lightning.decoding import Engine, Request, generate
+from lego_lightning.decoding.speed import decoding_flops
+from lego_lightning.model import flops
 from lego_lightning.model.exit_classifier import ExitClassifier
 from tests.decoding.test_speculative import drafting_model
 from tests.model.test_early_exit import V
@@ -242,3 +244,29 @@ def test_compiled_passes_at_fixed_shapes_give_eager_tokens_and_compile_once_per_
     again = [r | {"max_new_tokens": r["max_new_tokens"] - 2} for r in reversed(todo)]
     assert run("aot_eager", again) == run(None, again)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_work_counts_each_rows_own_layers_and_prices_as_the_models_flops():
+    model = drafting_model(0, "rotary", "shared")
+    L, context = model.config.n_layers, 12.0
+    full = Engine(model, slots=2)
+    for prompt in ([3, 1, 4], [1, 5, 9, 2]):
+        full.add(Request(prompt, max_new_tokens=6))
+    full.run()
+    step = flops.full_flops(model.config, context).total  # what the FLOPs reports call a full-depth token
+    assert decoding_flops(model, full.work, context) == pytest.approx(full.work["full_steps"] * step)
+
+    works = {}
+    for exits in ((1, 1), (2, 2), (1, 2)):  # one exit, the other, and rows of both exits in the same rounds
+        engine = Engine(model, slots=2, max_speculations=3)
+        for prompt, e in zip(([3, 1, 4], [1, 5, 9, 2]), exits):
+            engine.add(Request(prompt, max_new_tokens=12, draft_exit=e, num_speculations=3))
+        engine.run()
+        works[exits] = engine.work
+    for e in (1, 2):
+        work = works[e, e]
+        assert work["draft_layers"] == e * work["draft_layer_tokens"]
+        assert work["verify_layers"] == (L - e) * work["verify_layer_tokens"]
+    mixed = works[1, 2]  # each row's own layers: between what all-exit-1 and all-exit-2 rows would count
+    assert 1 * mixed["draft_layer_tokens"] < mixed["draft_layers"] < 2 * mixed["draft_layer_tokens"]
+    assert (L - 2) * mixed["verify_layer_tokens"] < mixed["verify_layers"] < (L - 1) * mixed["verify_layer_tokens"]
