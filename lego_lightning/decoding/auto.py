@@ -106,7 +106,7 @@ class AutoDraft:
         lengths: the K it may choose from (one, when only the exit is ``auto``).
         allow_full: not drafting is a candidate (the exit is ``auto``).
         probe_every: every this many rounds, the exits that might beat the choice are read at the round's
-            positions, as far as the probes' budget goes (:meth:`record`); at the first round, all of them.
+            positions, from the first round on, as far as the probes' budget goes (:meth:`record`).
     """
 
     exits: tuple[int, ...]
@@ -117,7 +117,7 @@ class AutoDraft:
     seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
     rounds: int = 0
     last_read: dict[int, int] = field(default_factory=dict)  # the round each exit was last observed, by exit
-    budget: float = PROBE_POSITIONS * 3  # head reads the probes may still spend: at first, three exits' worth
+    budget: float = PROBE_POSITIONS * 3  # what probes may spend, in draft steps (PROBE_POSITIONS an exit): 3 exits
     probing: tuple[int, ...] = ()  # the exits whose acceptance this round reads
     choices: list[tuple[int | None, int]] = field(default_factory=list)  # (exit or None, K) of every round
 
