@@ -40,6 +40,7 @@ the same distribution but are not the tokens they get alone (fix the exit or K w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from lego_lightning.decoding.request import AUTO, Request
 
@@ -81,12 +82,16 @@ class DraftCosts:
             return 1.0 / self.full
         return expected_tokens(acceptance, num_speculations) / self.rounds[draft_exit][num_speculations - 1]
 
+    @cached_property
+    def draft_step(self) -> float:
+        """Seconds of the cheapest draft step: what one more K adds to the cheapest exit's round (half a round
+        of one where K cannot grow)."""
+        return max(1e-9, min(r[1] - r[0] if len(r) > 1 else r[0] / 2 for r in self.rounds.values()))
+
     def in_draft_steps(self, draft_exit: int | None, num_speculations: int) -> float:
-        """A round's cost (``None``: a full-depth step) over that of the cheapest draft step: what one more K
-        adds to the cheapest exit's round (half a round of one where K cannot grow)."""
-        step = min(r[1] - r[0] if len(r) > 1 else r[0] / 2 for r in self.rounds.values())
+        """A round's cost (``None``: a full-depth step) in :attr:`draft_step` units."""
         seconds = self.full if draft_exit is None else self.rounds[draft_exit][num_speculations - 1]
-        return seconds / max(step, 1e-9)
+        return seconds / self.draft_step
 
 
 def expected_tokens(acceptance: float, num_speculations: int) -> float:
@@ -170,8 +175,9 @@ class AutoDraft:
             rate, K = self.best_rate(costs, e, self.acceptance(e), remaining)
             if rate > drafting_rate:
                 drafting, drafting_rate = (e, K), rate
-        full = self.allow_full and costs.tokens_per_second(None, 0, 0.0) * FULL_MARGIN >= drafting_rate
-        chosen_rate = costs.tokens_per_second(None, 0, 0.0) if full else drafting_rate
+        full_rate = costs.tokens_per_second(None, 0, 0.0)
+        full = self.allow_full and full_rate * FULL_MARGIN >= drafting_rate
+        chosen_rate = full_rate if full else drafting_rate
         return self.record((None, 0) if full else drafting, costs, remaining, chosen_rate)
 
     def record(

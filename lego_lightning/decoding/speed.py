@@ -44,7 +44,7 @@ def decoding_flops(
         + (work.get("draft_layers", 0) + work.get("verify_layers", 0)) * layer
         + work.get("draft_heads", 0) * (head + read)
         + (work.get("final_heads", 0) + work.get("probe_heads", 0)) * head
-        + work.get("full_steps", 0) * (embed + cfg.n_layers * layer + head)
+        + work.get("full_steps", 0) * flops.full_flops(cfg, context).total
     )
 
 

@@ -253,6 +253,7 @@ def test_the_work_counts_each_rows_own_layers_and_prices_as_the_models_flops():
     for prompt in ([3, 1, 4], [1, 5, 9, 2]):
         full.add(Request(prompt, max_new_tokens=6))
     full.run()
+    assert {k for k, v in full.work.items() if v} == {"full_steps"}  # no draft, verification or probe counted
     step = flops.full_flops(model.config, context).total  # what the FLOPs reports call a full-depth token
     assert decoding_flops(model, full.work, context) == pytest.approx(full.work["full_steps"] * step)
 
