@@ -102,6 +102,35 @@ def expected_tokens(acceptance: float, num_speculations: int) -> float:
     return (1.0 - acceptance ** (num_speculations + 1)) / (1.0 - acceptance)
 
 
+def best_length(
+    acceptance: list[float], room: list[int], seconds: tuple[float, ...], lengths: tuple[int, ...]
+) -> tuple[float, int]:
+    """The K of ``lengths`` (ascending) with the most expected tokens per second for rows that each draft K from
+    one exit, row ``r`` keeping each draft with probability ``acceptance[r]`` and at most ``room[r]`` of them
+    (drafts past a request's end are never kept), in a round of ``seconds[K - 1]``; that rate and K (a rate of
+    -1 where every K is above ``max(1, max(room))``).
+
+    Row ``r`` expects ``sum(a^j for j <= min(K, room[r]))`` tokens (:func:`expected_tokens`): each K adds one
+    power, so the choice costs a multiplication per row and K, not a call: it runs every round."""
+    top = min(lengths[-1], max(1, max(room)))
+    tokens = [0.0] * top  # by K - 1: the rows' expected tokens in all
+    for a, n in zip(acceptance, room):
+        power = total = 1.0
+        for j in range(top):
+            if j < n:
+                power *= a
+                total += power
+            tokens[j] += total
+    best, best_k = -1.0, lengths[0]
+    for k in lengths:
+        if top < k:
+            break
+        rate = tokens[k - 1] / seconds[k - 1]
+        if rate > best:
+            best, best_k = rate, k
+    return best, best_k
+
+
 @dataclass
 class AutoDraft:
     """One request's running acceptance per exit and its choice of draft exit and K each round.
@@ -120,6 +149,7 @@ class AutoDraft:
     probe_every: int = 4
     kept: dict[int, float] = field(default_factory=dict)  # decayed sums of acceptance, by exit
     seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
+    estimate: dict[int, float] = field(default_factory=dict)  # kept / seen, by exit: read every round
     rounds: int = 0
     last_read: dict[int, int] = field(default_factory=dict)  # the round each exit was last observed, by exit
     budget: float = PROBE_POSITIONS * 3  # what probes may spend, in draft steps (PROBE_POSITIONS an exit): 3 exits
@@ -140,25 +170,19 @@ class AutoDraft:
 
     def acceptance(self, draft_exit: int) -> float:
         """The running estimate: the prior's pseudo-observations and the real ones, each decayed by its age."""
-        return self.kept.get(draft_exit, PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / self.seen.get(draft_exit, PRIOR_WEIGHT)
+        return self.estimate.get(draft_exit, PRIOR_ACCEPTANCE)
 
     def observe(self, draft_exit: int, kept: float, seen: float) -> None:
         """``seen`` more observations of ``draft_exit``, ``kept`` of which were (or would have been) accepted."""
         old_kept = self.kept.get(draft_exit, PRIOR_ACCEPTANCE * PRIOR_WEIGHT)
         self.kept[draft_exit] = old_kept * DECAY**seen + kept
         self.seen[draft_exit] = self.seen.get(draft_exit, PRIOR_WEIGHT) * DECAY**seen + seen
+        self.estimate[draft_exit] = self.kept[draft_exit] / self.seen[draft_exit]
         self.last_read[draft_exit] = self.rounds
 
     def best_rate(self, costs: DraftCosts, draft_exit: int, acceptance: float, remaining: int) -> tuple[float, int]:
         """The most expected tokens per second drafting from ``draft_exit`` at ``acceptance``, and its K."""
-        best, best_k = -1.0, self.lengths[0]
-        for K in self.lengths:
-            if max(1, remaining - 1) < K:  # drafts past the request's end are never kept
-                break
-            rate = costs.tokens_per_second(draft_exit, K, acceptance)
-            if rate > best:
-                best, best_k = rate, K
-        return best, best_k
+        return best_length([acceptance], [max(1, remaining - 1)], costs.rounds[draft_exit], self.lengths)
 
     def optimistic(self, draft_exit: int) -> float:
         """An upper estimate of ``draft_exit``'s acceptance: the running one plus one standard error of it, its
@@ -217,18 +241,13 @@ def choose_together(autos: list[AutoDraft], costs: DraftCosts, remaining: list[i
     tokens each expects at its own acceptance, over the batch's cost (measured at the engine's slots).
     """
     exits = sorted(set.intersection(*(set(a.exits) for a in autos)))
-    lengths = sorted(set.intersection(*(set(a.lengths) for a in autos)))
-    longest = max(max(1, r - 1) for r in remaining)
+    lengths = tuple(sorted(set.intersection(*(set(a.lengths) for a in autos))))
+    room = [max(0, r - 1) for r in remaining]
     drafting, drafting_rate = (exits[0], lengths[0]), -1.0
     for e in exits:
-        acceptance = [a.acceptance(e) for a in autos]
-        for K in lengths:
-            if longest < K:
-                break
-            tokens = sum(expected_tokens(p, min(K, max(0, r - 1))) for p, r in zip(acceptance, remaining))
-            rate = tokens / costs.rounds[e][K - 1]
-            if rate > drafting_rate:
-                drafting, drafting_rate = (e, K), rate
+        rate, K = best_length([a.acceptance(e) for a in autos], room, costs.rounds[e], lengths)
+        if rate > drafting_rate:
+            drafting, drafting_rate = (e, K), rate
     best = (None, 0) if len(autos) / costs.full * FULL_MARGIN >= drafting_rate else drafting
     for a, r in zip(autos, remaining):  # each probes the exits that might beat what it gets from the choice
         e, K = best

@@ -194,8 +194,9 @@ class Engine:
             choice = choose_together([row.auto for row in together], costs, [r.remaining for r in together])
             for row in together:
                 row.draft_exit, row.num_speculations = choice
+        chosen = {id(row) for row in together} if len(together) > 1 else set()
         for row in rows:
-            if row.auto is not None and (len(together) < 2 or row not in together):
+            if row.auto is not None and id(row) not in chosen:
                 costs = self.draft_costs(row)
                 row.draft_exit, row.num_speculations = row.auto.choose(costs, row.remaining)
 

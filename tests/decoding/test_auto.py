@@ -10,6 +10,7 @@ from lego_lightning.decoding.auto import (
     PROBE_SHARE,
     AutoDraft,
     DraftCosts,
+    best_length,
     choose_together,
     expected_tokens,
 )
@@ -68,6 +69,24 @@ def test_requests_that_share_a_round_choose_one_setting_of_highest_expected_spee
 def test_the_closed_form_of_the_expected_tokens_is_tokens_per_verification(acceptance):
     for K in range(1, 9):
         assert expected_tokens(acceptance, K) == pytest.approx(tokens_per_verification(acceptance, K), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_best_length_is_the_brute_force_best_of_the_closed_form(seed):
+    rng = torch.Generator().manual_seed(seed)
+    acceptance = torch.rand(6, generator=rng).tolist()
+    room = torch.randint(0, 7, (6,), generator=rng).tolist()
+    seconds = tuple(1.0 + 0.3 * K + float(torch.rand(1, generator=rng)) for K in range(1, 7))
+    lengths = (1, 2, 3, 4, 5, 6)
+    rates = {
+        k: sum(expected_tokens(a, min(k, n)) for a, n in zip(acceptance, room)) / seconds[k - 1]
+        for k in lengths
+        if max(1, max(room)) >= k
+    }
+    best = max(rates, key=rates.get)
+    rate, length = best_length(acceptance, room, seconds, lengths)
+    assert length == best and rate == pytest.approx(rates[best], rel=1e-12)
+    assert best_length([0.9], [0], seconds, (2, 3)) == (-1.0, 2)  # no K fits a request at its end
 
 
 def test_no_drafting_is_chosen_where_no_exit_pays_and_drafts_stop_at_the_requests_end():
