@@ -8,7 +8,8 @@ with the most expected tokens per second:
     tokens_per_verification(a_e, K) / round_seconds[e, K]    against    1 / full_step_seconds
 
 from the engine's round costs (:class:`DraftCosts`, measured on its own rounds once per model shape,
-device, batch size and kind of decoding, and cached) and the bound of
+device, batch size and kind of decoding, and cached; then corrected by what its rounds really take,
+:class:`RoundTimes`) and the bound of
 :mod:`~lego_lightning.decoding.speed`. Requests that share a round
 and choose both the exit and K choose together (:func:`choose_together`): a round costs what its
 slowest row costs, so one exit and one K for all of them. Not drafting at all is
@@ -20,13 +21,14 @@ Where the estimates come from, all from hidden states a round computes anyway:
 
 * the exit a request drafted from: the round itself (drafts kept, and whether one was refused,
   the maximum-likelihood estimate of a geometric acceptance);
-* the other exits, every ``probe_every`` rounds (a *probe*, of the exits that might beat the choice,
-  within a budget: :meth:`AutoDraft.record`): a self-speculative round runs every layer over the
-  positions it keeps (the layers up to the draft exit while drafting, those above while verifying)
-  and a full-depth step runs every layer over its one position; each probed exit's head reads its
-  hidden state there, at a row's first :data:`PROBE_POSITIONS` positions. Greedy, the acceptance is
-  whether its token is the full model's; sampled, it is ``sum(min(p, q))``, the probability that
-  speculative sampling keeps its draft. These head reads are counted in the engine's work
+* the other exits, every ``probe_every`` rounds (the engine's, where requests choose together): a
+  *probe*, of the exits that might beat the choice, within a budget (:meth:`AutoDraft.record`). A
+  self-speculative round runs every layer over the positions it keeps (the layers up to the draft
+  exit while drafting, those above while verifying) and a full-depth step runs every layer over its
+  one position; each probed exit's head reads its hidden state there, at a row's first
+  :data:`PROBE_POSITIONS` positions. Greedy, the acceptance is whether its token is the full
+  model's; sampled, it is ``sum(min(p, q))``, the probability that speculative sampling keeps its
+  draft. These head reads are counted in the engine's work
   (``probe_heads``).
 
 Output stays exact: whatever a round chooses, greedy tokens are the full model's and sampled ones
@@ -39,6 +41,8 @@ the same distribution but are not the tokens they get alone (fix the exit or K w
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -57,11 +61,17 @@ FULL_MARGIN = 1.05
 PROBE_POSITIONS = 2
 # Probes may spend this share of a request's rounds, counted in draft steps (each at most a head read and
 # an exit's layers), a probe reading a head at PROBE_POSITIONS positions: on a model whose exits are all about
-# as good, unbounded probes cost more than any switch could win.
-PROBE_SHARE = 0.1
+# as good, unbounded probes cost more than any switch could win. A head read costs more in time than in
+# FLOPs (a small product, and its softmax when sampled): where no exit paid, a tenth kept auto below full
+# depth and a thirtieth did not, and on a model that drafts a thirtieth found its exit as soon.
+PROBE_SHARE = 0.03
 # What the probes know of an exit they have not read for a while counts less, round by round, so its
 # optimistic estimate rises until it is read again: the text may have changed under it.
 AGING = 0.97
+# An engine corrects its measured cost table by the median of this many of its latest rounds of each kind
+# (drafting, full depth): enough that a second of a busy machine does not move it, few enough to follow the
+# context as it grows.
+CALIBRATION_ROUNDS = 16
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ class DraftCosts:
         full-depth step), each draft kept with probability ``acceptance``."""
         if draft_exit is None:
             return 1.0 / self.full
-        return expected_tokens(acceptance, num_speculations) / self.rounds[draft_exit][num_speculations - 1]
+        return expected_tokens(acceptance, num_speculations) / self.seconds(draft_exit, num_speculations)
 
     @cached_property
     def draft_step(self) -> float:
@@ -90,8 +100,42 @@ class DraftCosts:
 
     def in_draft_steps(self, draft_exit: int | None, num_speculations: int) -> float:
         """A round's cost (``None``: a full-depth step) in :attr:`draft_step` units."""
-        seconds = self.full if draft_exit is None else self.rounds[draft_exit][num_speculations - 1]
-        return seconds / self.draft_step
+        return self.seconds(draft_exit, num_speculations) / self.draft_step
+
+    def seconds(self, draft_exit: int | None, num_speculations: int) -> float:
+        """Seconds of a round drafting ``num_speculations`` at ``draft_exit`` (``None``: a full-depth step)."""
+        return self.full if draft_exit is None else self.rounds[draft_exit][num_speculations - 1]
+
+    def scaled(self, drafting: float, full: float) -> DraftCosts:
+        """These costs with every drafting round's times ``drafting`` and the full-depth step's times ``full``."""
+        return DraftCosts({e: tuple(drafting * s for s in r) for e, r in self.rounds.items()}, full * self.full)
+
+
+@dataclass
+class RoundTimes:
+    """A measured cost table corrected by what an engine's rounds really take: ``costs``.
+
+    The table is timed once, at a short context, on rows in step (one prompt, one random stream), and fastest
+    of a few tries; the engine's own rounds run at longer contexts, on rows that drift apart, at the machine's
+    speed of the minute. Where drafting and full depth are about as fast, a few percent of error in their ratio
+    picks the slower. So the engine reports each round it ran at one setting over every slot
+    (:meth:`observe`), and drafting rounds and full-depth steps are each scaled by the median ratio of what
+    their latest :data:`CALIBRATION_ROUNDS` took to what the table says (1 before any)."""
+
+    table: DraftCosts
+    drafting: deque[float] = field(default_factory=lambda: deque(maxlen=CALIBRATION_ROUNDS))
+    full: deque[float] = field(default_factory=lambda: deque(maxlen=CALIBRATION_ROUNDS))
+    costs: DraftCosts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.costs = self.table
+
+    def observe(self, draft_exit: int | None, num_speculations: int, seconds: float) -> None:
+        """A round over every slot drafting ``num_speculations`` at ``draft_exit`` (``None``: a full-depth step)
+        took ``seconds``."""
+        ratios = self.full if draft_exit is None else self.drafting
+        ratios.append(seconds / self.table.seconds(draft_exit, num_speculations))
+        self.costs = self.table.scaled(*(statistics.median(r) if r else 1.0 for r in (self.drafting, self.full)))
 
 
 def expected_tokens(acceptance: float, num_speculations: int) -> float:
@@ -192,8 +236,9 @@ class AutoDraft:
         n = self.seen.get(draft_exit, PRIOR_WEIGHT) * AGING ** (self.rounds - self.last_read.get(draft_exit, 0))
         return min(1.0, a + (a * (1.0 - a) / n) ** 0.5)
 
-    def choose(self, costs: DraftCosts, remaining: int) -> tuple[int | None, int]:
-        """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded."""
+    def choose(self, costs: DraftCosts, remaining: int, clock: int | None = None) -> tuple[int | None, int]:
+        """This round's exit (``None``: no drafts) and K, with the most expected tokens per second; recorded
+        (``clock``: as in :meth:`record`)."""
         drafting, drafting_rate = (self.exits[0], self.lengths[0]), -1.0  # the best setting that drafts
         for e in self.exits:
             rate, K = self.best_rate(costs, e, self.acceptance(e), remaining)
@@ -202,27 +247,35 @@ class AutoDraft:
         full_rate = costs.tokens_per_second(None, 0, 0.0)
         full = self.allow_full and full_rate * FULL_MARGIN >= drafting_rate
         chosen_rate = full_rate if full else drafting_rate
-        return self.record((None, 0) if full else drafting, costs, remaining, chosen_rate)
+        return self.record((None, 0) if full else drafting, costs, remaining, chosen_rate, clock)
 
     def record(
-        self, choice: tuple[int | None, int], costs: DraftCosts, remaining: int, chosen_rate: float
+        self,
+        choice: tuple[int | None, int],
+        costs: DraftCosts,
+        remaining: int,
+        chosen_rate: float,
+        clock: int | None = None,
     ) -> tuple[int | None, int]:
         """``choice`` is this round's, expected to give this request ``chosen_rate`` tokens per second; which
         exits the round probes, where the exit is chosen (a fixed one is measured by its own rounds).
 
-        Every ``probe_every``-th round, from the first, reads the exits that might beat the choice: those whose
-        rate at an optimistic acceptance (:meth:`optimistic`) is above ``chosen_rate``, the most promising
-        first, as far as the budget goes: three exits' reads at the start, then :data:`PROBE_SHARE` of the
-        cost of the request's rounds (:meth:`DraftCosts.in_draft_steps`), saved up to a read of every exit.
+        Every ``probe_every``-th round of ``clock`` (the engine's rounds, so that the requests of an engine
+        probe in the same rounds and one read of each probed head serves them all; ``None``: the request's
+        own rounds, from the first) reads the exits that might beat the choice: those whose rate at an
+        optimistic acceptance (:meth:`optimistic`) is above ``chosen_rate``, the most promising first, as far
+        as the budget goes: three exits' reads at the start, then :data:`PROBE_SHARE` of the cost of the
+        request's rounds (:meth:`DraftCosts.in_draft_steps`), saved up to a read of every exit.
         So an exit known to lose is not read, one that is close or little seen is read until its estimate
         settles (at the start, unseen, the cheapest are the most promising), and a model whose exits all
-        draft about as well pays about a tenth for probes."""
+        draft about as well pays a few percent for probes."""
         self.choices.append(choice)
         self.probing = ()
         draft_exit, K = choice
         saved = self.budget + PROBE_SHARE * costs.in_draft_steps(draft_exit, K)
         self.budget = min(saved, PROBE_POSITIONS * len(self.exits))
-        if self.allow_full and self.rounds % self.probe_every == 0 and self.budget >= PROBE_POSITIONS:
+        turn = self.rounds if clock is None else clock
+        if self.allow_full and turn % self.probe_every == 0 and self.budget >= PROBE_POSITIONS:
             others = [e for e in self.exits if e != draft_exit]
             rates = {e: self.best_rate(costs, e, self.optimistic(e), remaining)[0] for e in others}
             promising = sorted((e for e in rates if rates[e] > chosen_rate), key=rates.get, reverse=True)
@@ -232,9 +285,11 @@ class AutoDraft:
         return choice
 
 
-def choose_together(autos: list[AutoDraft], costs: DraftCosts, remaining: list[int]) -> tuple[int | None, int]:
-    """One exit and K for requests that choose both and share a round (recorded in each): the most expected
-    tokens per second of the whole round.
+def choose_together(
+    autos: list[AutoDraft], costs: DraftCosts, remaining: list[int], clock: int | None = None
+) -> tuple[int | None, int]:
+    """One exit and K for requests that choose both and share a round (recorded in each, ``clock`` as in
+    :meth:`AutoDraft.record`): the most expected tokens per second of the whole round.
 
     A round costs what its slowest row costs: every row waits for the longest draft, and rows drafting
     from different exits split the passes. So requests in a batch choose together, from the sum of the
@@ -255,5 +310,5 @@ def choose_together(autos: list[AutoDraft], costs: DraftCosts, remaining: list[i
             mine = 1 / costs.full
         else:
             mine = expected_tokens(a.acceptance(e), min(K, max(0, r - 1))) / costs.rounds[e][K - 1]
-        a.record(best, costs, r, mine)
+        a.record(best, costs, r, mine, clock)
     return best

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, choose_together
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, RoundTimes, choose_together
 from lego_lightning.decoding.cache import SlotCache, check_slots_fit
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
@@ -54,10 +54,11 @@ class Engine:
             at fixed shapes over every slot (:mod:`~lego_lightning.decoding.compiled`): one graph per
             kind of pass, none recompiled as requests come and go. ``None``: eager.
         draft_costs: the round costs that requests of ``draft_exit`` or ``num_speculations`` ``"auto"``
-            choose by (:mod:`~lego_lightning.decoding.auto`), greedy and sampled alike; ``None``: measured
-            on this engine's kind of rounds (:func:`measure_draft_costs`) the first time such a request
-            comes, greedy or sampled as it decodes (once per model shape, device, slots and kind in a
-            process).
+            choose by (:mod:`~lego_lightning.decoding.auto`), greedy and sampled alike, as they are;
+            ``None``: measured on this engine's kind of rounds (:func:`measure_draft_costs`) the first time
+            such a request comes, greedy or sampled as it decodes (once per model shape, device, slots and
+            kind in a process), then corrected by what the engine's own rounds take
+            (:class:`~lego_lightning.decoding.auto.RoundTimes`).
 
     ``add`` a request, ``step`` until ``busy`` is false, or ``run`` to do both::
 
@@ -95,6 +96,8 @@ class Engine:
         self.max_speculations = max_speculations
         self.max_context = context
         self._draft_costs = {False: draft_costs, True: draft_costs} if draft_costs is not None else {}
+        self.round_times: dict[bool, RoundTimes] = {}  # measured costs, corrected as rounds run: by sampled
+        self._steps = 0  # steps so far: requests choosing together probe by it, all in the same rounds
         ref = next(model.parameters())
         width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
         check_slots_fit(cfg, slots, width, ref.device, ref.dtype)
@@ -153,6 +156,7 @@ class Engine:
         order), or ended, in this step.
         """
         events: dict[int, Event] = {}
+        self._steps += 1
         rows = [row for row in self.slots if row is not None]
         self._choose_drafts(rows)
         if self.waiting and None in self.slots and self._one_pass(rows):
@@ -165,7 +169,9 @@ class Engine:
         self._choose_drafts(admitted)
         rows = [row for row in self.slots if row is not None]
         if rows:
-            self._round(rows, events)
+            start = time.perf_counter()
+            self._round(rows, events)  # it ends reading its tokens: on a GPU, synchronised
+            self._time_round(rows, time.perf_counter() - start)
         return list(events.values())
 
     def _one_pass(self, rows: list[Decoding]) -> bool:
@@ -176,22 +182,38 @@ class Engine:
         return bool(rows) and self.routing.threshold is None and len(exits) <= 1
 
     def draft_costs(self, row: Decoding) -> DraftCosts:
-        """The round costs that ``row``, an ``auto`` request, chooses by: greedy or sampled, measured the first
-        time on its own prompt and sampling (sampling's work depends on how peaked the text's distributions are)."""
+        """The round costs that ``row``, an ``auto`` request, chooses by: the engine's ``draft_costs``, or greedy
+        or sampled ones measured the first time on its own prompt and sampling (sampling's work depends on how
+        peaked the text's distributions are), corrected by the engine's rounds since (:meth:`_time_round`)."""
         sampled = row.generator is not None
-        if sampled not in self._draft_costs:
-            self._draft_costs[sampled] = measure_draft_costs(
+        if sampled in self._draft_costs:
+            return self._draft_costs[sampled]
+        if sampled not in self.round_times:
+            self.round_times[sampled] = RoundTimes(measure_draft_costs(
                 self.model, len(self.slots), max(1, self.max_speculations), row.sampling if sampled else None,
                 row.request.prompt,
-            )  # fmt: skip
-        return self._draft_costs[sampled]
+            ))  # fmt: skip
+        return self.round_times[sampled].costs
+
+    def _time_round(self, rows: list[Decoding], seconds: float) -> None:
+        """A round of ``auto`` requests in every slot, at one setting and one kind of decoding, took ``seconds``:
+        into that kind's measured costs (a round of fewer rows, or of rows drafting apart, is not the table's)."""
+        if len(rows) < len(self.slots) or any(row.auto is None for row in rows):
+            return
+        settings = {(row.draft_exit, row.num_speculations if row.draft_exit is not None else 0) for row in rows}
+        sampled = rows[0].generator is not None
+        times = self.round_times.get(sampled)
+        if times is not None and len(settings) == 1 and all((row.generator is not None) == sampled for row in rows):
+            times.observe(*settings.pop(), seconds)
 
     def _choose_drafts(self, rows: list[Decoding]) -> None:
         """Each ``auto`` request's draft exit and K for this round: together for those choosing both."""
         together = [row for row in rows if row.auto is not None and row.auto.allow_full and len(row.auto.lengths) > 1]
         if len(together) > 1:
             costs = self.draft_costs(next((r for r in together if r.generator is not None), together[0]))
-            choice = choose_together([row.auto for row in together], costs, [r.remaining for r in together])
+            choice = choose_together(
+                [row.auto for row in together], costs, [r.remaining for r in together], self._steps
+            )
             for row in together:
                 row.draft_exit, row.num_speculations = choice
         chosen = {id(row) for row in together} if len(together) > 1 else set()

@@ -10,6 +10,7 @@ from lego_lightning.decoding.auto import (
     PROBE_SHARE,
     AutoDraft,
     DraftCosts,
+    RoundTimes,
     best_length,
     choose_together,
     expected_tokens,
@@ -170,6 +171,36 @@ def test_an_exit_not_read_for_a_while_is_read_again():
     assert probed_at and probed_at[0] > 10  # read again, what it knew of exit 2 having aged
 
 
+def test_requests_choosing_together_probe_in_the_engines_rounds_whatever_their_own_count():
+    young, old = (AutoDraft(exits=(1, 2, 3), lengths=(1, 2, 3, 4), allow_full=True) for _ in range(2))
+    for _ in range(3):  # three rounds older, the first of which probed by its own count
+        old.choose(COSTS3, remaining=100)
+    old.budget = young.budget  # as much left to spend: only their counts of rounds tell them apart
+    for clock in (9, 10, 11, 12):
+        choose_together([young, old], COSTS3, [100, 100], clock)
+        assert bool(young.probing) == bool(old.probing) == (clock % 4 == 0)
+
+
+def test_measured_costs_are_corrected_by_the_median_of_the_rounds_each_kind_really_took():
+    times = RoundTimes(COSTS)
+    assert times.costs is COSTS  # nothing observed yet: the table as measured
+    for ratio in (1.2, 1.2, 9.0):  # drafting rounds at 1.2 times the table, one in a slow second of the machine
+        times.observe(1, 2, ratio * COSTS.rounds[1][1])
+    times.observe(None, 0, 0.9 * COSTS.full)
+    assert times.costs.rounds[2][3] == pytest.approx(1.2 * COSTS.rounds[2][3])
+    assert times.costs.full == pytest.approx(0.9 * COSTS.full)
+    assert times.table is COSTS  # the measured table (shared by every engine of the process) stays as it was
+
+
+def test_drafting_that_the_rounds_show_dearer_than_the_table_gives_way_to_full_depth():
+    auto = AutoDraft(exits=(1,), lengths=(1, 2, 3, 4), allow_full=True)
+    auto.observe(1, 1e6 * acceptance_at_bound(1.08), 1e6)  # by the table, drafting is 8% faster than full depth
+    times = RoundTimes(COSTS)
+    assert auto.choose(times.costs, remaining=100) != (None, 0)
+    times.observe(1, 4, 1.1 * COSTS.rounds[1][3])  # but its rounds take a tenth longer than the table says
+    assert auto.choose(times.costs, remaining=100) == (None, 0)
+
+
 def test_the_estimate_forgets_so_a_request_follows_its_text():
     auto = AutoDraft(exits=(1,), lengths=(1,), allow_full=True)
     auto.observe(1, 40.0, 40)  # a stretch the exit drafts well
@@ -281,6 +312,23 @@ def test_generate_with_auto_gives_full_depths_greedy_tokens():
     auto = generate(model, prompt, 10, draft_exit="auto", num_speculations="auto", max_speculations=3)
     assert torch.equal(auto.tokens, full.tokens)
     assert auto.work["probe_heads"] > 0  # the exits were read, whether or not one paid on this machine
+
+
+def test_an_engine_corrects_measured_costs_by_its_own_full_rounds_and_leaves_given_costs_as_they_are():
+    model = drafting_model(0, "rotary", "shared")
+    auto = {"draft_exit": "auto", "num_speculations": "auto"}
+    measured, given = Engine(model, 2, max_speculations=3), Engine(model, 2, max_speculations=3, draft_costs=SWITCHING)
+    for engine in (measured, given):
+        for prompt in PROMPTS[:3]:  # the third waits for a slot: the last rounds run one row, not timed
+            engine.add(Request(prompt, max_new_tokens=8, **auto))
+        engine.run()
+        engine.add(Request(PROMPTS[0], max_new_tokens=8, **auto))
+        engine.step()  # admitted: a row to ask the costs for
+    times = measured.round_times[False]
+    assert times.table is measure_draft_costs(model, 2, 3)  # the process's measured table, shared, left as it was
+    assert len(times.drafting) + len(times.full) > 0  # rounds over both slots, timed
+    assert measured.draft_costs(measured.slots[0]) is times.costs
+    assert given.round_times == {} and given.draft_costs(given.slots[0]) is SWITCHING
 
 
 def test_measured_costs_are_cached_and_cover_every_exit_and_length():
