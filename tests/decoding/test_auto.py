@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lego_lightning import ExitTransformer, Stage, TransformerConfig
 from lego_lightning.decoding import Engine, Request, Sampling, generate
 from lego_lightning.decoding.auto import (
     FULL_MARGIN,
@@ -18,7 +19,7 @@ from lego_lightning.decoding.auto import (
 from lego_lightning.decoding.engine import measure_draft_costs
 from lego_lightning.decoding.speed import speedup_bound, tokens_per_verification
 from tests.decoding.test_engine import PROMPTS, SETTINGS, no_cache_greedy
-from tests.decoding.test_speculative import drafting_model
+from tests.decoding.test_speculative import chi_square_p_value, drafting_model, exact_distribution
 from tests.model.test_early_exit import V
 
 DRAFT = {1: 1.0, 2: 2.0}  # a draft step costs its layers
@@ -303,6 +304,38 @@ def test_requests_choosing_alone_get_their_own_tokens_in_a_batch_and_those_choos
     rounds = [set(done[i].choices) for i in ids]
     assert len(set().union(*rounds)) >= 3  # in the batch, requests chose differently
     assert engine.work["probe_heads"] > 0
+
+
+# Drafting from exit 1 pays where its acceptance is above 0.4 (K=1) or 0.57 (K=2): requests start drafting at the
+# prior's 0.5, then switch as they learn it.
+TIE = DraftCosts(rounds={1: (1.0, 1.3)}, full=0.75)
+
+
+def test_sampled_requests_choosing_together_follow_the_full_models_distribution():
+    torch.manual_seed(3)
+    vocab, n, draws = 6, 4, 3000
+    cfg = TransformerConfig(vocab_size=vocab, n_layers=3, d_model=16, n_heads=2, max_seq_len=16, head_sharing="shared",
+                            stages=[Stage((1, 1)), Stage((2, 3))])  # fmt: skip
+    model = ExitTransformer(cfg).eval()
+    with torch.no_grad():  # sharper distributions, which layers 2 and 3 then change measurably
+        model.heads[0].proj.weight.mul_(40)
+    prompt, sampling = [1, 4, 2], Sampling(temperature=1.0)
+    engine = Engine(model, 16, max_speculations=2, draft_costs=TIE)  # continuous batching: batches of all kinds
+    auto = {"draft_exit": "auto", "num_speculations": "auto"}
+    ids = [engine.add(Request(prompt, max_new_tokens=n, temperature=1.0, seed=i, **auto)) for i in range(draws)]
+    done = engine.run()
+    choices = [done[i].choices for i in ids]
+    assert sum(len(set(c)) > 1 for c in choices) > draws / 2  # choices that change mid-sequence
+    assert {(None, 0), (1, 1)} <= {x for c in choices for x in c}  # full depth and drafts, both
+    tokens = torch.tensor([done[i].tokens for i in ids])
+    index = (tokens * vocab ** torch.arange(n - 1, -1, -1)).sum(1)
+    counts = torch.bincount(index, minlength=vocab**n).float()
+    exact = exact_distribution(model, torch.tensor([prompt]), n, sampling, exit_layer=3)
+    p_value, dof = chi_square_p_value(counts, exact * draws)
+    assert dof >= 10 and p_value > 1e-3, (p_value, dof)
+    # The test can fail: the draft exit's own samples are told apart from the full model's.
+    p_shallow, _ = chi_square_p_value(counts, exact_distribution(model, torch.tensor([prompt]), n, sampling, 1) * draws)
+    assert p_shallow < 1e-6
 
 
 def test_generate_with_auto_gives_full_depths_greedy_tokens():
