@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from lego_lightning import ExitTransformer, Stage, TransformerConfig
 from lego_lightning.decoding import Engine, Request, Sampling, generate
 from lego_lightning.decoding.auto import (
     FULL_MARGIN,
@@ -19,7 +18,12 @@ from lego_lightning.decoding.auto import (
 from lego_lightning.decoding.engine import measure_draft_costs
 from lego_lightning.decoding.speed import speedup_bound, tokens_per_verification
 from tests.decoding.test_engine import PROMPTS, SETTINGS, no_cache_greedy
-from tests.decoding.test_speculative import chi_square_p_value, drafting_model, exact_distribution
+from tests.decoding.test_speculative import (
+    chi_square_p_value,
+    drafting_model,
+    exact_distribution,
+    small_vocabulary_model,
+)
 from tests.model.test_early_exit import V
 
 DRAFT = {1: 1.0, 2: 2.0}  # a draft step costs its layers
@@ -312,13 +316,8 @@ TIE = DraftCosts(rounds={1: (1.0, 1.3)}, full=0.75)
 
 
 def test_sampled_requests_choosing_together_follow_the_full_models_distribution():
-    torch.manual_seed(3)
     vocab, n, draws = 6, 4, 3000
-    cfg = TransformerConfig(vocab_size=vocab, n_layers=3, d_model=16, n_heads=2, max_seq_len=16, head_sharing="shared",
-                            stages=[Stage((1, 1)), Stage((2, 3))])  # fmt: skip
-    model = ExitTransformer(cfg).eval()
-    with torch.no_grad():  # sharper distributions, which layers 2 and 3 then change measurably
-        model.heads[0].proj.weight.mul_(40)
+    model = small_vocabulary_model(vocab)
     prompt, sampling = [1, 4, 2], Sampling(temperature=1.0)
     engine = Engine(model, 16, max_speculations=2, draft_costs=TIE)  # continuous batching: batches of all kinds
     auto = {"draft_exit": "auto", "num_speculations": "auto"}

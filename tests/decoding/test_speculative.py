@@ -166,17 +166,24 @@ def exact_distribution(model, prompt, n, sampling, exit_layer):
     return logp.exp()
 
 
+def small_vocabulary_model(vocab):
+    """A 3-layer model of ``vocab`` tokens, exits after layers 1 and 3, whose every continuation of a few tokens can
+    be enumerated: exit 1 drafts from sharp distributions, which layers 2 and 3 then change measurably."""
+    torch.manual_seed(3)
+    cfg = TransformerConfig(vocab_size=vocab, n_layers=3, d_model=16, n_heads=2, max_seq_len=16, head_sharing="shared",
+                            stages=[Stage((1, 1)), Stage((2, 3))])  # fmt: skip
+    model = ExitTransformer(cfg).eval()
+    with torch.no_grad():
+        model.heads[0].proj.weight.mul_(40)
+    return model
+
+
 @pytest.mark.parametrize(
     "sampling", [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=4), Sampling(temperature=1.3, top_p=0.8)]
 )
 def test_sampled_tokens_follow_the_full_models_distribution(sampling):
-    torch.manual_seed(3)
     vocab, n, draws = 6, 3, 3000
-    cfg = TransformerConfig(vocab_size=vocab, n_layers=3, d_model=16, n_heads=2, max_seq_len=16, head_sharing="shared",
-                            stages=[Stage((1, 1)), Stage((2, 3))])  # fmt: skip
-    model = ExitTransformer(cfg).eval()
-    with torch.no_grad():  # sharper distributions, which layers 2 and 3 then change measurably
-        model.heads[0].proj.weight.mul_(40)
+    model = small_vocabulary_model(vocab)
     prompt = torch.tensor([[1, 4, 2]])
     exact = exact_distribution(model, prompt, n, sampling, exit_layer=3)
     kwargs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=11)
