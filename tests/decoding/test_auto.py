@@ -346,7 +346,7 @@ def test_generate_with_auto_gives_full_depths_greedy_tokens():
     assert auto.work["probe_heads"] > 0  # the exits were read, whether or not one paid on this machine
 
 
-def test_an_engine_corrects_measured_costs_by_its_own_full_rounds_and_leaves_given_costs_as_they_are():
+def test_an_engine_corrects_measured_costs_by_its_rounds_over_every_slot_and_leaves_given_costs_as_they_are():
     model = drafting_model(0, "rotary", "shared")
     auto = {"draft_exit": "auto", "num_speculations": "auto"}
     measured, given = Engine(model, 2, max_speculations=3), Engine(model, 2, max_speculations=3, draft_costs=SWITCHING)
