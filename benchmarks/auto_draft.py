@@ -90,10 +90,9 @@ def decode(
     return time.perf_counter() - start, {i: done[request_id] for i, request_id in enumerate(ids)}, dict(engine.work)
 
 
-def flops_per_token(model: ExitTransformer, work: dict[str, int], prompts: torch.Tensor, new: int) -> float:
-    """FLOPs of everything the engine ran (layers, heads, auto's probes) per token after each prompt's first
-    (which its prefill gives, outside the work counted)."""
-    return decoding_flops(model, work, prompts.shape[1] + new / 2) / (len(prompts) * (new - 1))
+def decoded_flops(model: ExitTransformer, work: dict[str, int], prompts: torch.Tensor, new: int) -> float:
+    """FLOPs of everything the engine ran (layers, heads, auto's probes), at the mean context of a new token."""
+    return decoding_flops(model, work, prompts.shape[1] + new / 2)
 
 
 def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled: bool, args: Any) -> dict[str, Any]:
@@ -128,6 +127,7 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
     if not sampled:
         assert all(outputs["auto"][i].tokens == full[i].tokens for i in full), "auto's greedy tokens differ"
     medians = {n: statistics.median(t) for n, t in times.items()}
+    spent = {n: decoded_flops(model, w, prompts, new) for n, w in works.items()}
     auto_out = outputs["auto"]
     chosen: dict[str, int] = {}
     for c in auto_out.values():
@@ -147,10 +147,9 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
         "median_over_full": medians["full depth"] / medians[median_name],
         "auto_over_oracle": medians[oracle_name] / medians["auto"],
         "auto_over_oracle_by_round": [o / a for o, a in zip(times[oracle_name], times["auto"])],
-        "flops_per_token": {n: flops_per_token(model, w, prompts, new) for n, w in works.items()},
-        "auto_probe_share": works["auto"].get("probe_heads", 0)
-        * flops.head_flops(model.config).total
-        / decoding_flops(model, works["auto"], prompts.shape[1] + new / 2),
+        # Per token after each prompt's first (which its prefill gives, outside the work counted).
+        "flops_per_token": {n: f / (len(prompts) * (new - 1)) for n, f in spent.items()},
+        "auto_probe_share": works["auto"].get("probe_heads", 0) * flops.head_flops(model.config).total / spent["auto"],
         "auto_choices": chosen,
         "auto_acceptance": sum(c.accepted for c in auto_out.values())
         / max(1, sum(c.drafts for c in auto_out.values())),
