@@ -62,8 +62,8 @@ PROBE_POSITIONS = 2
 # Probes may spend this share of a request's rounds, counted in draft steps (each at most a head read and
 # an exit's layers), a probe reading a head at PROBE_POSITIONS positions: on a model whose exits are all about
 # as good, unbounded probes cost more than any switch could win. A head read costs more in time than in
-# FLOPs (a small product, and its softmax when sampled): where no exit paid, a tenth kept auto below full
-# depth and a thirtieth did not, and on a model that drafts a thirtieth found its exit as soon.
+# FLOPs (a small product, and its softmax when sampled). In a one-off A/B (not a committed benchmark), where no
+# exit paid a tenth kept auto below full depth and a thirtieth did not; on a model that drafts, both did as well.
 PROBE_SHARE = 0.03
 # What the probes know of an exit they have not read for a while counts less, round by round, so its
 # optimistic estimate rises until it is read again: the text may have changed under it.
