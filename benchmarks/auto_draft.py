@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import speculative
 from benchmarks.common import DEFAULT_DATA, RESULTS, add_resume_arguments, index_runs, resumed_runs, write_results
 from benchmarks.speculative import MODELS, SAMPLING, load_prompts, repeated_4gram_share
 from lego_lightning import ExitTransformer
@@ -213,28 +214,15 @@ def main() -> None:
 
 
 def draw_choices(rows: list[dict[str, Any]], path: Path) -> None:
-    """Auto's exit and K, round by round, for the first requests of each mixed cell (full depth drawn at 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Auto's exit and K, round by round, for the first requests of each mixed cell (mixed prompts alternate:
+    even requests are WikiText, odd ones Python)."""
     cells = [r for r in rows if r["kind"] == "mixed"] or rows
-    fig, axes = plt.subplots(len(cells), 1, figsize=(9, 2.2 * len(cells)), squeeze=False)
-    for ax, r in zip(axes[:, 0], cells):
-        for i, choices in r["picture"].items():
-            exits = [0 if e is None else e for e, _ in choices]
-            ks = [k for _, k in choices]
-            kind = "wikitext" if int(i) % 2 == 0 else "python"
-            ax.step(range(len(exits)), exits, where="post", label=f"request {i} ({kind}): exit")
-            ax.scatter(range(len(ks)), ks, s=6, label=f"request {i}: K")
-        ax.set_title(f"{r['model']}, batch {r['batch']}, {r['mode']}: auto's draft exit (0 = none) and K per round",
-                     fontsize=8)  # fmt: skip
-        ax.set_xlabel("round", fontsize=7)
-        ax.tick_params(labelsize=7)
-    axes[0, 0].legend(fontsize=6, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panels = [
+        (f"{r['model']}, batch {r['batch']}, {r['mode']}",
+         {f"request {i} ({'wikitext' if int(i) % 2 == 0 else 'python'})": c for i, c in r["picture"].items()})
+        for r in cells
+    ]  # fmt: skip
+    speculative.draw_choices(panels, path)
 
 
 def flops_cells(r: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ import torch
 
 from benchmarks.common import DEFAULT_DATA, REPO, RESULTS, add_resume_arguments, index_runs, resumed_runs, write_results
 from lego_lightning import ExitTransformer
-from lego_lightning.decoding import Generation, generate
+from lego_lightning.decoding import Generation, Sampling, generate, measure_draft_costs
 from lego_lightning.decoding.speed import (
     StepCosts,
     acceptance_needed,
@@ -182,6 +183,65 @@ def measure_exit(
     return rows
 
 
+def measure_auto(
+    name: str, model: ExitTransformer, prompts: torch.Tensor, batch: int, mode: str, grid: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    """``draft_exit="auto"`` (and ``num_speculations="auto"``, K up to the grid's largest) beside full depth and
+    the grid's best setting of this model, batch and decoding, timed again: the grid's best is the maximum of
+    noisy timings, biased upward. The three take turns, ``--auto-rounds`` times, and compare by medians."""
+    sampling = SAMPLING if mode == "sampled" else {}
+    new, cap = args.new_tokens, max(args.ks)
+    best = max(grid, key=lambda r: r["speedup"])
+    # The round costs auto chooses by: measured once, outside the timings (its engines find them cached).
+    measure_draft_costs(model, batch, cap, Sampling(**SAMPLING) if mode == "sampled" else None, prompts[0].tolist())
+    settings: dict[str, dict[str, Any]] = {
+        "full depth": {},
+        "auto": {"draft_exit": "auto", "num_speculations": "auto", "max_speculations": cap},
+        "best": {"draft_exit": best["draft_exit"], "num_speculations": best["k"],
+                 "draft_threshold": best["draft_threshold"]},
+    }  # fmt: skip
+    times: dict[str, list[float]] = {n: [] for n in settings}
+    out: dict[str, list[Generation]] = {}
+    for _ in range(args.auto_rounds):  # interleaved: a slower minute of the machine slows all three alike
+        for n, draft in settings.items():
+            seconds, out[n] = timed(lambda draft=draft: decode_all(model, prompts, batch, new, **draft, **sampling))
+            times[n].append(seconds)
+    auto = out["auto"]
+    exact = all(torch.equal(a.tokens, b.tokens) for a, b in zip(auto, out["full depth"]))
+    if mode == "greedy" and not exact:
+        raise SystemExit(f"{name}: batch {batch}: auto's greedy tokens differ from full depth's")
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    choices = [row for g in auto for row in g.choices]
+    chosen: dict[str, int] = {}
+    for e, k in (c for row in choices for c in row):
+        label = "full depth" if e is None else f"exit {e}, K={k}"
+        chosen[label] = chosen.get(label, 0) + 1
+    context = prompts.shape[1] + new / 2
+    generated = len(prompts) * (new - 1)  # after each prompt's first token, which its prefill gives
+    full_flops = flops.full_flops(model.config, context).total
+    work = {key: sum(g.work[key] for g in auto) for key in auto[0].work}
+    spent = decoding_flops(model, work, context)
+    drafts, accepted = (sum(int(getattr(g, f).sum()) for g in auto) for f in ("drafts", "accepted"))
+    return {
+        "model": name, "batch": batch, "mode": mode, "cap": cap, "rounds": args.auto_rounds,
+        "best_setting": {f: best[f] for f in ("draft_exit", "k", "draft_threshold")},
+        "best_grid_speedup": best["speedup"],
+        "seconds": times,
+        "auto_speedup": medians["full depth"] / medians["auto"],
+        "best_speedup": medians["full depth"] / medians["best"],
+        "auto_over_best": medians["best"] / medians["auto"],
+        "auto_over_best_by_round": [b / a for b, a in zip(times["best"], times["auto"])],
+        "exact": exact,
+        "choices": chosen,
+        "acceptance": accepted / drafts if drafts else 0.0,
+        "flops_ratio": spent / generated / full_flops,
+        "best_flops_ratio": best["flops_ratio"],
+        "probe_share": work.get("probe_heads", 0) * flops.head_flops(model.config).total / spent,
+        "picture": {f"request {i}": row for i, row in enumerate(choices[:4])},
+    }  # fmt: skip
+
+
 def measure_transformers(name: str, folder: Path, prompts: torch.Tensor, exits: list[int], args: argparse.Namespace,
                          model: ExitTransformer) -> list[dict[str, Any]]:  # fmt: skip
     """Batch 1, greedy, on the same weights: transformers' plain generate, its early-exit assistant, a
@@ -252,6 +312,7 @@ def report(
     hf_rows: list[dict[str, Any]],
     args: argparse.Namespace,
     repetition: dict[str, dict[str, float]] | None = None,
+    auto_rows: list[dict[str, Any]] | None = None,
 ) -> str:
     repetition = repetition or {}
     out = [
@@ -320,8 +381,80 @@ def report(
                 continue
             out.append(f"| {r['model']} | {r['setting']} | {e} | {k} | {r['over_ours_full']:.2f}x | "
                        f"{'yes' if r['same_tokens_as_ours'] else 'no'} |")  # fmt: skip
+    out += auto_report(auto_rows or [], args.name)
     out += ["", "## What it shows", "", *observations(runs, hf_rows, repetition)]
     return "\n".join(out)
+
+
+def draw_choices(panels: list[tuple[str, dict[str, list[tuple[int | None, int]]]]], path: Path) -> None:
+    """Auto's draft exit and K, round by round, for a few requests of each panel (title, request -> its choices);
+    full depth drawn at exit 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 * len(panels)), squeeze=False)
+    for ax, (title, picture) in zip(axes[:, 0], panels):
+        for request, choices in picture.items():
+            ax.step(range(len(choices)), [0 if e is None else e for e, _ in choices], where="post",
+                    label=f"{request}: exit")  # fmt: skip
+            ax.scatter(range(len(choices)), [k for _, k in choices], s=6, label=f"{request}: K")
+        ax.set_title(f"{title}: auto's draft exit (0 = none) and K per round", fontsize=8)
+        ax.set_xlabel("round", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=6, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def setting_of(row: dict[str, Any]) -> str:
+    """A fixed setting's name: its draft exit and K (or adaptive drafting)."""
+    return f"exit {row['draft_exit']}, {setting_label(row)}"
+
+
+def auto_report(auto_rows: list[dict[str, Any]], name: str) -> list[str]:
+    """The section on ``draft_exit="auto"``: beside full depth and the grid's best setting, re-timed."""
+    if not auto_rows:
+        return []
+    r0 = auto_rows[0]
+    out = [
+        "", '## `draft_exit="auto"` beside the grid', "",
+        f'`draft_exit="auto", num_speculations="auto"` (K up to {r0["cap"]}) chooses the draft exit, or full '
+        "depth, and K every round from each request's running acceptance and the measured round costs "
+        "(`lego_lightning/decoding/auto.py`), on the same prompts through the same `generate`. The grid's best "
+        "setting above is the fastest of many noisy timings, so it is biased upward: it is timed again here "
+        f"beside auto and full depth, the three taking turns {r0['rounds']} times; speed-ups are full depth's "
+        "median time over each one's. `paired`: the median over those turns of the best setting's time over "
+        "auto's. `FLOPs`: per generated token over full depth's, of everything that ran (layers, heads, auto's "
+        "probes); `probes`: their share of auto's. More cells (prompts of Python source, a mixed batch, "
+        "continuous batching): `auto_draft.md`, `auto_draft_mixed.md`.", "",
+        "| model | batch | decoding | auto | best fixed (grid) | best fixed (re-timed) | auto / best | paired | "
+        "best setting | auto's most chosen | full depth rounds | acceptance | FLOPs: auto, best | probes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in auto_rows:
+        total = sum(r["choices"].values())
+        top = sorted(r["choices"].items(), key=lambda kv: -kv[1])[:2]
+        out.append(
+            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['auto_speedup']:.2f}x | {r['best_grid_speedup']:.2f}x"
+            f" | {r['best_speedup']:.2f}x | {r['auto_over_best']:.2f} | "
+            f"{statistics.median(r['auto_over_best_by_round']):.2f} | {setting_of(r['best_setting'])} | "
+            + "; ".join(f"{n} {c / total:.0%}" for n, c in top)
+            + f" | {r['choices'].get('full depth', 0) / total:.0%} | {r['acceptance']:.2f} | "
+            f"{r['flops_ratio']:.2f}x, {r['best_flops_ratio']:.2f}x | {r['probe_share']:.1%} |"
+        )
+    below_best = [r for r in auto_rows if r["auto_over_best"] < 0.95]
+    below_full = [r for r in auto_rows if r["auto_speedup"] < 1.0]
+    out += [
+        "",
+        f"Auto at 0.95 or more of the re-timed best setting: {len(auto_rows) - len(below_best)} of "
+        f"{len(auto_rows)} cells; at full depth's speed or more: {len(auto_rows) - len(below_full)} of "
+        f"{len(auto_rows)}.",
+        "",
+        f"![auto's choices]({name}_auto_choices.png)",
+    ]
+    return out
 
 
 def _transformers_version() -> str:
@@ -414,6 +547,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=20, help="timings per step cost (median)")
     parser.add_argument("--timings", type=int, default=2, help="timings of each decoding (the fastest counts)")
+    parser.add_argument(
+        "--auto-rounds",
+        type=int,
+        default=5,
+        help="turns of auto, full depth and the grid's best, timed in each cell (0: no auto)",
+    )
     parser.add_argument("--hf-exits", type=int, nargs="*", default=[2, 4, 6])
     parser.add_argument("--hf-ks", type=int, nargs="+", default=[4])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -428,11 +567,11 @@ def main() -> None:
     done = index_runs(runs, lambda r: tuple(r[f] for f in RUN_KEY))
     grid = [(k, None) for k in args.ks] + [(args.adaptive_cap, t) for t in args.draft_thresholds]
     extra: dict[str, Any] = {"settings": settings, "resumed_from": resumed_from}
-    # transformers' rows of an earlier invocation, kept on --resume (they are measured per model, at the end).
+    # transformers' rows and auto's of an earlier invocation, kept on --resume (measured per model and per cell).
     stored = RESULTS / f"{args.name}.json"
-    hf_rows: list[dict[str, Any]] = (
-        json.loads(stored.read_text()).get("transformers", []) if args.resume and stored.exists() else []
-    )
+    earlier = json.loads(stored.read_text()) if args.resume and stored.exists() else {}
+    hf_rows: list[dict[str, Any]] = earlier.get("transformers", [])
+    auto_rows: list[dict[str, Any]] = earlier.get("auto", [])  # auto's cells, kept on --resume like the grid's
     repetition: dict[str, dict[str, float]] = {}
     step_costs: dict[tuple, StepCosts] = {}
     for name in args.models:
@@ -446,12 +585,28 @@ def main() -> None:
                     todo = [(k, t) for k, t in grid if (name, batch, mode, e, k, t) not in done]
                     if todo:
                         runs += measure_exit(name, model, prompts, batch, mode, e, todo, args, step_costs)
-                        write_results(args.name, runs, report(runs, hf_rows, args), extra={**extra, "runs": runs})
+                        write_results(args.name, runs, report(runs, hf_rows, args, auto_rows=auto_rows),
+                                      extra={**extra, "runs": runs, "auto": auto_rows})  # fmt: skip
                         print(f"{name} batch {batch} {mode} exit {e}: done", flush=True)
+                cell = [r for r in runs if (r["model"], r["batch"], r["mode"]) == (name, batch, mode)]
+                if (
+                    args.auto_rounds
+                    and cell
+                    and not any((a["model"], a["batch"], a["mode"]) == (name, batch, mode) for a in auto_rows)
+                ):
+                    auto_rows.append(measure_auto(name, model, prompts, batch, mode, cell, args))
+                    a = auto_rows[-1]
+                    print(f"{name} batch {batch} {mode} auto: {a['auto_speedup']:.2f}x, re-timed best "
+                          f"{a['best_speedup']:.2f}x", flush=True)  # fmt: skip
+                    write_results(args.name, runs, report(runs, hf_rows, args, auto_rows=auto_rows),
+                                  extra={**extra, "runs": runs, "auto": auto_rows})  # fmt: skip
         if args.hf_exits and not any(r["model"] == name for r in hf_rows):
             hf_rows += measure_transformers(name, MODELS[name], prompts, args.hf_exits, args, model)
-    extra |= {"transformers": hf_rows, "repetition": repetition}
-    write_results(args.name, runs, report(runs, hf_rows, args, repetition), extra={**extra, "runs": runs})
+    extra |= {"transformers": hf_rows, "repetition": repetition, "auto": auto_rows}
+    if auto_rows:
+        draw_choices([(f"{a['model']}, batch {a['batch']}, {a['mode']}", a["picture"]) for a in auto_rows],
+                     RESULTS / f"{args.name}_auto_choices.png")  # fmt: skip
+    write_results(args.name, runs, report(runs, hf_rows, args, repetition, auto_rows), extra={**extra, "runs": runs})
     print(f"wrote {RESULTS / args.name}.md")
 
 

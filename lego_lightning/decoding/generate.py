@@ -31,6 +31,8 @@ class Generation:
     # positions through the layers above it and the final head, summed over the batch after the prompt
     # (what its FLOPs are counted from).
     work: dict[str, int] | None = None
+    # draft_exit or num_speculations "auto": per row, the (exit or None for full depth, K) each round chose.
+    choices: list[list[tuple[int | None, int]]] | None = None
 
 
 @torch.no_grad()
@@ -130,6 +132,8 @@ def generate(
             counts[name] for name in ("drafts", "accepted", "refusals", "verifications")
         )
         out.work = {key: engine.work[key] for key in WORK}
+        if AUTO in (draft_exit, num_speculations):
+            out.choices = [done[i].choices for i in ids]
     return out
 
 

@@ -344,6 +344,12 @@ def test_generate_with_auto_gives_full_depths_greedy_tokens():
     auto = generate(model, prompt, 10, draft_exit="auto", num_speculations="auto", max_speculations=3)
     assert torch.equal(auto.tokens, full.tokens)
     assert auto.work["probe_heads"] > 0  # the exits were read, whether or not one paid on this machine
+    # What each row chose, round by round: its drafting rounds are the rounds it verified.
+    assert len(auto.choices) == 4
+    for row, choices in enumerate(auto.choices):
+        assert all(e in (None, *model.exit_layers[:-1]) and (e is None or 1 <= k <= 3) for e, k in choices)
+        assert sum(e is not None for e, _ in choices) == int(auto.verifications[row])
+    assert generate(model, prompt, 10, draft_exit=1, num_speculations=2).choices is None
 
 
 def test_an_engine_corrects_measured_costs_by_its_rounds_over_every_slot_and_leaves_given_costs_as_they_are():
