@@ -31,12 +31,17 @@ Where the estimates come from, all from hidden states a round computes anyway:
   draft. These head reads are counted in the engine's work
   (``probe_heads``).
 
+Requests that choose both pool what they measure in their engine (:class:`SharedAcceptance`); one at
+full depth reads the exit that pool says pays on its probe turns, beyond its budget: one hard first
+token, which every exit misses, would otherwise leave it at full depth for most of its text.
+
 Output stays exact: whatever a round chooses, greedy tokens are the full model's and sampled ones
-follow speculative sampling. A request that chooses only one of the two (or decodes alone) depends
-only on its own tokens and the engine's costs, so it gets the same tokens whatever shares its batch
-(for the same costs: pass ``draft_costs`` to the engine to fix them). Requests that choose together
-do not: greedy, their tokens are still the full model's; sampled with a seed, they are drawn from
-the same distribution but are not the tokens they get alone (fix the exit or K where that matters).
+follow speculative sampling. A request that chooses only one of the two depends only on its own
+tokens and the engine's costs, so it gets the same tokens whatever shares its batch or came before it
+(for the same costs: pass ``draft_costs`` to the engine to fix them). Requests that choose both do
+not: they choose together, and read what the engine's pool says pays. Greedy, their tokens are still
+the full model's; sampled with a seed, they are drawn from the same distribution but are not the
+tokens they get alone (fix the exit or K where that matters).
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ DECAY = 0.95
 # Before any observation an exit is credited with this acceptance, weighted as this many observations, which
 # age like real ones: a request whose drafts are all refused sees its estimate fall towards 0.
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 1.0
+# What the engine's requests that choose both measured of each exit is pooled (SharedAcceptance), each observation
+# weighing this much of the next: slower to forget than a request's own estimate, since it stands for many texts.
+SHARED_DECAY = 0.99
 # Drafting is chosen over full depth where it promises this much more: the estimates are noisy and their
 # probes cost, so where drafting and full depth are about as fast, full depth (which costs neither) is kept.
 FULL_MARGIN = 1.05
@@ -138,6 +146,25 @@ class RoundTimes:
         self.costs = self.table.scaled(*(statistics.median(r) if r else 1.0 for r in (self.drafting, self.full)))
 
 
+@dataclass
+class SharedAcceptance:
+    """What an engine's ``auto`` requests choosing both the exit and K measured of each exit, pooled (each
+    observation weighs :data:`SHARED_DECAY` of the next): which exit a request at full depth reads beyond its
+    probes' budget (:meth:`AutoDraft.record`)."""
+
+    kept: dict[int, float] = field(default_factory=dict)
+    seen: dict[int, float] = field(default_factory=dict)
+
+    def observe(self, draft_exit: int, kept: float, seen: float) -> None:
+        self.kept[draft_exit] = self.kept.get(draft_exit, 0.0) * SHARED_DECAY**seen + kept
+        self.seen[draft_exit] = self.seen.get(draft_exit, 0.0) * SHARED_DECAY**seen + seen
+
+    def acceptance(self, draft_exit: int) -> float | None:
+        """The pooled estimate of ``draft_exit``; ``None`` where no request has read it."""
+        seen = self.seen.get(draft_exit, 0.0)
+        return self.kept[draft_exit] / seen if seen > 0 else None
+
+
 def expected_tokens(acceptance: float, num_speculations: int) -> float:
     """:func:`~lego_lightning.decoding.speed.tokens_per_verification` in closed form, ``(1 - a^(K+1)) / (1 - a)``:
     the choice evaluates it for every exit, K and request of a round, so it must cost next to nothing."""
@@ -185,12 +212,16 @@ class AutoDraft:
         allow_full: not drafting is a candidate (the exit is ``auto``).
         probe_every: every this many rounds, the exits that might beat the choice are read at the round's
             positions, from the first round on, as far as the probes' budget goes (:meth:`record`).
+        shared: the engine's pool, where the request chooses both: it adds what it measures, and reads the exit
+            the pool says pays while it decodes at full depth (:meth:`record`); ``None``: it depends on no other
+            request.
     """
 
     exits: tuple[int, ...]
     lengths: tuple[int, ...]
     allow_full: bool
     probe_every: int = 4
+    shared: SharedAcceptance | None = None
     kept: dict[int, float] = field(default_factory=dict)  # decayed sums of acceptance, by exit
     seen: dict[int, float] = field(default_factory=dict)  # decayed counts of observations, by exit
     estimate: dict[int, float] = field(default_factory=dict)  # kept / seen, by exit: read every round
@@ -201,15 +232,20 @@ class AutoDraft:
     choices: list[tuple[int | None, int]] = field(default_factory=list)  # (exit or None, K) of every round
 
     @classmethod
-    def of(cls, request: Request, exits: tuple[int, ...], cap: int) -> AutoDraft | None:
+    def of(
+        cls, request: Request, exits: tuple[int, ...], cap: int, shared: SharedAcceptance | None = None
+    ) -> AutoDraft | None:
         """What ``request`` may choose among (``exits``: the model's before the last; ``cap``: the engine's
-        ``max_speculations``), or ``None`` where it asks no ``auto``."""
+        ``max_speculations``; ``shared``: the engine's pool, used where it chooses both), or ``None`` where it
+        asks no ``auto``."""
         if AUTO not in (request.draft_exit, request.num_speculations):
             return None
+        both = request.draft_exit == AUTO and request.num_speculations == AUTO
         return cls(
             exits if request.draft_exit == AUTO else (request.draft_exit,),
             tuple(range(1, cap + 1)) if request.num_speculations == AUTO else (request.num_speculations,),
             allow_full=request.draft_exit == AUTO,
+            shared=shared if both else None,
         )
 
     def acceptance(self, draft_exit: int) -> float:
@@ -223,6 +259,8 @@ class AutoDraft:
         self.seen[draft_exit] = self.seen.get(draft_exit, PRIOR_WEIGHT) * DECAY**seen + seen
         self.estimate[draft_exit] = self.kept[draft_exit] / self.seen[draft_exit]
         self.last_read[draft_exit] = self.rounds
+        if self.shared is not None:
+            self.shared.observe(draft_exit, kept, seen)
 
     def best_rate(self, costs: DraftCosts, draft_exit: int, acceptance: float, remaining: int) -> tuple[float, int]:
         """The most expected tokens per second drafting from ``draft_exit`` at ``acceptance``, and its K."""
@@ -268,7 +306,12 @@ class AutoDraft:
         request's rounds (:meth:`DraftCosts.in_draft_steps`), saved up to a read of every exit.
         So an exit known to lose is not read, one that is close or little seen is read until its estimate
         settles (at the start, unseen, the cheapest are the most promising), and a model whose exits all
-        draft about as well pays a few percent for probes."""
+        draft about as well pays a few percent for probes.
+
+        A request at full depth that chooses both reads on those turns, beyond the budget and where its own
+        probes read none, the exit its engine's pool says pays (:meth:`paying_by_the_pool`). At full depth a
+        probe sees one position, so a request whose first reads all missed (a hard token every exit misses)
+        otherwise stayed there for most of its text, though the engine's other requests knew an exit paid."""
         self.choices.append(choice)
         self.probing = ()
         draft_exit, K = choice
@@ -281,8 +324,23 @@ class AutoDraft:
             promising = sorted((e for e in rates if rates[e] > chosen_rate), key=rates.get, reverse=True)
             self.probing = tuple(promising[: int(self.budget // PROBE_POSITIONS)])
             self.budget -= PROBE_POSITIONS * len(self.probing)
+        if draft_exit is None and not self.probing and self.allow_full and turn % self.probe_every == 0:
+            self.probing = self.paying_by_the_pool(costs, remaining, chosen_rate)
         self.rounds += 1
         return choice
+
+    def paying_by_the_pool(self, costs: DraftCosts, remaining: int, chosen_rate: float) -> tuple[int, ...]:
+        """The exit whose rate at the engine's pooled acceptance beats ``chosen_rate`` by :data:`FULL_MARGIN`,
+        the best such; none where there is no pool or no such exit."""
+        if self.shared is None:
+            return ()
+        rates = {}
+        for e in self.exits:
+            a = self.shared.acceptance(e)
+            if a is not None:
+                rates[e] = self.best_rate(costs, e, a, remaining)[0]
+        best = max(rates, key=rates.get, default=None)
+        return (best,) if best is not None and rates[best] > chosen_rate * FULL_MARGIN else ()
 
 
 def choose_together(

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lego_lightning.decoding.auto import AutoDraft, DraftCosts, RoundTimes, choose_together
+from lego_lightning.decoding.auto import AutoDraft, DraftCosts, RoundTimes, SharedAcceptance, choose_together
 from lego_lightning.decoding.cache import SlotCache, check_slots_fit
 from lego_lightning.decoding.compiled import FixedShapePasses
 from lego_lightning.decoding.policies import Routing, full_depth_step, prefill, routed_step, speculative_round
@@ -98,6 +98,8 @@ class Engine:
         self._draft_costs = {False: draft_costs, True: draft_costs} if draft_costs is not None else {}
         self.round_times: dict[bool, RoundTimes] = {}  # measured costs, corrected as rounds run: by sampled
         self._steps = 0  # steps so far: requests choosing together probe by it, all in the same rounds
+        # What its auto requests choosing both measured of each exit, greedy and sampled apart: new ones start there.
+        self.shared_acceptance = {False: SharedAcceptance(), True: SharedAcceptance()}
         ref = next(model.parameters())
         width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
         check_slots_fit(cfg, slots, width, ref.device, ref.dtype)
@@ -229,7 +231,10 @@ class Engine:
         for slot in free[: len(self.waiting)]:
             request_id, request = self.waiting.popleft()
             rows.append(Decoding.start(request_id, request, slot, self.cache.tokens.device))
-            rows[-1].auto = AutoDraft.of(request, tuple(self.model.exit_layers[:-1]), self.max_speculations)
+            rows[-1].auto = AutoDraft.of(
+                request, tuple(self.model.exit_layers[:-1]), self.max_speculations,
+                self.shared_acceptance[rows[-1].generator is not None],
+            )  # fmt: skip
             self.slots[slot] = rows[-1]
         return rows
 

@@ -11,6 +11,7 @@ from lego_lightning.decoding.auto import (
     AutoDraft,
     DraftCosts,
     RoundTimes,
+    SharedAcceptance,
     best_length,
     choose_together,
     expected_tokens,
@@ -174,6 +175,41 @@ def test_an_exit_not_read_for_a_while_is_read_again():
             probed_at.append(round_)
             auto.observe(2, 1.0, 2)  # then it agrees: the text changed under it
     assert probed_at and probed_at[0] > 10  # read again, what it knew of exit 2 having aged
+
+
+def test_at_full_depth_a_request_reads_the_exit_its_engines_pool_says_pays_beyond_its_budget():
+    def at_full_depth(shared):
+        auto = AutoDraft(exits=(1, 2), lengths=(1, 2, 3, 4), allow_full=True, shared=shared)
+        auto.budget = 0.0  # spent: its own probes read nothing this round
+        for e in (1, 2):
+            auto.observe(e, 0.0, 4)  # its first reads all missed: a hard token
+        assert auto.choose(COSTS, remaining=100, clock=0) == (None, 0)
+        return auto.probing
+
+    paying, losing = SharedAcceptance(), SharedAcceptance()
+    paying.observe(2, 90.0, 100)  # the engine's other requests drafted well from exit 2
+    losing.observe(2, 10.0, 100)
+    assert at_full_depth(paying) == (2,)
+    assert at_full_depth(losing) == ()  # the pool knows no exit that pays: the budget rules alone
+    assert at_full_depth(None) == ()  # a request that depends on no other
+
+
+def test_only_requests_choosing_both_pool_what_they_measure():
+    request = Request([3, 1, 4], max_new_tokens=4, draft_exit="auto", num_speculations="auto")
+    pool = SharedAcceptance()
+    both = AutoDraft.of(request, (1, 2), 4, pool)
+    both.observe(1, 3.0, 4)
+    assert both.shared is pool and pool.acceptance(1) == 0.75 and pool.acceptance(2) is None
+    for one in ({"draft_exit": "auto", "num_speculations": 2}, {"draft_exit": 1, "num_speculations": "auto"}):
+        assert AutoDraft.of(Request([3, 1, 4], max_new_tokens=4, **one), (1, 2), 4, pool).shared is None
+    model = drafting_model(0, "rotary", "shared")
+    engine = Engine(model, 2, max_speculations=3, draft_costs=SWITCHING)
+    engine.add(Request(PROMPTS[0], max_new_tokens=8, draft_exit="auto", num_speculations=2))
+    engine.run()
+    assert not engine.shared_acceptance[False].seen  # choosing one of the two, it left the pool alone
+    engine.add(Request(PROMPTS[0], max_new_tokens=8, draft_exit="auto", num_speculations="auto"))
+    engine.run()
+    assert engine.shared_acceptance[False].seen and not engine.shared_acceptance[True].seen  # greedy's own
 
 
 def test_requests_choosing_together_probe_in_the_engines_rounds_whatever_their_own_count():
