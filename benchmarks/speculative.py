@@ -21,6 +21,11 @@ adaptive drafting (a cap of 6, drafting stopped where the exit's max-prob falls 
 * the speed bound (:func:`~lego_lightning.decoding.speed.speedup_bound`) from the measured
   acceptance and the measured draft, verification and full-step costs, and the realised share.
 
+Then, in each cell, ``draft_exit="auto"`` (with ``num_speculations="auto"``, K up to the grid's largest)
+beside full depth and the grid's best setting, the three timed in turns ``--auto-rounds`` times (the
+grid's best is the fastest of many noisy timings, so it is re-timed there), and a picture of what auto
+chose round by round. ``--resume`` adds them to a grid measured earlier.
+
 Greedy tokens are checked equal to full depth's in every setting. At batch 1, greedy,
 ``transformers`` runs on the same weights in the same process: plain ``generate``,
 ``generate(assistant_early_exit=E)``, and assisted generation with the first E layers loaded as a
