@@ -98,7 +98,8 @@ class Engine:
         self._draft_costs = {False: draft_costs, True: draft_costs} if draft_costs is not None else {}
         self.round_times: dict[bool, RoundTimes] = {}  # measured costs, corrected as rounds run: by sampled
         self._steps = 0  # steps so far: requests choosing together probe by it, all in the same rounds
-        # What its auto requests choosing both measured of each exit, greedy and sampled apart: new ones start there.
+        # What its auto requests choosing both measured of each exit, greedy and sampled apart: the exit such a
+        # request reads while at full depth (auto.SharedAcceptance).
         self.shared_acceptance = {False: SharedAcceptance(), True: SharedAcceptance()}
         ref = next(model.parameters())
         width = context + max_speculations + 1  # a round's drafts (or its padding) past a request's last token
