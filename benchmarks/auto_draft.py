@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from benchmarks import speculative
 from benchmarks.common import DEFAULT_DATA, RESULTS, add_resume_arguments, index_runs, resumed_runs, write_results
-from benchmarks.speculative import MODELS, SAMPLING, load_prompts, repeated_4gram_share
+from benchmarks.speculative import MODELS, SAMPLING, choice_counts, load_prompts, most_chosen, repeated_4gram_share
+from benchmarks.speculative import draw_choices as draw_panels
 from lego_lightning import ExitTransformer
 from lego_lightning.decoding import Engine, Request, Sampling, measure_draft_costs
 from lego_lightning.decoding.speed import decoding_flops
@@ -130,11 +130,7 @@ def run_cell(model: ExitTransformer, prompts: torch.Tensor, batch: int, sampled:
     medians = {n: statistics.median(t) for n, t in times.items()}
     spent = {n: decoded_flops(model, w, prompts, new) for n, w in works.items()}
     auto_out = outputs["auto"]
-    chosen: dict[str, int] = {}
-    for c in auto_out.values():
-        for e, k in c.choices:
-            key = "full depth" if e is None else f"exit {e}, K={k}"
-            chosen[key] = chosen.get(key, 0) + 1
+    chosen = choice_counts([c.choices for c in auto_out.values()])
     oracle_name, median_name = f"oracle ({oracle})", f"median ({median})"
     return {
         "oracle": oracle,
@@ -222,7 +218,7 @@ def draw_choices(rows: list[dict[str, Any]], path: Path) -> None:
          {f"request {i} ({'wikitext' if int(i) % 2 == 0 else 'python'})": c for i, c in r["picture"].items()})
         for r in cells
     ]  # fmt: skip
-    speculative.draw_choices(panels, path)
+    draw_panels(panels, path)
 
 
 def flops_cells(r: dict[str, Any]) -> str:
@@ -259,9 +255,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        top = sorted(r["auto_choices"].items(), key=lambda kv: -kv[1])[:2]
-        total = sum(r["auto_choices"].values())
-        most = "; ".join(f"{n} {c / total:.0%}" for n, c in top)
+        most = most_chosen(r["auto_choices"])
         out.append(
             f"| {r['model']} | {r['batch']} | {r['mode']} | {r['kind']} | {r['auto_over_full']:.2f}x | "
             f"{r['oracle_over_full']:.2f}x | {r['median_over_full']:.2f}x | {r['auto_over_oracle']:.2f} | "

@@ -218,10 +218,7 @@ def measure_auto(
         raise SystemExit(f"{name}: batch {batch}: auto's greedy tokens differ from full depth's")
     medians = {n: statistics.median(t) for n, t in times.items()}
     choices = [row for g in auto for row in g.choices]
-    chosen: dict[str, int] = {}
-    for e, k in (c for row in choices for c in row):
-        label = "full depth" if e is None else f"exit {e}, K={k}"
-        chosen[label] = chosen.get(label, 0) + 1
+    chosen = choice_counts(choices)
     context = prompts.shape[1] + new / 2
     generated = len(prompts) * (new - 1)  # after each prompt's first token, which its prefill gives
     full_flops = flops.full_flops(model.config, context).total
@@ -413,6 +410,21 @@ def draw_choices(panels: list[tuple[str, dict[str, list[tuple[int | None, int]]]
     fig.savefig(path, dpi=110)
 
 
+def choice_counts(requests: list[list[tuple[int | None, int]]]) -> dict[str, int]:
+    """How many rounds auto chose each setting, over ``requests`` (each its (exit or None, K) per round)."""
+    chosen: dict[str, int] = {}
+    for e, k in (c for choices in requests for c in choices):
+        label = "full depth" if e is None else f"exit {e}, K={k}"
+        chosen[label] = chosen.get(label, 0) + 1
+    return chosen
+
+
+def most_chosen(chosen: dict[str, int], top: int = 2) -> str:
+    """The ``top`` settings auto chose most, with their shares of its rounds."""
+    total = sum(chosen.values())
+    return "; ".join(f"{n} {c / total:.0%}" for n, c in sorted(chosen.items(), key=lambda kv: -kv[1])[:top])
+
+
 def setting_of(row: dict[str, Any]) -> str:
     """A fixed setting's name: its draft exit and K (or adaptive drafting)."""
     return f"exit {row['draft_exit']}, {setting_label(row)}"
@@ -440,13 +452,11 @@ def auto_report(auto_rows: list[dict[str, Any]], name: str) -> list[str]:
     ]  # fmt: skip
     for r in auto_rows:
         total = sum(r["choices"].values())
-        top = sorted(r["choices"].items(), key=lambda kv: -kv[1])[:2]
         out.append(
             f"| {r['model']} | {r['batch']} | {r['mode']} | {r['auto_speedup']:.2f}x | {r['best_grid_speedup']:.2f}x"
             f" | {r['best_speedup']:.2f}x | {r['auto_over_best']:.2f} | "
             f"{statistics.median(r['auto_over_best_by_round']):.2f} | {setting_of(r['best_setting'])} | "
-            + "; ".join(f"{n} {c / total:.0%}" for n, c in top)
-            + f" | {r['choices'].get('full depth', 0) / total:.0%} | {r['acceptance']:.2f} | "
+            f"{most_chosen(r['choices'])} | {r['choices'].get('full depth', 0) / total:.0%} | {r['acceptance']:.2f} | "
             f"{r['flops_ratio']:.2f}x, {r['best_flops_ratio']:.2f}x | {r['probe_share']:.1%} |"
         )
     below_best = [r for r in auto_rows if r["auto_over_best"] < 0.95]
