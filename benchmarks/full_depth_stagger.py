@@ -3,11 +3,14 @@
 ``auto_draft``'s full-depth baseline decodes requests of one length that start together: at full
 depth every row gains one token a round, so the rows stay in step, end together and the next ones
 are admitted together. Once a batch drafts, its rows gain different numbers of tokens a round and
-fall out of step for good: they end apart, and each newcomer is prefilled in a round of its own.
+fall out of step for good: they end apart, and newcomers are prefilled one or two at a time beside the
+others' round instead of a batch's worth together.
 Auto is judged against the baseline in step, while every round it runs, its full-depth steps
 included, is at rows out of step. This times full depth both ways on the same prompts, in turns:
 every request of ``--new-tokens`` (in step), and each request's length varied by up to
 ``--spread`` tokens around it (out of step after the first requests end), per generated token.
+The defaults (80 +- 16) keep the longest request within the benchmark models' context of 128 after
+a prompt of 32, at the mean context of both ways alike.
 
     python -m benchmarks.full_depth_stagger       # both models, batch 8, greedy and sampled, ~5 minutes
 """
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=80)
     parser.add_argument("--spread", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
