@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python -m benchmarks.greedy_hashes --against greedy_hashes_b19f5bb
 	$(BIN)/python -m benchmarks.speculative_cells --against speculative_cells_b19f5bb
 	$(BIN)/python -m benchmarks.auto_draft
+	$(BIN)/python -m benchmarks.auto_draft_priced
 	$(BIN)/python -m benchmarks.serve
 
 # On a machine with one CUDA GPU (install torch's CUDA build through TORCH_SPEC/TORCH_INDEX):
