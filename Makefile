@@ -65,6 +65,7 @@ bench: install
 	$(BIN)/python -m benchmarks.speculative_cells --against speculative_cells_b19f5bb
 	$(BIN)/python -m benchmarks.auto_draft
 	$(BIN)/python -m benchmarks.auto_draft_priced
+	$(BIN)/python -m benchmarks.full_depth_stagger
 	$(BIN)/python -m benchmarks.serve
 
 # On a machine with one CUDA GPU (install torch's CUDA build through TORCH_SPEC/TORCH_INDEX):
