@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,18 @@ def flops_cells(r: dict[str, Any]) -> str:
     )
 
 
+def target_met(
+    rows: list[dict[str, Any]], field: str, target: float, value: Callable[[dict[str, Any]], str], noun: str = ""
+) -> str:
+    """``"M of N"`` (then ``noun``) cells whose ``field`` is at least ``target``, and the others named with
+    ``value`` of each: ``" (missed: layerskip b1 greedy <value>, ...)"``."""
+    missed = [r for r in rows if r[field] < target]
+    named = ", ".join(f"{r['model']} b{r['batch']} {r['mode']} {value(r)}" for r in missed)
+    return f"{len(rows) - len(missed)} of {len(rows)}{' ' + noun if noun else ''}" + (
+        f" (missed: {named})" if missed else ""
+    )
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = [
         '# `draft_exit="auto"`: the draft exit and K chosen while decoding',
@@ -262,18 +275,15 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{statistics.median(r['auto_over_oracle_by_round']):.2f} | {r['oracle']} | {most} | "
             f"{r['auto_acceptance']:.2f} | {r['repeated_4grams']:.0%} | {flops_cells(r)} |"
         )
-    misses = [r for r in rows if r["auto_over_oracle"] < TARGETS["auto / oracle"]]
-    losses = [r for r in rows if r["auto_over_full"] < TARGETS["auto / full depth"]]
     mixed_wins = [r for r in rows if r["kind"] == "mixed" and r["auto_over_oracle"] > 1]
     out += [
         "",
         f"Targets: auto >= {TARGETS['auto / oracle']} of the oracle in every cell: met in "
-        f"{len(rows) - len(misses)} of {len(rows)}"
-        + (" (missed: " + ", ".join(f"{r['model']} b{r['batch']} {r['mode']} {r['kind']} "
-                                    f"{r['auto_over_oracle']:.2f}" for r in misses) + ")" if misses else "")
-        + f". Auto >= full depth in every cell: met in {len(rows) - len(losses)} of {len(rows)}"
-        + (" (missed: " + ", ".join(f"{r['model']} b{r['batch']} {r['mode']} {r['kind']} "
-                                    f"{r['auto_over_full']:.2f}x" for r in losses) + ")" if losses else "")
+        + target_met(rows, "auto_over_oracle", TARGETS["auto / oracle"],
+                     lambda r: f"{r['kind']} {r['auto_over_oracle']:.2f}")
+        + ". Auto >= full depth in every cell: met in "
+        + target_met(rows, "auto_over_full", TARGETS["auto / full depth"],
+                     lambda r: f"{r['kind']} {r['auto_over_full']:.2f}x")
         + f". Auto above the oracle on mixed prompts: {len(mixed_wins)} of "
         f"{sum(r['kind'] == 'mixed' for r in rows)} mixed cells.",
         "",

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.auto_draft import TARGETS, prompt_count, prompts_of
+from benchmarks.auto_draft import TARGETS, prompt_count, prompts_of, target_met
 from benchmarks.common import DEFAULT_DATA, add_resume_arguments, index_runs, resumed_runs, write_results
 from benchmarks.speculative import MODELS, SAMPLING, choice_counts, most_chosen
 from lego_lightning import ExitTransformer
@@ -165,16 +165,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r['oracle']} | "
             f"{most_chosen(r['auto_choices'])} | {r['full_depth_share']:.0%} | {r['probe_heads']} |"
         )
-    misses = [r for r in rows if r["auto_over_oracle"] < TARGETS["auto / oracle"]]
-    losses = [r for r in rows if r["auto_over_full"] < TARGETS["auto / full depth"]]
     out += [
         "",
-        f"Priced, auto >= {TARGETS['auto / oracle']} of the oracle in {len(rows) - len(misses)} of {len(rows)} cells"
-        + (" (missed: " + ", ".join(f"{r['model']} b{r['batch']} {r['mode']} {r['auto_over_oracle']:.3f}"
-                                    for r in misses) + ")" if misses else "")
-        + f", >= full depth in {len(rows) - len(losses)} of {len(rows)}"
-        + (" (missed: " + ", ".join(f"{r['model']} b{r['batch']} {r['mode']} {r['auto_over_full']:.2f}x"
-                                    for r in losses) + ")" if losses else "")
+        f"Priced, auto >= {TARGETS['auto / oracle']} of the oracle in "
+        + target_met(rows, "auto_over_oracle", TARGETS["auto / oracle"],
+                     lambda r: f"{r['auto_over_oracle']:.3f}", "cells")
+        + ", >= full depth in "
+        + target_met(rows, "auto_over_full", TARGETS["auto / full depth"], lambda r: f"{r['auto_over_full']:.2f}x")
         + f"; the median over cells of auto / oracle is {statistics.median(r['auto_over_oracle'] for r in rows):.3f}.",
     ]  # fmt: skip
     return "\n".join(out)
