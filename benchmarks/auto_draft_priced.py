@@ -5,17 +5,17 @@ drifts by 10-30% between runs of the same decoding, so a gap of a few percent th
 choices or the minute. Here one engine's cost table (:func:`~lego_lightning.decoding.measure_draft_costs`,
 timed once per cell) is given to every engine as ``draft_costs``, so auto chooses by fixed costs, and
 each decoding is priced as the sum over its rounds of what the table says its setting costs (a round
-costs its slowest row's). The same tokens are decoded as in ``auto_draft``; only the clock is
-replaced. The grid (every draft exit before the last x ``--ks``), full depth and auto are priced
-alike and the oracle is the grid's cheapest: its price is not biased upward the way the fastest of
-noisy timings is.
+costs its slowest row's). The same prompts are decoded as in ``auto_draft``, greedy to the same
+tokens; only the clock is replaced. The grid (every draft exit before the last x ``--ks``), full
+depth and auto are priced alike and the oracle is the grid's cheapest: its price is not biased
+upward the way the fastest of noisy timings is.
 
 What the table cannot see is not here: prefills (priced at nothing, alike for all), the probes'
 head reads (counted, ``probe heads``, not priced), and how rounds really cost at longer contexts and
 with rows at different lengths. The table itself is one timing of the machine: another process
 measures another, and the prices move with it.
 
-    python -m benchmarks.auto_draft_priced      # the 8 mixed cells, ~40 minutes on 2 cores
+    python -m benchmarks.auto_draft_priced      # the 8 mixed cells, ~45 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class PricedEngine(Engine):
         self.table, self.priced = table, 0.0
 
     def _round(self, rows: list, events: dict, new: list | None = None) -> None:
+        # Every round of an engine runs through _round, at the rows' settings: a round beside which newcomers are
+        # prefilled is priced as the round alone, so prefills are priced at nothing, as the docstring says.
         if rows:  # every row waits for the slowest: its setting's cost
             self.priced += max(
                 self.table.seconds(r.draft_exit, r.num_speculations if r.draft_exit is not None else 0) for r in rows

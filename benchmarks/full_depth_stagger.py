@@ -12,7 +12,7 @@ every request of ``--new-tokens`` (in step), and each request's length varied by
 The defaults (80 +- 16) keep the longest request within the benchmark models' context of 128 after
 a prompt of 32, at the mean context of both ways alike.
 
-    python -m benchmarks.full_depth_stagger       # both models, batch 8, greedy and sampled, ~5 minutes
+    python -m benchmarks.full_depth_stagger       # both models, batch 8, greedy and sampled, ~8 minutes
 """
 
 from __future__ import annotations
